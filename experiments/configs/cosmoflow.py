@@ -1,0 +1,77 @@
+r"""CosmoFlow with hybrid data x spatial parallelism.
+
+Run (the default variant is `demo`):
+
+    python -m experiments.cosmoflow --config=experiments/configs/cosmoflow.py:demo \
+        --workdir=runs/demo [--config.train.steps=300]
+
+Variants (`:arg`):
+  demo     mlperf net, 32³ crops of 64³ universes, 2 x 2 data x spatial mesh on 4 virtual
+           CPU devices; ~3 min on a 2-core laptop CPU. Loss falls from ~0.35 and validation
+           MAE ends well below the 0.5 of predicting the mean (see docs/benchmarks.md).
+  smoke    seconds: 32³, tiny data, 6 steps, mesh (-1, 2) over whatever devices exist.
+  default  mlperf net at 128³ (the MLPerf HPC setting), mesh (-1, 4) over real devices.
+  lbann    the hybrid-parallel paper's network at 128³, mesh (-1, 4).
+  large    lbann net on 512³ universes for real hardware: depth split 8 ways, bf16 compute.
+
+Any field can be overridden: `--config.mesh.shape="(1, 4)" --config.model.variant=lbann`.
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = arg or "demo"
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = dict(
+      input_size=32,            # crop side in voxels; volumes are [input_size]^3 x 4
+      universe_size=64,         # generated universe side in voxels (crops are periodic)
+      cell_mpc=4.0,             # voxel side in Mpc/h
+      particles_per_voxel=4.0,  # mean count n̄ (sets the shot noise)
+      train_universes=96,
+      val_universes=16,
+      crops_per_universe=2,
+  )
+  c.model = dict(
+      variant="mlperf",         # "mlperf" | "lbann"
+      spatial_layers="auto",    # leading conv/pool layers computed depth-split; "auto" = most valid
+      compute_dtype="float32",  # "bfloat16" for mixed precision (params stay float32)
+  )
+  c.optim = dict(name="adam", lr=1e-3, momentum=0.9, warmup_steps=20, decay="cosine",
+                 weight_decay=0.0, clip_norm=1.0)
+  c.mesh = dict(
+      shape=(2, 2),             # devices per axis; one entry may be -1 (the rest)
+      axes=("data", "spatial"),
+      cpu_devices=4,            # emulate this many devices on a CPU host (None: real devices)
+  )
+  c.train = dict(steps=300, batch_size=8, log_every=10, eval_every=100,
+                 checkpoint_every=100, keep_checkpoints=2)
+
+  if arg == "demo":
+    pass
+  elif arg == "smoke":
+    c.data.update(universe_size=32, train_universes=8, val_universes=4, crops_per_universe=1)
+    c.mesh.update(shape=(-1, 2), cpu_devices=2)
+    c.train.update(steps=6, batch_size=4, log_every=2, eval_every=3, checkpoint_every=3)
+    c.optim.update(warmup_steps=2)
+  elif arg in ("default", "lbann"):
+    c.data.update(input_size=128, universe_size=256, cell_mpc=2.0, train_universes=512,
+                  val_universes=64, crops_per_universe=8)
+    c.model.variant = "mlperf" if arg == "default" else "lbann"
+    c.mesh.update(shape=(-1, 4), cpu_devices=None)
+    c.optim.update(name="sgd", lr=0.01, warmup_steps=200)
+    c.train.update(steps=5000, batch_size=16, log_every=50, eval_every=500,
+                   checkpoint_every=500)
+  elif arg == "large":
+    c.data.update(input_size=512, universe_size=512, cell_mpc=1.0, train_universes=1024,
+                  val_universes=64, crops_per_universe=1)
+    c.model.update(variant="lbann", compute_dtype="bfloat16")
+    c.mesh.update(shape=(-1, 8), cpu_devices=None)
+    c.optim.update(name="sgd", lr=0.01, warmup_steps=200)
+    c.train.update(steps=10000, batch_size=8, log_every=50, eval_every=1000,
+                   checkpoint_every=500)
+  else:
+    raise ValueError(f"unknown cosmoflow config variant {arg!r}: "
+                     "choose demo, smoke, default, lbann or large")
+  return c

@@ -1,0 +1,1 @@
+"""Data: synthetic universes and in-memory datasets."""

@@ -1,0 +1,125 @@
+"""CosmoFlow: regress 4 cosmological parameters from a 3D dark-matter volume.
+
+Two networks, chosen by `variant`:
+
+* ``mlperf`` — the MLPerf HPC reference (Mathuriya et al., SC'18; MLPerf HPC v0.7):
+  5 x [Conv3D k3 'same' (32, 64, 128, 256, 512 filters) + LeakyReLU(0.3) + MaxPool 2],
+  flatten, Dense 128, Dense 64 (LeakyReLU(0.3), dropout 0.5 each), Dense 4, 1.2·tanh.
+  8,907,556 parameters at 128³.
+* ``lbann`` — the network of the hybrid-parallel paper (Oyama et al., "The Case for
+  Strong Scaling in Deep Learning", IEEE TPDS 2021): 7 x Conv3D k3 pad 1 without bias
+  (16, 32, 64, 128 stride 2, 256, 256, 256) + LeakyReLU(0.01), average pooling k3 s2 p1
+  after convs 1-5 and, at inputs above 128³, after convs 6 and 7 as needed so that the
+  flattened size stays 2048 (2³ x 256); FC 2048 → 256 → 4 with LeakyReLU and dropout
+  (keep 0.8). 9,437,636 parameters at 128³.
+
+Inputs are int16 particle counts `[batch, depth, height, width, 4]` (4 redshifts); the
+model applies log1p itself so that volumes travel as int16 (half the bytes of float32).
+Outputs are the 4 parameters scaled to [-1, 1], `[batch, 4]` float32.
+
+Spatial parallelism: activations of the first `spatial_layers` conv/pool layers are
+constrained to `(batch, depth, height, width, channels)` logical axes (depth split over
+the `spatial` mesh axis); after them, to `(batch, -, -, -, -)`: purely data parallel.
+Without a `partitioner` the module places no constraints (single device).
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sdl.parallel.sharding import VOLUME_AXES, Partitioner
+from sdl.parallel.spatial import Window, check_spatial_plan, max_spatial_layers
+
+DATA_PARALLEL = ("batch", None, None, None, None)
+VARIANTS = ("mlperf", "lbann")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One feature-extractor layer; the same window applies along all three axes."""
+  kind: str  # "conv" | "maxpool" | "avgpool"
+  window: Window
+  features: int = 0
+  use_bias: bool = True
+
+
+def _conv(i, features, stride=1, use_bias=True):
+  return Layer("conv", Window(f"conv{i} k3 s{stride}", 3, stride, (1, 1)), features, use_bias)
+
+
+def feature_layers(variant: str, input_size: int) -> tuple[Layer, ...]:
+  """The conv/pool layers of `variant` for a cubic input of side `input_size`."""
+  if variant == "mlperf":
+    layers = []
+    for i, features in enumerate((32, 64, 128, 256, 512), 1):
+      layers += [_conv(i, features), Layer("maxpool", Window(f"maxpool{i} k2 s2", 2, 2, (0, 0)))]
+    return tuple(layers)
+  if variant == "lbann":
+    pool = lambda i: Layer("avgpool", Window(f"avgpool{i} k3 s2", 3, 2, (1, 1)))
+    layers, size = [], input_size
+    for i, (features, stride) in enumerate(
+        ((16, 1), (32, 1), (64, 1), (128, 2), (256, 1), (256, 1), (256, 1)), 1):
+      layers.append(_conv(i, features, stride, use_bias=False))
+      size = layers[-1].window.out_size(size)
+      if i <= 5 or size > 2:  # extra pools keep the flattened size at 2^3 x 256 = 2048
+        layers.append(pool(i))
+        size = layers[-1].window.out_size(size)
+    return tuple(layers)
+  raise ValueError(f"model.variant={variant!r}: choose one of {VARIANTS}")
+
+
+def resolve_spatial_layers(variant: str, input_size: int, depth_shards: int,
+                           height_shards: int = 1, spatial_layers: int | str = "auto") -> int:
+  """Validate a depth (and height) split of `variant`; 'auto' picks the deepest valid one."""
+  windows = [layer.window for layer in feature_layers(variant, input_size)]
+  if spatial_layers == "auto":
+    spatial_layers = min(max_spatial_layers(windows, input_size, depth_shards),
+                         max_spatial_layers(windows, input_size, height_shards))
+  spatial_layers = int(spatial_layers)
+  check_spatial_plan(windows, input_size, depth_shards, spatial_layers, axis="spatial")
+  check_spatial_plan(windows, input_size, height_shards, spatial_layers, axis="spatial_h")
+  return spatial_layers
+
+
+class CosmoFlow(nn.Module):
+  """CosmoFlow regression network (see module docstring)."""
+  variant: str = "mlperf"
+  input_size: int = 128
+  spatial_layers: int | None = None  # None: every conv/pool layer runs depth-split
+  partitioner: Partitioner | None = None
+  dtype: Any = jnp.float32  # compute dtype (bf16 for mixed precision); params stay fp32
+
+  def _constrain(self, x, logical):
+    return x if self.partitioner is None else self.partitioner.constrain(x, logical)
+
+  @nn.compact
+  def __call__(self, counts, *, train: bool = False):
+    """counts: int16 `[batch, D, H, W, 4]` → float32 `[batch, 4]` in [-1, 1]-scaled units."""
+    layers = feature_layers(self.variant, self.input_size)
+    n_split = len(layers) if self.spatial_layers is None else self.spatial_layers
+    slope = 0.3 if self.variant == "mlperf" else 0.01
+    x = self._constrain(counts, VOLUME_AXES if n_split else DATA_PARALLEL)
+    x = jnp.log1p(x.astype(jnp.float32)).astype(self.dtype)
+    for i, layer in enumerate(layers):
+      x = self._constrain(x, VOLUME_AXES if i < n_split else DATA_PARALLEL)
+      w = layer.window
+      if layer.kind == "conv":
+        x = nn.Conv(layer.features, (w.kernel,) * 3, strides=(w.stride,) * 3,
+                    padding=(w.padding,) * 3, use_bias=layer.use_bias, dtype=self.dtype,
+                    param_dtype=jnp.float32)(x)
+        x = nn.leaky_relu(x, slope)
+      elif layer.kind == "maxpool":
+        x = nn.max_pool(x, (w.kernel,) * 3, (w.stride,) * 3, (w.padding,) * 3)
+      else:  # average pooling counts the zero padding, as cuDNN's default mode does
+        x = nn.avg_pool(x, (w.kernel,) * 3, (w.stride,) * 3, (w.padding,) * 3,
+                        count_include_pad=True)
+    x = self._constrain(x, DATA_PARALLEL)
+    x = x.reshape((x.shape[0], -1))
+    hidden, rate = ((128, 64), 0.5) if self.variant == "mlperf" else ((2048, 256), 0.2)
+    for width in hidden:
+      x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32)(x)
+      x = nn.leaky_relu(x, slope)
+      x = nn.Dropout(rate, deterministic=not train)(x)
+    x = nn.Dense(4, dtype=self.dtype, param_dtype=jnp.float32)(x).astype(jnp.float32)
+    return 1.2 * jnp.tanh(x) if self.variant == "mlperf" else x

@@ -1,0 +1,4 @@
+"""Optimisers: optax transforms and schedules built from config."""
+from sdl.optim.schedules import make_optimizer, make_schedule
+
+__all__ = ["make_optimizer", "make_schedule"]

@@ -1,0 +1,1 @@
+"""The generic training loop: jitted step, checkpoints, metrics, progress, plots."""

@@ -1,0 +1,85 @@
+"""The generic loop: resume, step, log, evaluate, checkpoint, plot.
+
+Every piece that depends on the experiment comes in as a function, so a trainer for a new
+model family only builds its model, data and loss (see `sdl/train/cosmoflow.py`).
+"""
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from sdl.train.checkpoint import Checkpointer
+from sdl.train.metrics import MetricWriter, Progress, is_writer
+from sdl.train.plots import plot_metrics
+from sdl.train.state import TrainState
+
+
+def fit(*, workdir: str, config, init_state: Callable[[], TrainState], abstract_state: TrainState,
+        train_step: Callable, get_batch: Callable[[int], dict],
+        evaluate: Callable[[object], dict] | None, schedule: Callable[[int], float],
+        hooks: Sequence[Callable[[int, TrainState], None]] = ()) -> TrainState:
+  """Train for `config.train.steps` steps, resuming from the latest checkpoint in `workdir`.
+
+  `train_step` is the jitted `(state, batch) -> (state, metrics)`; `get_batch(step)` returns
+  the global batch of `step` as sharded jax arrays; `evaluate(params)` returns eval metrics.
+  `hooks(step, state)` run after every step (profilers, tests that simulate a crash).
+  """
+  train = config.train
+  os.makedirs(workdir, exist_ok=True)
+  if is_writer():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), train.checkpoint_every,
+                      train.keep_checkpoints)
+  state = ckpt.restore(abstract_state)
+  if state is None:
+    state = init_state()
+  else:
+    print(f"resumed from {workdir}/checkpoints at step {int(state.step)}", flush=True)
+  start = int(state.step)
+  writer = MetricWriter(workdir, resume_step=start)
+  progress = Progress(train.steps, start)
+  try:
+    for step in range(start + 1, train.steps + 1):
+      t0 = time.perf_counter()
+      state, metrics = train_step(state, get_batch(step - 1))
+      if step == start + 1:
+        jax.block_until_ready(metrics)
+        print(f"first step (compile + run): {time.perf_counter() - t0:.1f} s", flush=True)
+      eval_now = evaluate is not None and (step % train.eval_every == 0 or step == train.steps)
+      if eval_now or step % train.log_every == 0 or step == train.steps:
+        record = {"step": step, **scalars(jax.device_get(metrics))}
+        if not math.isfinite(record["loss"]):
+          raise FloatingPointError(
+              f"loss is {record['loss']} at step {step}; lower optim.lr, enable optim.clip_norm,"
+              f" or check the data (last good checkpoint: {ckpt.latest_step()})")
+        record["lr"] = float(schedule(step - 1))
+        record["steps_per_sec"] = progress.rate(step)
+        if eval_now:
+          record.update({f"eval_{k}": v for k, v in evaluate(state.params).items()})
+        writer.write(record)
+        progress.line(step, record["steps_per_sec"], record)
+      ckpt.save(step, state, force=step == train.steps)
+      for hook in hooks:
+        hook(step, state)
+  finally:
+    ckpt.close()
+  if is_writer():
+    print(f"wrote {plot_metrics(workdir)}", flush=True)
+  return state
+
+
+def scalars(metrics: dict, count: int = 1) -> dict:
+  """Metrics (or per-batch sums of them, divided by `count`) as floats for JSON; a vector
+  metric `mae_param` becomes `mae_param_0`, `mae_param_1`, ..."""
+  out = {}
+  for key, total in metrics.items():
+    value = np.asarray(total, np.float64) / count
+    if value.ndim:
+      out.update({f"{key}_{i}": float(v) for i, v in enumerate(value.ravel())})
+    else:
+      out[key] = float(value)
+  return out

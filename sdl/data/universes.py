@@ -107,7 +107,8 @@ def gaussian_field(seed: int, theta: np.ndarray, spec: UniverseSpec) -> np.ndarr
   k = np.sqrt(kx[:, None, None] ** 2 + kx[None, :, None] ** 2 + kz[None, None, :] ** 2)
   pk = np.zeros_like(k)
   pk[k > 0] = linear_power(k[k > 0], theta)
-  return np.fft.irfftn(np.fft.rfftn(noise) * np.sqrt(pk / cell ** 3), s=(n, n, n))
+  return np.fft.irfftn(np.fft.rfftn(noise) * np.sqrt(pk / cell ** 3), s=(n, n, n),
+                       axes=(0, 1, 2))
 
 
 def make_universe(seed: int, spec: UniverseSpec = UniverseSpec()) -> tuple[np.ndarray, np.ndarray]:

@@ -40,11 +40,12 @@ def split_problem(window: Window, size: int, shards: int) -> str | None:
   """Why `window` cannot run on `size` voxels split `shards` ways, or None if it can."""
   if shards == 1:
     return None
+  if size < shards * window.halo:
+    return (f"depth {size} over {shards} shards leaves shards thinner than its halo of "
+            f"{window.halo}")
   if size % shards:
-    return f"depth {size} does not divide into {shards} shards"
+    return f"depth {size} does not divide into {shards} equal shards"
   local = size // shards
-  if local < window.halo:
-    return f"{local} voxel(s) per shard is thinner than its halo of {window.halo}"
   if local % window.stride:
     return f"{local} voxel(s) per shard is not a multiple of its stride {window.stride}"
   return None

@@ -6,6 +6,7 @@ Parameters and optimiser state are replicated. After `model.spatial_layers` conv
 layers the activations are constrained to pure data parallelism.
 """
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -91,15 +92,21 @@ def global_batch(volumes: np.ndarray, labels: np.ndarray, shardings: dict) -> di
           for k, v in host.items()}
 
 
-def run(config, workdir: str, *, datasets=None, hooks=()) -> TrainState:
-  """Train CosmoFlow as `config` says, in `workdir` (resuming if it holds checkpoints)."""
-  plan = validate(config, jax.device_count())
-  mesh = make_mesh(plan.mesh_shape, config.mesh.axes)
-  part = Partitioner.create(mesh)
-  print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; "
-        f"{plan.spatial_layers} conv/pool layers depth-split", flush=True)
-  train_set, val_set = datasets or make_datasets(config)
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """The jitted pieces of a CosmoFlow run on one mesh."""
+  model: CosmoFlow
+  init_state: Callable[[], TrainState]
+  train_step: Callable
+  eval_step: Callable
+  schedule: Callable[[int], float]
+  abstract_state: TrainState  # shapes + shardings, for restores and memory analysis
+  batch_sharding: dict
 
+
+def build(config, plan: Plan, mesh) -> Compiled:
+  """Model, optimiser and the jitted init/train/eval functions with explicit shardings."""
+  part = Partitioner.create(mesh)
   model = build_model(config, plan, part)
   loss_fn = make_loss_fn(model)
   tx, schedule = make_optimizer(config.optim, config.train.steps)
@@ -116,18 +123,35 @@ def run(config, workdir: str, *, datasets=None, hooks=()) -> TrainState:
   state_shape = jax.eval_shape(init)
   state_sharding = jax.tree.map(lambda _: part.replicated(), state_shape)
   batch_sharding = {"volume": part.sharding(VOLUME_AXES), "label": part.sharding(("batch", None))}
-  init_state = jax.jit(init, out_shardings=state_sharding)
   train_step = jax.jit(make_train_step(loss_fn, tx), in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, part.replicated()), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(loss_fn), in_shardings=(state_sharding.params, batch_sharding),
                       out_shardings=part.replicated())
+  return Compiled(model, jax.jit(init, out_shardings=state_sharding), train_step, eval_step,
+                  schedule, abstract_like(state_shape, state_sharding), batch_sharding)
 
+
+def abstract_batch(config, batch_sharding: dict) -> dict:
+  size, batch = config.data.input_size, config.train.batch_size
+  return {"volume": jax.ShapeDtypeStruct((batch, size, size, size, len(universes.REDSHIFTS)),
+                                         jnp.int16, sharding=batch_sharding["volume"]),
+          "label": jax.ShapeDtypeStruct((batch, 4), jnp.float32, sharding=batch_sharding["label"])}
+
+
+def run(config, workdir: str, *, datasets=None, hooks=()) -> TrainState:
+  """Train CosmoFlow as `config` says, in `workdir` (resuming if it holds checkpoints)."""
+  plan = validate(config, jax.device_count())
+  mesh = make_mesh(plan.mesh_shape, config.mesh.axes)
+  print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; "
+        f"{plan.spatial_layers} conv/pool layers depth-split", flush=True)
+  train_set, val_set = datasets or make_datasets(config)
+  c = build(config, plan, mesh)
   batch_size = config.train.batch_size
   sampler = synthetic.EpochSampler(len(train_set), batch_size, config.seed)
 
   def get_batch(step):
     idx = np.sort(sampler.indices(step))  # sorted: cheaper gathers, same set of samples
-    return global_batch(train_set.volumes[idx], train_set.labels[idx], batch_sharding)
+    return global_batch(train_set.volumes[idx], train_set.labels[idx], c.batch_sharding)
 
   def evaluate(params):
     n = len(val_set) // batch_size
@@ -137,12 +161,11 @@ def run(config, workdir: str, *, datasets=None, hooks=()) -> TrainState:
     sums = None
     for b in range(n):
       sl = slice(b * batch_size, (b + 1) * batch_size)
-      out = jax.device_get(eval_step(params, global_batch(val_set.volumes[sl],
-                                                          val_set.labels[sl], batch_sharding)))
+      out = jax.device_get(c.eval_step(params, global_batch(
+          val_set.volumes[sl], val_set.labels[sl], c.batch_sharding)))
       sums = out if sums is None else jax.tree.map(np.add, sums, out)
     return loop.scalars(sums, n)
 
-  return loop.fit(workdir=workdir, config=config, init_state=init_state,
-                  abstract_state=abstract_like(state_shape, state_sharding),
-                  train_step=train_step, get_batch=get_batch, evaluate=evaluate,
-                  schedule=schedule, hooks=hooks)
+  return loop.fit(workdir=workdir, config=config, init_state=c.init_state,
+                  abstract_state=c.abstract_state, train_step=c.train_step, get_batch=get_batch,
+                  evaluate=evaluate, schedule=c.schedule, hooks=hooks)

@@ -5,7 +5,6 @@ file reads as one uninterrupted run.
 """
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -41,6 +40,8 @@ def read_jsonl(path: str) -> list[dict]:
 class Progress:
   """`step 40/200 | loss 0.1234 | 3.21 steps/s | ETA 0:00:50` lines, plus compile time."""
 
+  shown = ("loss", "mae", "lr", "eval_loss", "eval_mae")
+
   def __init__(self, total_steps: int, start_step: int, stream=sys.stdout):
     self.total, self.stream = total_steps, stream
     self.last_step, self.last_time = start_step, time.perf_counter()
@@ -55,7 +56,6 @@ class Progress:
     if not is_writer():
       return
     eta = datetime.timedelta(seconds=round((self.total - step) / rate)) if rate > 0 else "?"
-    shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                       if isinstance(v, float) and math.isfinite(v))
+    shown = " | ".join(f"{k} {metrics[k]:.4g}" for k in self.shown if k in metrics)
     print(f"step {step}/{self.total} | {shown} | {rate:.2f} steps/s | ETA {eta}",
           file=self.stream, flush=True)

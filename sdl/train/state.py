@@ -20,6 +20,10 @@ class TrainState:
 LossFn = Callable[[Any, dict, jax.Array, bool], tuple[jax.Array, dict]]
 
 
+def global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
   """The pure step; the caller jits it with shardings and donation."""
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -28,7 +32,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
         state.params, batch, rng, True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "loss": loss, "grad_norm": global_norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
   return step
 

@@ -1,0 +1,1 @@
+"""Benchmarks: timing, FLOP/byte counts, memory."""

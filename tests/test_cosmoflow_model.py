@@ -1,0 +1,111 @@
+"""CosmoFlow networks: parameter counts, and sharded == single-device on fake devices."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdl.models.cosmoflow import CosmoFlow, feature_layers, resolve_spatial_layers
+from sdl.parallel import Partitioner, make_mesh
+from sdl.parallel.sharding import VOLUME_AXES
+
+
+def count_params(variant, size):
+  model = CosmoFlow(variant, size)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, size, 4),
+                                                                    jnp.int16))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def test_parameter_counts_at_128():
+  # mlperf: convs 4,704,608 + dense 32768·128+128 + 128·64+64 + 64·4+4 (hand count)
+  assert count_params("mlperf", 128) == 8_907_556  # "about 8.91 M"
+  # lbann: convs (no bias) 4,715,712 + FC 2048·2048+2048 + 2048·256+256 + 256·4+4
+  assert count_params("lbann", 128) == 9_437_636  # "about 9.44 M"
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_lbann_extra_pools_keep_flattened_size(size):
+  assert count_params("lbann", size) == 9_437_636
+  kinds = [layer.kind for layer in feature_layers("lbann", size)]
+  assert kinds.count("avgpool") == 5 + int(np.log2(size // 128))
+
+
+def forward_and_grads(model, params, x, y):
+  def loss(p):
+    out = model.apply(p, x)
+    return jnp.mean((out - y) ** 2), out
+  (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  return out, grads
+
+
+def rel_err(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+
+
+SIZE, BATCH = 32, 8
+
+
+@functools.cache
+def reference(variant):
+  rng = np.random.default_rng(0)
+  x = rng.poisson(3.0, size=(BATCH, SIZE, SIZE, SIZE, 4)).astype(np.int16)
+  y = rng.uniform(-1, 1, size=(BATCH, 4)).astype(np.float32)
+  model = CosmoFlow(variant, SIZE)
+  params = model.init(jax.random.key(1), x[:1])
+  out, grads = jax.jit(functools.partial(forward_and_grads, model))(params, x, y)
+  return x, y, params, out, grads
+
+
+@pytest.mark.parametrize("variant", ["mlperf", "lbann"])
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (4, 2), (8, 1)])
+def test_sharded_equals_single_device(variant, shape):
+  x, y, params, ref_out, ref_grads = reference(variant)
+  mesh = make_mesh(shape, ("data", "spatial"))
+  part = Partitioner.create(mesh)
+  layers = resolve_spatial_layers(variant, SIZE, shape[1])
+  model = CosmoFlow(variant, SIZE, spatial_layers=layers, partitioner=part)
+  xs = jax.device_put(x, part.sharding(VOLUME_AXES))
+  ys = jax.device_put(y, part.sharding(("batch", None)))
+  ps = jax.device_put(params, part.replicated())
+  step = jax.jit(functools.partial(forward_and_grads, model))
+  out, grads = step(ps, xs, ys)
+  assert rel_err(out, ref_out) < 1e-5
+  for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
+                              jax.tree.leaves(ref_grads)):
+    assert rel_err(g, g_ref) < 1e-5, jax.tree_util.keystr(path)
+
+  n_layers = len(feature_layers(variant, SIZE))
+  hlo = step.lower(ps, xs, ys).compile().as_text()
+  if shape[1] > 1:
+    # The depth split is real: halos travel between neighbours, and layers past
+    # `spatial_layers` were re-partitioned to data parallelism (which must happen here).
+    assert "collective-permute" in hlo
+    assert 0 < layers < n_layers
+  else:
+    assert "collective-permute" not in hlo and layers == n_layers
+  if variant == "lbann" and shape[1] == 2:
+    # The strided conv4 (layer 7) runs depth-split on this mesh.
+    assert feature_layers(variant, SIZE)[6].window.stride == 2 and layers >= 7
+
+
+def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
+  x, y, params, ref_out, _ = reference("mlperf")
+  model = CosmoFlow("mlperf", SIZE, dtype=jnp.bfloat16)
+  out = jax.jit(model.apply)(params, x)
+  assert out.dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(
+      jax.eval_shape(model.init, jax.random.key(0), x[:1])))
+  # bf16 has 8 mantissa bits: agreement to a few percent, but not to fp32 precision.
+  err = rel_err(out, ref_out)
+  assert 1e-6 < err < 5e-2
+
+
+def test_dropout_only_in_training():
+  x, _, params, ref_out, _ = reference("lbann")
+  model = CosmoFlow("lbann", SIZE)
+  a = model.apply(params, x, train=True, rngs={"dropout": jax.random.key(0)})
+  b = model.apply(params, x, train=True, rngs={"dropout": jax.random.key(1)})
+  assert rel_err(a, b) > 1e-3
+  np.testing.assert_allclose(model.apply(params, x, train=False), ref_out, rtol=1e-5, atol=1e-6)

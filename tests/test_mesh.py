@@ -1,0 +1,83 @@
+"""Meshes from config and the validation that runs before anything compiles."""
+import jax
+import pytest
+
+from experiments.configs import cosmoflow as cosmoflow_configs
+from sdl.parallel import ConfigError, Partitioner, make_mesh
+from sdl.parallel.sharding import VOLUME_AXES
+from sdl.parallel.spatial import Window, check_spatial_plan, max_spatial_layers
+from sdl.train.cosmoflow import validate
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (4, 2), (8, 1), (2, 2, 2), (-1, 2)])
+def test_mesh_shapes_and_auto_axes(shape):
+  axes = ("data", "spatial", "spatial_h")[:len(shape)]
+  mesh = make_mesh(shape, axes)
+  expected = tuple(8 // 2 if s == -1 else s for s in shape)
+  assert tuple(mesh.shape.values()) == expected
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+
+
+def test_volume_sharding_maps_logical_axes():
+  part = Partitioner.create(make_mesh((2, 2, 2), ("data", "spatial", "spatial_h")))
+  assert tuple(part.spec(VOLUME_AXES)) == ("data", "spatial", "spatial_h", None, None)
+  # A mesh without spatial_h leaves height whole.
+  part = Partitioner.create(make_mesh((4, 2), ("data", "spatial")))
+  assert tuple(part.spec(VOLUME_AXES)) == ("data", "spatial", None, None, None)
+  x = jax.device_put(jax.numpy.zeros((4, 8, 8, 8, 4)), part.sharding(VOLUME_AXES))
+  assert x.addressable_shards[0].data.shape == (1, 4, 8, 8, 4)
+
+
+def smoke(**overrides):
+  config = cosmoflow_configs.get_config("smoke")
+  for dotted, value in overrides.items():
+    section, field = dotted.split("__")
+    config[section][field] = value
+  return config
+
+
+def test_valid_config_resolves_plan():
+  plan = validate(smoke(mesh__shape=(2, 4), train__batch_size=4, model__variant="mlperf"), 8)
+  assert plan.mesh_shape == (2, 4) and plan.depth_shards == 4 and plan.data_shards == 2
+  # 32³ mlperf over 4 depth shards: conv1 (8/shard) pool1 conv2 (4) pool2 conv3 (2) pool3
+  # conv4 (1 voxel/shard, halo 1: allowed) then pool4 (1 voxel, stride 2) cannot split.
+  assert plan.spatial_layers == 7
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mesh__shape": (2, 2)}, r"mesh.shape \(2, 2\) needs 4 devices but 8 are available"),
+    ({"mesh__shape": (-1, 3)}, r"mesh.shape \(-1, 3\).*do not divide the 8 available devices"),
+    ({"mesh__shape": (2, 4), "mesh__axes": ("data",)}, r"mesh.axes \('data',\) has 1"),
+    ({"mesh__shape": (4, 2), "train__batch_size": 6},
+     r"train.batch_size=6 is not divisible by the 'data' mesh axis \(4 devices\)"),
+    ({"mesh__shape": (1, 8), "data__input_size": 36, "data__universe_size": 36},
+     r"data.input_size=36 is not divisible by the 'spatial' mesh axis \(8 devices\)"),
+    ({"mesh__shape": (1, 8), "model__variant": "mlperf", "model__spatial_layers": "7"},
+     r"model.spatial_layers=7: layer 6 \(maxpool3 k2 s2\) .* 1 voxel\(s\) per shard is not a "
+     r"multiple of its stride 2; set model.spatial_layers<=5"),
+    ({"mesh__shape": (1, 8), "model__variant": "lbann", "model__spatial_layers": "6"},
+     r"layer 6 \(avgpool3 k3 s2\).*not a multiple of its stride 2; set model.spatial_layers<=5"),
+    ({"mesh__shape": (2, 4), "train__batch_size": 4, "model__variant": "vgg"},
+     r"model.variant='vgg': choose one of \('mlperf', 'lbann'\)"),
+    ({"mesh__shape": (2, 4), "train__batch_size": 4, "model__compute_dtype": "float16"},
+     r"model.compute_dtype='float16'"),
+])
+def test_validation_errors_name_field_and_fix(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    validate(smoke(**overrides), 8)
+
+
+def test_shards_thinner_than_halo_are_refused():
+  # A k5 'same' conv needs 2 neighbouring slices; 8 voxels over 8 shards leaves 1 each.
+  conv5 = Window("conv k5", 5, 1, (2, 2))
+  check_spatial_plan([conv5], 16, 8, 1)  # 2 per shard: fine
+  with pytest.raises(ConfigError, match=r"layer 1 \(conv k5\).*depth 8 over 8 shards leaves "
+                     r"shards thinner than its halo of 2; set model.spatial_layers<=0"):
+    check_spatial_plan([conv5], 8, 8, 1)
+  # Deeper in a network: after a pool, the k5 conv gets 8 voxels over 8 shards.
+  conv3, pool = Window("conv k3", 3, 1, (1, 1)), Window("pool", 2, 2, (0, 0))
+  assert max_spatial_layers([conv3, pool, conv5], 16, 8) == 2
+  with pytest.raises(ConfigError, match=r"layer 3 \(conv k5\).*depth 8 over 8 shards leaves "
+                     r"shards thinner than its halo of 2; set model.spatial_layers<=2"):
+    check_spatial_plan([conv3, pool, conv5], 16, 8, 3)

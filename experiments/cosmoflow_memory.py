@@ -55,11 +55,11 @@ def main(argv):
     rows.append((p, fp.total / base))
     print(f"| {p} | {plan.spatial_layers} | {mib(fp.arguments)} | {mib(fp.outputs)} "
           f"({mib(fp.aliased)}) | {mib(fp.temporaries)} | {mib(fp.total)} | "
-          f"{fp.total / base:.3f} |", flush=True)
+          f"{fp.total / base:.4f} |", flush=True)
   for p, ratio in rows:
     if p == 4:
       verdict = "meets" if ratio <= 0.35 else "misses"
-      print(f"target: P=4 footprint <= 0.35 x P=1: {ratio:.3f} ({verdict})")
+      print(f"target: P=4 footprint <= 0.35 x P=1: {ratio:.4f} ({verdict})")
 
 
 if __name__ == "__main__":

@@ -42,20 +42,26 @@ def fit(*, workdir: str, config, init_state: Callable[[], TrainState], abstract_
   start = int(state.step)
   writer = MetricWriter(workdir, resume_step=start)
   progress = Progress(train.steps, start)
+  window = []  # metrics (still on device) of the steps since the last record
   try:
     for step in range(start + 1, train.steps + 1):
       t0 = time.perf_counter()
       state, metrics = train_step(state, get_batch(step - 1))
+      window.append(metrics)
       if step == start + 1:
         jax.block_until_ready(metrics)
         print(f"first step (compile + run): {time.perf_counter() - t0:.1f} s", flush=True)
       eval_now = evaluate is not None and (step % train.eval_every == 0 or step == train.steps)
       if eval_now or step % train.log_every == 0 or step == train.steps:
-        record = {"step": step, **scalars(jax.device_get(metrics))}
+        # Training metrics are means over the steps since the last record, not one noisy step.
+        first, sums = step - len(window) + 1, jax.tree.map(lambda *xs: sum(xs), *window)
+        record = {"step": step, **scalars(jax.device_get(sums), len(window))}
+        window = []
         if not math.isfinite(record["loss"]):
           raise FloatingPointError(
-              f"loss is {record['loss']} at step {step}; lower optim.lr, enable optim.clip_norm,"
-              f" or check the data (last good checkpoint: {ckpt.latest_step()})")
+              f"loss is {record['loss']} at step {step} (mean of steps {first}-{step}); lower "
+              "optim.lr, enable optim.clip_norm, or check the data (last good checkpoint: "
+              f"{ckpt.latest_step()})")
         record["lr"] = float(schedule(step - 1))
         record["steps_per_sec"] = progress.rate(step)
         if eval_now:

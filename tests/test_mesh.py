@@ -81,3 +81,13 @@ def test_shards_thinner_than_halo_are_refused():
   with pytest.raises(ConfigError, match=r"layer 3 \(conv k5\).*depth 8 over 8 shards leaves "
                      r"shards thinner than its halo of 2; set model.spatial_layers<=2"):
     check_spatial_plan([conv3, pool, conv5], 16, 8, 3)
+
+
+@pytest.mark.parametrize("variant, devices", [("default", 8), ("lbann", 4), ("large", 8),
+                                              ("demo", 4), ("smoke", 2)])
+def test_every_config_variant_validates(variant, devices):
+  config = cosmoflow_configs.get_config(variant)
+  plan = validate(config, devices)
+  assert plan.spatial_layers >= 1  # every variant really splits depth
+  with pytest.raises(ValueError, match="unknown cosmoflow config variant 'huge'"):
+    cosmoflow_configs.get_config("huge")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import cosmoflow as configs
+from sdl.parallel import make_mesh
 from sdl.train import cosmoflow
 from sdl.train.metrics import read_jsonl
 
@@ -84,3 +85,19 @@ def test_command_line_entry_point(tmp_path):
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
   (record,) = read_jsonl(str(workdir / "metrics.jsonl"))
   assert record["step"] == 2 and np.isfinite(record["eval_mae"])
+
+
+def test_train_step_compiles_once_and_keeps_shardings(smoke):
+  config, (train_set, _) = smoke
+  plan = cosmoflow.validate(config, jax.device_count())
+  c = cosmoflow.build(config, plan, make_mesh(plan.mesh_shape, config.mesh.axes))
+  state = c.init_state()
+  batch = config.train.batch_size
+  for i in range(3):
+    sl = slice((i % 2) * batch, (i % 2 + 1) * batch)  # the smoke set holds 2 batches
+    state, metrics = c.train_step(state, cosmoflow.global_batch(
+        train_set.volumes[sl], train_set.labels[sl], c.batch_sharding))
+  assert c.train_step._cache_size() == 1  # no silent recompiles from step to step
+  assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
+  for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(c.abstract_state)):
+    assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim)

@@ -59,12 +59,13 @@ def reference(variant):
 
 
 @pytest.mark.parametrize("variant", ["mlperf", "lbann"])
-@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (4, 2), (8, 1), (2, 2, 2)])
 def test_sharded_equals_single_device(variant, shape):
+  """(2, 2, 2) also splits height, over the `spatial_h` axis."""
   x, y, params, ref_out, ref_grads = reference(variant)
-  mesh = make_mesh(shape, ("data", "spatial"))
+  mesh = make_mesh(shape, ("data", "spatial", "spatial_h")[:len(shape)])
   part = Partitioner.create(mesh)
-  layers = resolve_spatial_layers(variant, SIZE, shape[1])
+  layers = resolve_spatial_layers(variant, SIZE, shape[1], part.axis_size("height"))
   model = CosmoFlow(variant, SIZE, spatial_layers=layers, partitioner=part)
   xs = jax.device_put(x, part.sharding(VOLUME_AXES))
   ys = jax.device_put(y, part.sharding(("batch", None)))

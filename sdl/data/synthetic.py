@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from sdl.data import universes
+from sdl.data import store, universes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,29 +28,72 @@ class ArrayDataset:
     return len(self.labels)
 
 
-def make_dataset(seeds, spec: universes.UniverseSpec, crop_size: int, crops_per_universe: int,
-                 *, desc: str = "universes", progress: bool = True) -> ArrayDataset:
-  """Generate universes for `seeds` (in parallel) and cut `crops_per_universe` crops of each."""
+def universe_crops(seed: int, spec: universes.UniverseSpec, crop_size: int,
+                   crops_per_universe: int) -> tuple[np.ndarray, np.ndarray]:
+  """The crops (int16 `[crops, size, size, size, 4]`) and scaled label of one universe."""
+  volume, theta = universes.make_universe(seed, spec)
+  rng = np.random.default_rng([seed, 3])
+  crops = np.stack([universes.random_crop(volume, crop_size, rng)
+                    for _ in range(crops_per_universe)])
+  return crops, universes.scale_params(theta).astype(np.float32)
+
+
+def for_each_universe(seeds, spec: universes.UniverseSpec, crop_size: int,
+                      crops_per_universe: int, consume, *, desc: str, progress: bool = True,
+                      threads: int = 4) -> None:
+  """Generate universes in parallel threads; `consume(i, crops, label)` for the i-th seed."""
   seeds = list(seeds)
-  volumes = np.empty((len(seeds) * crops_per_universe, crop_size, crop_size, crop_size,
-                      len(spec.redshifts)), np.int16)
-  labels = np.empty((len(volumes), 4), np.float32)
   start = time.perf_counter()
 
   def one(i_seed):
     i, seed = i_seed
-    volume, theta = universes.make_universe(seed, spec)
-    rng = np.random.default_rng([seed, 3])
-    for c in range(crops_per_universe):
-      volumes[i * crops_per_universe + c] = universes.random_crop(volume, crop_size, rng)
-    labels[i * crops_per_universe:(i + 1) * crops_per_universe] = universes.scale_params(theta)
+    consume(i, *universe_crops(seed, spec, crop_size, crops_per_universe))
 
-  with concurrent.futures.ThreadPoolExecutor(4) as pool:  # numpy's FFTs release the GIL
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # numpy's FFTs release the GIL
     for done, _ in enumerate(pool.map(one, enumerate(seeds)), 1):
       if progress and (done == len(seeds) or done % max(1, len(seeds) // 10) == 0):
         print(f"\rgenerating {desc}: {done}/{len(seeds)} ({time.perf_counter() - start:.1f} s)",
               end="\n" if done == len(seeds) else "", file=sys.stderr, flush=True)
+
+
+def make_dataset(seeds, spec: universes.UniverseSpec, crop_size: int, crops_per_universe: int,
+                 *, desc: str = "universes", progress: bool = True) -> ArrayDataset:
+  """Generate universes for `seeds` (in parallel) and cut `crops_per_universe` crops of each."""
+  seeds = list(seeds)
+  n = crops_per_universe
+  volumes = np.empty((len(seeds) * n, crop_size, crop_size, crop_size, len(spec.redshifts)),
+                     np.int16)
+  labels = np.empty((len(volumes), 4), np.float32)
+
+  def consume(i, crops, label):
+    volumes[i * n:(i + 1) * n], labels[i * n:(i + 1) * n] = crops, label
+
+  for_each_universe(seeds, spec, crop_size, n, consume, desc=desc, progress=progress)
   return ArrayDataset(volumes, labels)
+
+
+def write_dataset(path: str, seeds, spec: universes.UniverseSpec, crop_size: int,
+                  crops_per_universe: int, *, desc: str = "universes", progress: bool = True,
+                  overwrite: bool = False, checksum: bool = False) -> str:
+  """`make_dataset`, streamed to an on-disk dataset at `path` (see `sdl.data.store`).
+
+  Sample order and content equal `make_dataset(seeds, ...)` exactly, so a run reading the
+  written dataset sees the same batches as one generating it in memory.
+  """
+  seeds = list(seeds)
+  n = crops_per_universe
+  source = {"generator": "sdl.data.universes", "version": universes.VERSION, "seeds": seeds,
+            "crops_per_universe": n, "spec": dataclasses.asdict(spec)}
+  with store.Writer(path, len(seeds) * n, (crop_size,) * 3 + (len(spec.redshifts),),
+                    param_names=universes.PARAM_NAMES, param_low=universes.PARAM_LOW,
+                    param_high=universes.PARAM_HIGH, source=source, overwrite=overwrite,
+                    checksum=checksum) as writer:
+    def consume(i, crops, label):
+      for c, crop in enumerate(crops):
+        writer.write(i * n + c, crop, label)
+
+    for_each_universe(seeds, spec, crop_size, n, consume, desc=desc, progress=progress)
+    return writer.commit()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,7 @@ NOMINAL = np.array([0.3, 0.8, 0.96, 70.0])
 PARAM_LOW, PARAM_HIGH = 0.9 * NOMINAL, 1.1 * NOMINAL
 REDSHIFTS = (0.0, 0.5, 1.5, 3.0)
 OMEGA_B = 0.049
+VERSION = 1  # bump when a change alters the volumes a seed generates
 
 
 def scale_params(theta: np.ndarray) -> np.ndarray:

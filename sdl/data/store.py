@@ -1,0 +1,248 @@
+"""CosmoFlow datasets on disk: zarr v3 arrays read and written through tensorstore.
+
+A dataset is a directory:
+
+    manifest.json  written last, by an atomic rename of the whole directory: a dataset
+                   without it is incomplete and is refused
+    volumes/       zarr v3, int16 [sample, depth, height, width, channel]; one chunk is one
+                   sample's slab of `chunk_depth` depth planes, so a device that holds a
+                   depth shard reads whole chunks and nothing else
+    labels/        zarr v3, float32 [sample, 4], the parameters scaled to [-1, 1]
+
+Why zarr v3 rather than n5: n5 stores big-endian only, so every read on a little-endian
+host would byte-swap, while a zarr v3 chunk with the `bytes` codec is the sample's memory
+image (reading is a copy, nothing to decode); zarr v3 is an open spec that zarr-python
+and other readers understand; it has a `crc32c` checksum codec and a `sharding` codec
+that packs many chunks into one file for parallel file systems that dislike small files.
+
+Checksums are off by default: tensorstore's crc32c cost 2.3x in read throughput here
+(1.6-1.9 GB/s against 4.3 GB/s from page cache, 2-core EPYC, 128³ x 4 samples). Without
+them a truncated or missing chunk is still an error naming its file (reads never fill in
+missing chunks); with `checksum=True` flipped bits are caught too.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import tensorstore as ts
+
+FORMAT = "sdl.cosmoflow-volumes"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VOLUME_DTYPE, LABEL_DTYPE = np.dtype(np.int16), np.dtype(np.float32)
+MAX_CHUNK_DEPTH = 16  # 2 MiB chunks at 128² x 4 int16: few files, slabs of 8 shards aligned
+
+
+class DatasetError(ValueError):
+  """A dataset that is missing, incomplete or corrupt; the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+  """What `manifest.json` says about a dataset."""
+  num_samples: int
+  volume_shape: tuple[int, int, int, int]  # depth, height, width, channels
+  chunk_depth: int
+  checksum: bool
+  param_names: tuple[str, ...]
+  param_low: tuple[float, ...]   # labels are (θ - low) / (high - low) * 2 - 1
+  param_high: tuple[float, ...]
+  source: dict                   # generator and seeds, or the imported files
+
+  def to_json(self) -> dict:
+    return {"format": FORMAT, "version": FORMAT_VERSION, "dtype": VOLUME_DTYPE.name,
+            "label_dtype": LABEL_DTYPE.name, **dataclasses.asdict(self)}
+
+  @classmethod
+  def from_json(cls, blob: dict, where: str) -> "Manifest":
+    if blob.get("format") != FORMAT or blob.get("version") != FORMAT_VERSION:
+      raise DatasetError(f"{where}: format {blob.get('format')!r} version {blob.get('version')!r}"
+                         f" is not {FORMAT!r} version {FORMAT_VERSION}; re-create the dataset")
+    if blob.get("dtype") != VOLUME_DTYPE.name:
+      raise DatasetError(f"{where}: dtype {blob.get('dtype')!r}, expected {VOLUME_DTYPE.name!r}")
+    try:
+      return cls(int(blob["num_samples"]), tuple(int(s) for s in blob["volume_shape"]),
+                 int(blob["chunk_depth"]), bool(blob["checksum"]), tuple(blob["param_names"]),
+                 tuple(blob["param_low"]), tuple(blob["param_high"]), dict(blob["source"]))
+    except (KeyError, TypeError, ValueError) as e:
+      raise DatasetError(f"{where}: field {e} is missing or malformed; re-create the "
+                         "dataset") from None
+
+
+def default_chunk_depth(depth: int) -> int:
+  """Largest divisor of `depth` not above MAX_CHUNK_DEPTH."""
+  return max(c for c in range(1, min(depth, MAX_CHUNK_DEPTH) + 1) if depth % c == 0)
+
+
+def _zarr_spec(path: str, shape, dtype, chunks, checksum: bool) -> dict:
+  codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
+  if checksum:
+    codecs.append({"name": "crc32c"})
+  return {"driver": "zarr3", "kvstore": {"driver": "file", "path": path},
+          "metadata": {"shape": list(shape), "data_type": np.dtype(dtype).name,
+                       "chunk_grid": {"name": "regular",
+                                      "configuration": {"chunk_shape": list(chunks)}},
+                       "codecs": codecs, "fill_value": 0},
+          "create": True, "delete_existing": True}
+
+
+class Writer:
+  """Writes a dataset into `<path>.partial` and renames it to `path` on `commit()`.
+
+  Use as a context manager: an exception inside removes the partial directory, so a
+  crashed or interrupted write never leaves something that opens as a dataset.
+  `write()` may be called from several threads (tensorstore writes release the GIL).
+  """
+
+  def __init__(self, path: str, num_samples: int, volume_shape: Sequence[int], *,
+               param_names: Sequence[str], param_low: Sequence[float],
+               param_high: Sequence[float], source: dict, chunk_depth: int | None = None,
+               checksum: bool = False, overwrite: bool = False):
+    self.path, self.partial = os.path.abspath(path), os.path.abspath(path) + ".partial"
+    if os.path.exists(self.path) and not overwrite:
+      raise DatasetError(f"{self.path} already exists; delete it or pass overwrite")
+    shape = tuple(int(s) for s in volume_shape)
+    if len(shape) != 4:
+      raise DatasetError(f"volume_shape {shape} must be (depth, height, width, channels)")
+    chunk_depth = chunk_depth or default_chunk_depth(shape[0])
+    if shape[0] % chunk_depth:
+      raise DatasetError(f"chunk_depth={chunk_depth} does not divide the depth {shape[0]}")
+    self.manifest = Manifest(num_samples, shape, chunk_depth, checksum, tuple(param_names),
+                             tuple(map(float, param_low)), tuple(map(float, param_high)), source)
+    shutil.rmtree(self.partial, ignore_errors=True)
+    os.makedirs(self.partial)
+    self._volumes = ts.open(_zarr_spec(os.path.join(self.partial, "volumes"),
+                                       (num_samples, *shape), VOLUME_DTYPE,
+                                       (1, chunk_depth, *shape[1:]), checksum)).result()
+    self._labels = np.full((num_samples, len(param_names)), np.nan, LABEL_DTYPE)
+    self._written = np.zeros(num_samples, bool)
+    self._lock = threading.Lock()
+
+  def write(self, index: int, volume: np.ndarray, label: np.ndarray) -> None:
+    expect = self.manifest.volume_shape
+    if volume.shape != expect or volume.dtype != VOLUME_DTYPE:
+      raise DatasetError(f"sample {index}: volume {volume.dtype}{list(volume.shape)}, expected "
+                         f"int16{list(expect)}")
+    self._volumes[index].write(volume).result()
+    with self._lock:
+      self._labels[index] = label
+      self._written[index] = True
+
+  def commit(self) -> str:
+    missing = np.flatnonzero(~self._written)
+    if missing.size:
+      raise DatasetError(f"{self.partial}: samples {missing[:8].tolist()}... were never "
+                         "written; nothing committed")
+    labels = ts.open(_zarr_spec(os.path.join(self.partial, "labels"), self._labels.shape,
+                                LABEL_DTYPE, self._labels.shape, self.manifest.checksum)).result()
+    labels.write(self._labels).result()
+    with open(os.path.join(self.partial, MANIFEST), "w") as f:
+      json.dump(self.manifest.to_json(), f, indent=1)
+    if os.path.exists(self.path):
+      shutil.rmtree(self.path)
+    os.rename(self.partial, self.path)
+    return self.path
+
+  def __enter__(self) -> "Writer":
+    return self
+
+  def __exit__(self, exc_type, *_):
+    if exc_type is not None:
+      shutil.rmtree(self.partial, ignore_errors=True)
+
+
+class Dataset:
+  """An opened dataset. Labels are held in memory; volumes are read on demand.
+
+  `read(samples, depth, height)` reads a sub-volume of several samples asynchronously;
+  `bytes_read` counts what this process asked of the disk (for tests of partitioned I/O).
+  """
+
+  def __init__(self, path: str):
+    self.path = os.path.abspath(path)
+    where = os.path.join(self.path, MANIFEST)
+    if not os.path.exists(where):
+      if os.path.exists(self.path + ".partial"):
+        raise DatasetError(f"{where} is missing and {self.path}.partial exists: the dataset "
+                           "was never finished; write it again")
+      raise DatasetError(f"{where} is missing: {self.path} is not an sdl dataset (write one "
+                         "with `python -m experiments.make_dataset`)")
+    try:
+      with open(where) as f:
+        self.manifest = Manifest.from_json(json.load(f), where)
+    except json.JSONDecodeError as e:
+      raise DatasetError(f"{where}: not valid JSON ({e}); re-create the dataset") from None
+    m = self.manifest
+    self.volumes = self._open("volumes", (m.num_samples, *m.volume_shape), VOLUME_DTYPE)
+    labels = self._open("labels", (m.num_samples, len(m.param_names)), LABEL_DTYPE)
+    self.labels = self._result(labels.read(), "reading labels")
+    if not np.isfinite(self.labels).all():
+      raise DatasetError(f"{self.path}/labels: non-finite labels at samples "
+                         f"{np.flatnonzero(~np.isfinite(self.labels).all(1))[:8].tolist()}")
+    self.bytes_read = 0
+    self._lock = threading.Lock()
+
+  def _open(self, name: str, shape: tuple, dtype: np.dtype) -> ts.TensorStore:
+    where = os.path.join(self.path, name, "zarr.json")
+    try:
+      store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                      "path": os.path.join(self.path, name)},
+                       "fill_missing_data_reads": False, "open": True}).result()
+    except ValueError as e:
+      raise DatasetError(f"{where}: cannot open ({e}); re-create the dataset") from None
+    if tuple(store.shape) != shape or store.dtype.numpy_dtype != dtype:
+      raise DatasetError(f"{where}: array is {store.dtype.numpy_dtype}{list(store.shape)} but "
+                         f"{MANIFEST} says {dtype}{list(shape)}; re-create the dataset")
+    return store
+
+  def _result(self, future, what: str) -> np.ndarray:
+    try:
+      return future.result()
+    except ValueError as e:  # tensorstore names the chunk file in its message
+      raise DatasetError(f"{self.path}: {what}: {e}. The file named is corrupt, truncated "
+                         "or missing; re-create or re-import the dataset") from None
+
+  def __len__(self) -> int:
+    return self.manifest.num_samples
+
+  @property
+  def volume_shape(self) -> tuple[int, int, int, int]:
+    return self.manifest.volume_shape
+
+  def read(self, samples: Sequence[int] | slice, *region: slice,
+           batch: ts.Batch | None = None) -> "PendingRead":
+    """Start reading `volumes[samples, *region]`; `.result()` gives the int16 array.
+
+    `region` slices depth, height, width, channels (missing ones: everything).
+    """
+    samples = np.asarray(samples) if not isinstance(samples, slice) else samples
+    view = self.volumes[(samples, *region)]
+    with self._lock:
+      self.bytes_read += int(np.prod(view.shape)) * VOLUME_DTYPE.itemsize
+    where = ", ".join(f"{r.start}:{r.stop}" for r in region)
+    return PendingRead(self, view.read(batch=batch),
+                       f"reading samples {_describe(samples)} [{where}]")
+
+
+@dataclasses.dataclass
+class PendingRead:
+  dataset: Dataset
+  future: object
+  what: str
+
+  def result(self) -> np.ndarray:
+    return self.dataset._result(self.future, self.what)
+
+
+def _describe(samples) -> str:
+  if isinstance(samples, slice):
+    return f"{samples.start}:{samples.stop}"
+  return str(samples.tolist()[:8]) + ("..." if samples.size > 8 else "")
+
+
+def open_dataset(path: str) -> Dataset:
+  return Dataset(path)

@@ -26,6 +26,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = dict(
+      source="generate",        # "generate" in memory | "disk": read data.path | "memory": load
+                                # data.path into the devices' memory (distributed store)
+      path="",                  # dataset directory (train/, val/) from experiments.make_dataset
+      prefetch=2,               # batches read ahead on background threads
       input_size=32,            # crop side in voxels; volumes are [input_size]^3 x 4
       universe_size=64,         # generated universe side in voxels (crops are periodic)
       cell_mpc=4.0,             # voxel side in Mpc/h

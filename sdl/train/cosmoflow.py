@@ -6,13 +6,14 @@ Parameters and optimiser state are replicated. After `model.spatial_layers` conv
 layers the activations are constrained to pure data parallelism.
 """
 import dataclasses
+import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdl.data import synthetic, universes
+from sdl.data import loader, memory_store, store, synthetic, universes
 from sdl.models.cosmoflow import VARIANTS, CosmoFlow, resolve_spatial_layers
 from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
@@ -23,6 +24,7 @@ from sdl.train.checkpoint import abstract_like
 from sdl.train.state import TrainState, make_eval_step, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SOURCES = ("generate", "disk", "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,11 @@ def validate(config, num_devices: int) -> Plan:
   if d.input_size > d.universe_size:
     raise ConfigError(f"data.input_size={d.input_size} exceeds data.universe_size="
                       f"{d.universe_size}; crops are cut from universes")
+  if d.source not in SOURCES:
+    raise ConfigError(f"data.source={d.source!r}: choose one of {SOURCES}")
+  if d.source != "generate" and not d.path:
+    raise ConfigError(f"data.source={d.source!r} reads a dataset: set data.path to a directory "
+                      "written by `python -m experiments.make_dataset`")
   layers = resolve_spatial_layers(m.variant, d.input_size, depth, height, m.spatial_layers)
   return Plan(shape, data, depth, layers)
 
@@ -72,24 +79,49 @@ def make_loss_fn(model: CosmoFlow):
   return loss_fn
 
 
+def universe_seeds(config) -> tuple[range, range]:
+  """Training and validation universe seeds: disjoint, and disjoint across `config.seed`."""
+  d = config.data
+  base = config.seed * 1_000_003
+  return (range(base, base + d.train_universes),
+          range(base + d.train_universes, base + d.train_universes + d.val_universes))
+
+
 def make_datasets(config):
   d = config.data
   spec = universes.UniverseSpec(d.universe_size, d.cell_mpc, d.particles_per_voxel)
-  base = config.seed * 1_000_003  # disjoint universe seeds per experiment seed
-  train = synthetic.make_dataset(range(base, base + d.train_universes), spec, d.input_size,
-                                 d.crops_per_universe, desc="training universes")
-  val = synthetic.make_dataset(range(base + d.train_universes,
-                                     base + d.train_universes + d.val_universes),
-                               spec, d.input_size, d.crops_per_universe,
-                               desc="validation universes")
-  return train, val
+  return tuple(synthetic.make_dataset(seeds, spec, d.input_size, d.crops_per_universe,
+                                      desc=f"{name} universes")
+               for name, seeds in zip(("training", "validation"), universe_seeds(config)))
 
 
-def global_batch(volumes: np.ndarray, labels: np.ndarray, shardings: dict) -> dict:
-  """Assemble the global batch; each process only materialises its addressable shards."""
-  host = {"volume": volumes, "label": labels}
-  return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
-          for k, v in host.items()}
+def open_datasets(config) -> tuple[store.Dataset, store.Dataset]:
+  """The `train/` and `val/` datasets under `data.path`, checked against the config."""
+  datasets = tuple(store.open_dataset(os.path.join(config.data.path, split))
+                   for split in ("train", "val"))
+  size = config.data.input_size
+  for ds in datasets:
+    expect = (size,) * 3 + (len(universes.REDSHIFTS),)
+    if ds.volume_shape != expect:
+      raise ConfigError(f"{ds.path} holds volumes of {list(ds.volume_shape)} but "
+                        f"data.input_size={size} needs {list(expect)}; set data.input_size="
+                        f"{ds.volume_shape[0]} or write a dataset of that size")
+  return datasets
+
+
+def make_sources(config, batch_sharding: dict, datasets=None):
+  """Training and validation batch sources for `data.source` (see `sdl.data.loader`)."""
+  source = config.data.source
+  if source == "generate":
+    train, val = datasets or make_datasets(config)
+    return (loader.ArraySource(train.volumes, train.labels, batch_sharding),
+            loader.ArraySource(val.volumes, val.labels, batch_sharding))
+  train, val = open_datasets(config)
+  if source == "memory":
+    print(f"loading {len(train)} samples into device memory ...", flush=True)
+    return (memory_store.DistributedStore.load(train, batch_sharding),
+            loader.ShardedReader(val, batch_sharding))
+  return loader.ShardedReader(train, batch_sharding), loader.ShardedReader(val, batch_sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,28 +176,32 @@ def run(config, workdir: str, *, datasets=None, hooks=()) -> TrainState:
   mesh = make_mesh(plan.mesh_shape, config.mesh.axes)
   print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; "
         f"{plan.spatial_layers} conv/pool layers depth-split", flush=True)
-  train_set, val_set = datasets or make_datasets(config)
   c = build(config, plan, mesh)
+  train_source, val_source = make_sources(config, c.batch_sharding, datasets)
   batch_size = config.train.batch_size
-  sampler = synthetic.EpochSampler(len(train_set), batch_size, config.seed)
-
-  def get_batch(step):
-    idx = np.sort(sampler.indices(step))  # sorted: cheaper gathers, same set of samples
-    return global_batch(train_set.volumes[idx], train_set.labels[idx], c.batch_sharding)
+  sampler = synthetic.EpochSampler(len(train_source), batch_size, config.seed)
+  # Sorted: cheaper gathers and reads, the same set of samples.
+  get_batch = loader.Prefetcher(lambda step: train_source.batch(np.sort(sampler.indices(step))),
+                                depth=config.data.prefetch)
 
   def evaluate(params):
-    n = len(val_set) // batch_size
+    n = len(val_source) // batch_size
     if n == 0:
-      raise ConfigError(f"data.val_universes x data.crops_per_universe = {len(val_set)} "
-                        f"validation samples is fewer than train.batch_size={batch_size}")
+      raise ConfigError(f"{len(val_source)} validation samples are fewer than "
+                        f"train.batch_size={batch_size}; add validation data")
     sums = None
     for b in range(n):
-      sl = slice(b * batch_size, (b + 1) * batch_size)
-      out = jax.device_get(c.eval_step(params, global_batch(
-          val_set.volumes[sl], val_set.labels[sl], c.batch_sharding)))
+      batch = val_source.batch(np.arange(b * batch_size, (b + 1) * batch_size))
+      out = jax.device_get(c.eval_step(params, batch))
       sums = out if sums is None else jax.tree.map(np.add, sums, out)
     return loop.scalars(sums, n)
 
-  return loop.fit(workdir=workdir, config=config, init_state=c.init_state,
-                  abstract_state=c.abstract_state, train_step=c.train_step, get_batch=get_batch,
-                  evaluate=evaluate, schedule=c.schedule, hooks=hooks)
+  try:
+    state = loop.fit(workdir=workdir, config=config, init_state=c.init_state,
+                     abstract_state=c.abstract_state, train_step=c.train_step,
+                     get_batch=get_batch, evaluate=evaluate, schedule=c.schedule, hooks=hooks)
+  finally:
+    get_batch.close()
+  print(f"input pipeline ({config.data.source}): the loop waited {get_batch.wait_seconds:.2f} s "
+        f"for {get_batch.batches} batches", flush=True)
+  return state

@@ -9,13 +9,10 @@ same crops, same order), so a run can switch to `--config.data.source=disk
 generated on parallel threads and streamed to disk; a progress line shows how far it got.
 Nothing is visible at `--out` until a split is complete (see `sdl.data.store`).
 """
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from sdl.data import synthetic, universes
-from sdl.train.cosmoflow import universe_seeds
+from sdl.train.cosmoflow import write_datasets
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/cosmoflow.py:demo", "CosmoFlow config whose data to write.")
@@ -27,14 +24,9 @@ _CHECKSUM = flags.DEFINE_bool("checksum", False, "crc32c per chunk (slower reads
 def main(argv):
   del argv
   config = _CONFIG.value
-  d = config.data
-  spec = universes.UniverseSpec(d.universe_size, d.cell_mpc, d.particles_per_voxel)
-  for split, seeds in zip(("train", "val"), universe_seeds(config)):
-    path = synthetic.write_dataset(os.path.join(_OUT.value, split), seeds, spec, d.input_size,
-                                   d.crops_per_universe, desc=f"{split} universes",
-                                   overwrite=_OVERWRITE.value, checksum=_CHECKSUM.value)
-    print(f"wrote {path}: {len(seeds) * d.crops_per_universe} samples of "
-          f"{d.input_size}³ x {len(spec.redshifts)}")
+  for path in write_datasets(config, _OUT.value, overwrite=_OVERWRITE.value,
+                             checksum=_CHECKSUM.value):
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

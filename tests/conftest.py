@@ -7,3 +7,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# Identical computations compiled by several tests (a trainer built again for another data
+# source, a resumed run) are compiled once per session.
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="sdl-jax-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

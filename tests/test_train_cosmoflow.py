@@ -101,3 +101,29 @@ def test_train_step_compiles_once_and_keeps_shardings(smoke):
   assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
   for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(c.abstract_state)):
     assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim)
+
+
+def test_disk_and_memory_sources_train_like_generated_data(smoke, tmp_path):
+  config, datasets = smoke
+  subprocess.run([sys.executable, "-m", "experiments.make_dataset",
+                  "--config=experiments/configs/cosmoflow.py:smoke", f"--out={tmp_path / 'data'}"],
+                 cwd=ROOT, check=True, capture_output=True, env={**os.environ, "XLA_FLAGS": ""})
+  final = {}
+  for source in ("generate", "disk", "memory"):
+    c = config.copy_and_resolve_references()
+    c.data.update(source=source, path=str(tmp_path / "data"))
+    c.train.update(steps=2, eval_every=2)
+    final[source] = cosmoflow.run(c, str(tmp_path / source),
+                                  datasets=datasets if source == "generate" else None)
+    assert read_jsonl(str(tmp_path / source / "metrics.jsonl"))[-1]["eval_mae"] > 0
+  for source in ("disk", "memory"):
+    for a, b in zip(jax.tree.leaves(final[source]), jax.tree.leaves(final["generate"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  c = config.copy_and_resolve_references()
+  c.data.update(source="disk", path=str(tmp_path / "data"), input_size=16)
+  with pytest.raises(cosmoflow.ConfigError, match=r"volumes of \[32, 32, 32, 4\] but "
+                     r"data.input_size=16"):
+    cosmoflow.open_datasets(c)
+  c.data.path = ""
+  with pytest.raises(cosmoflow.ConfigError, match="set data.path"):
+    cosmoflow.validate(c, 8)

@@ -223,9 +223,9 @@ class Dataset:
     view = self.volumes[(samples, *region)]
     with self._lock:
       self.bytes_read += int(np.prod(view.shape)) * VOLUME_DTYPE.itemsize
-    where = ", ".join(f"{r.start}:{r.stop}" for r in region)
+    where = "".join(f", {r.start or 0}:{r.stop if r.stop is not None else ''}" for r in region)
     return PendingRead(self, view.read(batch=batch),
-                       f"reading samples {_describe(samples)} [{where}]")
+                       f"reading volumes[{_describe(samples)}{where}]")
 
 
 @dataclasses.dataclass
@@ -240,7 +240,7 @@ class PendingRead:
 
 def _describe(samples) -> str:
   if isinstance(samples, slice):
-    return f"{samples.start}:{samples.stop}"
+    return f"{samples.start or 0}:{samples.stop if samples.stop is not None else ''}"
   return str(samples.tolist()[:8]) + ("..." if samples.size > 8 else "")
 
 

@@ -95,6 +95,16 @@ def make_datasets(config):
                for name, seeds in zip(("training", "validation"), universe_seeds(config)))
 
 
+def write_datasets(config, out: str, *, overwrite: bool = False, checksum: bool = False):
+  """Write what `make_datasets(config)` generates to `out/train` and `out/val`."""
+  d = config.data
+  spec = universes.UniverseSpec(d.universe_size, d.cell_mpc, d.particles_per_voxel)
+  return tuple(synthetic.write_dataset(os.path.join(out, split), seeds, spec, d.input_size,
+                                       d.crops_per_universe, desc=f"{split} universes",
+                                       overwrite=overwrite, checksum=checksum)
+               for split, seeds in zip(("train", "val"), universe_seeds(config)))
+
+
 def open_datasets(config) -> tuple[store.Dataset, store.Dataset]:
   """The `train/` and `val/` datasets under `data.path`, checked against the config."""
   datasets = tuple(store.open_dataset(os.path.join(config.data.path, split))

@@ -1,0 +1,117 @@
+r"""Input pipeline benchmark: raw read throughput and exposed I/O in CosmoFlow training.
+
+    python -m experiments.io_bench [--samples=32] [--steps=8] [--variant=mlperf]
+
+1. Writes (once) a dataset of `--samples` 128³ x 4 synthetic universes to `--data`.
+2. Raw reads: the sharded reader against `cat` and a sequential `readinto` of the same
+   chunk files (`sdl.bench.io`). Target: reader >= 0.7 x cat.
+3. Exposed I/O: the same CosmoFlow training run (128³, batch 2, 1 x 2 data x spatial mesh)
+   fed (a) from arrays already in memory and (b) from the dataset on disk with prefetch.
+   Step times are measured per step (each step blocked on), first (compiling) and last
+   (evaluating) steps excluded. Target: (b) median within 5 % of (a).
+Prints a markdown table; results also go to `<workdir>/results.json`.
+"""
+import json
+import os
+import platform
+import statistics
+import time
+
+from absl import app, flags, logging
+
+from sdl.parallel import ensure_cpu_devices
+
+_DATA = flags.DEFINE_string("data", "runs/io_bench/data", "Dataset directory (made if absent).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/io_bench", "Run directories and results.")
+_SAMPLES = flags.DEFINE_integer("samples", 32, "Training samples (16 MiB each).")
+_STEPS = flags.DEFINE_integer("steps", 8, "Training steps per input source.")
+_VARIANT = flags.DEFINE_enum("variant", "mlperf", ["mlperf", "lbann"], "CosmoFlow network.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats of each raw read (median kept).")
+
+SIZE, BATCH = 128, 2
+
+
+def make_config(source: str, data: str):
+  from experiments.configs.cosmoflow import get_config  # noqa: PLC0415
+  c = get_config("default")
+  c.model.variant = _VARIANT.value
+  c.data.update(source=source, path=data, input_size=SIZE, universe_size=SIZE,
+                train_universes=_SAMPLES.value, val_universes=BATCH, crops_per_universe=1)
+  c.mesh.update(shape=(1, 2), cpu_devices=2)
+  c.train.update(steps=_STEPS.value, batch_size=BATCH, log_every=_STEPS.value,
+                 eval_every=10**6, checkpoint_every=10**6)
+  return c
+
+
+def train_step_times(config, workdir: str, datasets=None) -> list[float]:
+  import jax  # noqa: PLC0415
+
+  from sdl.train import cosmoflow  # noqa: PLC0415
+  stamps = []
+
+  def stamp(step, state):
+    jax.block_until_ready(state.params)
+    stamps.append(time.perf_counter())
+  cosmoflow.run(config, workdir, datasets=datasets, hooks=[stamp])
+  return [b - a for a, b in zip(stamps[:-2], stamps[1:-1])]  # steps 2 .. N-1
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  ensure_cpu_devices(2)
+  import shutil  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+
+  from sdl.bench import io  # noqa: PLC0415
+  from sdl.data import store, synthetic  # noqa: PLC0415
+  from sdl.train import cosmoflow  # noqa: PLC0415
+
+  data = _DATA.value
+  config = make_config("disk", data)
+  if not os.path.exists(os.path.join(data, "train", store.MANIFEST)):
+    cosmoflow.write_datasets(config, data, overwrite=True)
+  plan = cosmoflow.validate(config, jax.device_count())
+  mesh = cosmoflow.make_mesh(plan.mesh_shape, config.mesh.axes)
+  compiled_shardings = cosmoflow.build(config, plan, mesh).batch_sharding
+  train, val = cosmoflow.open_datasets(config)
+
+  print(f"raw reads of {len(train)} samples ({_REPEATS.value} repeats, median) ...", flush=True)
+  rates = io.throughput(train, compiled_shardings, BATCH, _REPEATS.value)
+
+  results = {"rates_gb_s": rates}
+  arrays = tuple(synthetic.ArrayDataset(d.read(slice(None)).result(), d.labels)
+                 for d in (train, val))
+  for label, source, datasets in (("memory arrays", "generate", arrays),
+                                  ("disk + prefetch", "disk", None)):
+    workdir = os.path.join(_WORKDIR.value, source)
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(f"training from {label} ...", flush=True)
+    results[label] = train_step_times(make_config(source, data), workdir, datasets)
+  report(results)
+
+
+def report(results: dict) -> None:
+  rates = results["rates_gb_s"]
+  a, b = (statistics.median(results[k]) for k in ("memory arrays", "disk + prefetch"))
+  lines = [
+      f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+      f"{time.strftime('%Y-%m-%d')}",
+      "",
+      "| raw read (same bytes) | GB/s | reader / method |",
+      "|---|---|---|",
+      *(f"| {k} | {rates[k]:.2f} | {rates['reader'] / rates[k]:.2f} |"
+        for k in ("reader", "cat", "readinto")),
+      "",
+      "| CosmoFlow step (median s) | memory arrays | disk + prefetch | disk / memory |",
+      "|---|---|---|---|",
+      f"| {_VARIANT.value} 128³ batch 2, mesh 1x2 | {a:.3f} | {b:.3f} | {b / a:.3f} |",
+  ]
+  print("\n".join(lines))
+  with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

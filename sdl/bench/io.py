@@ -1,0 +1,79 @@
+"""Read throughput of the dataset reader against plain sequential reads of the same bytes.
+
+Three ways to move a dataset's volume bytes from the file system into this process:
+
+- `reader`: `ShardedReader.batch` for every batch of the dataset in order through a
+  `Prefetcher`, as training does, including placement on the devices.
+- `cat`: `cat` of every chunk file to /dev/null: the bytes cross into a user buffer that
+  stays in cache, a ceiling no reader that keeps the data can reach.
+- `readinto`: a single Python thread reading each chunk file, in order, into one
+  preallocated array: a plain sequential read that keeps the bytes.
+
+Each is timed `repeats` times and the median kept. The reads come from the page cache when
+the dataset fits in memory (dropping it needs root); that is the case where per-byte
+overhead shows most, since a disk-bound read hides it behind the device.
+"""
+import os
+import statistics
+import subprocess
+import time
+
+import jax
+import numpy as np
+
+from sdl.data import loader, store
+
+
+def chunk_files(dataset: store.Dataset) -> list[str]:
+  root = os.path.join(dataset.path, "volumes", "c")
+  return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+
+
+def time_reader(dataset: store.Dataset, shardings: dict, batch_size: int,
+                prefetch: int = 2) -> float:
+  """Every whole batch of the dataset through the reader and prefetcher, as training."""
+  reader = loader.ShardedReader(dataset, shardings)
+  batches = len(dataset) // batch_size
+  prefetcher = loader.Prefetcher(
+      lambda b: reader.batch(np.arange(b * batch_size, (b + 1) * batch_size)), depth=prefetch)
+  start = time.perf_counter()
+  for b in range(batches):
+    jax.block_until_ready(prefetcher(b))
+  elapsed = time.perf_counter() - start
+  prefetcher.close()
+  return elapsed
+
+
+def time_cat(files: list[str]) -> float:
+  start = time.perf_counter()
+  subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+  return time.perf_counter() - start
+
+
+def time_readinto(files: list[str]) -> float:
+  sizes = [os.path.getsize(f) for f in files]
+  out = np.empty(sum(sizes), np.uint8)
+  start = time.perf_counter()
+  offset = 0
+  for f, size in zip(files, sizes):
+    with open(f, "rb", buffering=0) as fh:
+      fh.readinto(memoryview(out[offset:offset + size]))
+    offset += size
+  return time.perf_counter() - start
+
+
+def throughput(dataset: store.Dataset, shardings: dict, batch_size: int,
+               repeats: int = 5) -> dict:
+  """GB/s (1e9 bytes) of each method, medians over `repeats`, on the same bytes."""
+  files = chunk_files(dataset)
+  nbytes = sum(os.path.getsize(f) for f in files)
+  usable = (len(dataset) // batch_size) * batch_size / len(dataset)
+  methods = {"reader": lambda: time_reader(dataset, shardings, batch_size) / usable,
+             "cat": lambda: time_cat(files), "readinto": lambda: time_readinto(files)}
+  for fn in methods.values():  # warm the page cache and the code paths
+    fn()
+  times = {k: [] for k in methods}
+  for _ in range(repeats):  # interleaved, so drifts hit every method alike
+    for k, fn in methods.items():
+      times[k].append(fn())
+  return {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()} | {"bytes": nbytes}

@@ -1,0 +1,253 @@
+"""The on-disk dataset: bit-exact round trips under every mesh, clear errors, the importer."""
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from sdl.data import loader, mlperf, store
+from sdl.parallel import VOLUME_AXES, Partitioner, make_mesh
+
+MESHES = [((1, 8), ("data", "spatial")), ((2, 4), ("data", "spatial")),
+          ((4, 2), ("data", "spatial")), ((8, 1), ("data", "spatial")),
+          ((2, 2, 2), ("data", "spatial", "spatial_h"))]
+SHAPE = (16, 16, 8, 4)
+
+
+def random_volumes(n, shape=SHAPE, seed=0):
+  rng = np.random.default_rng(seed)
+  v = rng.integers(-2**15, 2**15, (n, *shape), dtype=np.int16)
+  v[0, 0, 0, 0] = [-2**15, 2**15 - 1, 0, -1]  # the extremes survive
+  return v, rng.normal(size=(n, 4)).astype(np.float32)
+
+
+def write(path, volumes, labels, **kw):
+  with store.Writer(str(path), len(volumes), volumes.shape[1:], param_names="abcd",
+                    param_low=[0] * 4, param_high=[1] * 4, source={"test": 1}, **kw) as w:
+    for i, (v, l) in enumerate(zip(volumes, labels)):
+      w.write(i, v, l)
+    return w.commit()
+
+
+def shardings_for(shape, axes):
+  part = Partitioner.create(make_mesh(shape, axes))
+  return {"volume": part.sharding(VOLUME_AXES), "label": part.sharding(("batch", None))}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+  volumes, labels = random_volumes(12)
+  return store.open_dataset(write(tmp_path_factory.mktemp("ds") / "set", volumes, labels,
+                                  chunk_depth=4)), volumes, labels
+
+
+@pytest.mark.parametrize("mesh_shape,axes", MESHES)
+def test_round_trip_is_bit_exact_on_every_mesh(written, mesh_shape, axes):
+  dataset, volumes, labels = written
+  shardings = shardings_for(mesh_shape, axes)
+  indices = np.array([11, 3, 0, 7, 5, 9, 2, 10])
+  before = dataset.bytes_read
+  batch = loader.ShardedReader(dataset, shardings).batch(indices)
+  np.testing.assert_array_equal(np.asarray(batch["volume"]), volumes[indices])
+  np.testing.assert_array_equal(np.asarray(batch["label"]), labels[indices])
+  assert batch["volume"].sharding == shardings["volume"]
+  # Every device read only its own slab: together exactly one copy of the batch.
+  assert dataset.bytes_read - before == volumes[indices].nbytes
+  for shard in batch["volume"].addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), volumes[indices][shard.index])
+
+
+def test_manifest_and_chunking(written):
+  dataset, volumes, _ = written
+  m = dataset.manifest
+  assert (m.num_samples, m.volume_shape, m.chunk_depth) == (12, SHAPE, 4)
+  chunks = [f for _, _, files in os.walk(os.path.join(dataset.path, "volumes", "c"))
+            for f in files]
+  assert len(chunks) == 12 * SHAPE[0] // 4  # one file per sample depth slab
+  assert os.path.getsize(os.path.join(dataset.path, "volumes/c/0/0/0/0/0")) == (
+      volumes[0, :4].nbytes)  # raw little-endian, no container overhead
+  assert store.default_chunk_depth(128) == 16 and store.default_chunk_depth(24) == 12
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+  volumes, labels = random_volumes(3)
+  with pytest.raises(RuntimeError):
+    with store.Writer(str(tmp_path / "ds"), 3, SHAPE, param_names="abcd", param_low=[0] * 4,
+                      param_high=[1] * 4, source={}) as w:
+      w.write(0, volumes[0], labels[0])
+      raise RuntimeError("killed")
+  assert not os.listdir(tmp_path)
+  with pytest.raises(store.DatasetError, match=r"samples \[1, 2\].* never written"):
+    with store.Writer(str(tmp_path / "ds"), 3, SHAPE, param_names="abcd", param_low=[0] * 4,
+                      param_high=[1] * 4, source={}) as w:
+      w.write(0, volumes[0], labels[0])
+      w.commit()
+  with pytest.raises(store.DatasetError, match=r"volume float32\[16, 16, 8, 4\], expected int16"):
+    with store.Writer(str(tmp_path / "ds"), 3, SHAPE, param_names="abcd", param_low=[0] * 4,
+                      param_high=[1] * 4, source={}) as w:
+      w.write(0, volumes[0].astype(np.float32), labels[0])
+  assert not os.listdir(tmp_path)
+
+
+@pytest.fixture
+def small(tmp_path):
+  volumes, labels = random_volumes(3)
+  return write(tmp_path / "ds", volumes, labels, chunk_depth=8)
+
+
+def read_all(path):
+  dataset = store.open_dataset(path)
+  return dataset.read(slice(None)).result()
+
+
+def test_missing_manifest_names_the_file(small, tmp_path):
+  os.remove(os.path.join(small, "manifest.json"))
+  with pytest.raises(store.DatasetError, match=r"ds/manifest.json is missing.*not an sdl dataset"):
+    store.open_dataset(small)
+  os.rename(small, small + ".partial")
+  with pytest.raises(store.DatasetError, match=r"partial exists: the dataset was never finished"):
+    store.open_dataset(small)
+
+
+def test_bad_manifest_names_the_file_and_field(small):
+  where = os.path.join(small, "manifest.json")
+  blob = json.load(open(where))
+  del blob["chunk_depth"]
+  json.dump(blob, open(where, "w"))
+  with pytest.raises(store.DatasetError, match=r"manifest.json: field 'chunk_depth' is missing"):
+    store.open_dataset(small)
+  open(where, "w").write("{")
+  with pytest.raises(store.DatasetError, match=r"manifest.json: not valid JSON"):
+    store.open_dataset(small)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("dtype", "int32", r"manifest.json: dtype 'int32', expected 'int16'"),
+    ("volume_shape", [16, 16, 16, 4],
+     r"volumes/zarr.json: array is int16\[3, 16, 16, 8, 4\] but manifest.json says "
+     r"int16\[3, 16, 16, 16, 4\]"),
+])
+def test_wrong_dtype_or_shape_names_the_file(small, field, value, message):
+  where = os.path.join(small, "manifest.json")
+  blob = json.load(open(where))
+  blob[field] = value
+  json.dump(blob, open(where, "w"))
+  with pytest.raises(store.DatasetError, match=message):
+    store.open_dataset(small)
+
+
+def test_array_of_wrong_dtype_names_its_metadata(small):
+  where = os.path.join(small, "volumes", "zarr.json")
+  meta = json.load(open(where))
+  meta["data_type"] = "int32"
+  json.dump(meta, open(where, "w"))
+  with pytest.raises(store.DatasetError, match=r"volumes/zarr.json: array is int32"):
+    store.open_dataset(small)
+
+
+def test_truncated_or_missing_chunk_names_the_file(small):
+  chunk = os.path.join(small, "volumes", "c", "1", "1", "0", "0", "0")
+  with open(chunk, "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(store.DatasetError, match=r'"[^"]*ds/volumes/c/1/1/0/0/0".*re-create'):
+    read_all(small)
+  os.remove(chunk)
+  with pytest.raises(store.DatasetError, match=r"ds/volumes/c/1/1/0/0/0.* is missing"):
+    read_all(small)
+
+
+def test_checksum_catches_flipped_bits(tmp_path):
+  volumes, labels = random_volumes(2)
+  path = write(tmp_path / "ds", volumes, labels, chunk_depth=8, checksum=True)
+  np.testing.assert_array_equal(read_all(path), volumes)
+  chunk = os.path.join(path, "volumes", "c", "1", "0", "0", "0", "0")
+  data = bytearray(open(chunk, "rb").read())
+  data[1000] ^= 0x10
+  open(chunk, "wb").write(bytes(data))
+  with pytest.raises(store.DatasetError, match=r"volumes/c/1/0/0/0/0\": Digest mismatch"):
+    read_all(path)
+
+
+# --- MLPerf importer --------------------------------------------------------------------
+
+def mlperf_split(x, size):
+  """MLPerf HPC's prepare.py split: np.split over depth, then height, then width."""
+  n = x.shape[0] // size
+  return [c for a in np.split(x, n, 0) for b in np.split(a, n, 1) for c in np.split(b, n, 2)]
+
+
+def write_universe(path, seed, side=16, **override):
+  rng = np.random.default_rng(seed)
+  full = rng.integers(0, 500, (side, side, side, 4), dtype=np.int16)
+  unit = rng.uniform(-1, 1, 4).astype(np.float32)
+  with h5py.File(path, "w") as f:
+    f["full"] = override.get("full", full)
+    if override.get("unitPar", True) is not None:
+      f["unitPar"] = override.get("unitPar", unit)
+    f["namePar"] = np.array([b"Omega_m", b"sigma_8", b"N_spec", b"H_0"])
+  return full, unit
+
+
+def test_import_hdf5_universes_in_mlperf_crop_order(tmp_path):
+  src = tmp_path / "universes"
+  src.mkdir()
+  made = [write_universe(src / f"univ_{i}.hdf5", i) for i in range(2)]
+  path = mlperf.import_cosmoflow(str(src), str(tmp_path / "out"), crop=8, progress=False)
+  dataset = store.open_dataset(path)
+  want = np.stack([c for full, _ in made for c in mlperf_split(full, 8)])
+  np.testing.assert_array_equal(dataset.read(slice(None)).result(), want)
+  np.testing.assert_array_equal(dataset.labels, np.repeat([u for _, u in made], 8, axis=0))
+  assert dataset.manifest.source["crop"] == 8 and len(dataset.manifest.source["files"]) == 2
+
+
+def test_import_numpy_pairs(tmp_path):
+  src = tmp_path / "npy"
+  src.mkdir()
+  rng = np.random.default_rng(1)
+  data = rng.integers(0, 99, (3, 8, 8, 8, 4), dtype=np.int16)
+  label = rng.normal(size=(3, 4)).astype(np.float32)
+  for i in range(3):
+    np.save(src / f"univ_{i:03d}.data.npy", data[i])
+    np.save(src / f"univ_{i:03d}.label.npy", label[i])
+  dataset = store.open_dataset(mlperf.import_cosmoflow(str(src), str(tmp_path / "out"),
+                                                       progress=False))
+  np.testing.assert_array_equal(dataset.read(slice(None)).result(), data)
+  np.testing.assert_array_equal(dataset.labels, label)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no_unitpar", r"bad.hdf5: no 'unitPar' dataset"),
+    ("float_full", r"bad.hdf5: 'full' is float32; expected int16"),
+    ("not_cube", r"bad.hdf5: 'full' has shape \[16, 8, 16, 4\]; expected a cube"),
+    ("nan_label", r"bad.hdf5: label .* is not 4 finite numbers"),
+    ("truncated_h5", r"bad.hdf5: not a readable HDF5 file"),
+    ("truncated_npy", r"bad.data.npy: not a readable .npy file"),
+    ("no_label_npy", r"bad.data.npy: no .*bad.label.npy or .*bad_label.npy beside it"),
+])
+def test_malformed_inputs_name_the_file_and_leave_nothing(tmp_path, case, message):
+  src = tmp_path / "src"
+  src.mkdir()
+  write_universe(src / "good.hdf5", 0)
+  full = np.zeros((16, 16, 16, 4), np.int16)
+  if case == "no_unitpar":
+    write_universe(src / "bad.hdf5", 1, unitPar=None)
+  elif case == "float_full":
+    write_universe(src / "bad.hdf5", 1, full=full.astype(np.float32))
+  elif case == "not_cube":
+    write_universe(src / "bad.hdf5", 1, full=full[:, :8])
+  elif case == "nan_label":
+    write_universe(src / "bad.hdf5", 1, unitPar=np.array([0, np.nan, 0, 0], np.float32))
+  elif case == "truncated_h5":
+    write_universe(src / "bad.hdf5", 1)
+    os.truncate(src / "bad.hdf5", 2000)
+  else:
+    for f in os.listdir(src):
+      os.remove(src / f)
+    np.save(src / "bad.data.npy", full)
+    if case == "truncated_npy":
+      np.save(src / "bad.label.npy", np.zeros(4, np.float32))
+      os.truncate(src / "bad.data.npy", 5000)
+  with pytest.raises(store.DatasetError, match=message):
+    mlperf.import_cosmoflow(str(src), str(tmp_path / "out"), crop=8, progress=False)
+  assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")

@@ -52,21 +52,24 @@ def reference(variant):
   rng = np.random.default_rng(0)
   x = rng.poisson(3.0, size=(BATCH, SIZE, SIZE, SIZE, 4)).astype(np.int16)
   y = rng.uniform(-1, 1, size=(BATCH, 4)).astype(np.float32)
-  model = CosmoFlow(variant, SIZE)
+  model = CosmoFlow(variant, SIZE, conv_lowering="native")  # XLA's own conv: the reference
   params = model.init(jax.random.key(1), x[:1])
   out, grads = jax.jit(functools.partial(forward_and_grads, model))(params, x, y)
   return x, y, params, out, grads
 
 
 @pytest.mark.parametrize("variant", ["mlperf", "lbann"])
-@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (4, 2), (8, 1), (2, 2, 2)])
-def test_sharded_equals_single_device(variant, shape):
-  """(2, 2, 2) also splits height, over the `spatial_h` axis."""
+@pytest.mark.parametrize("shape,lowering", [((1, 8), "folded"), ((2, 4), "native"),
+                                            ((2, 4), "folded"), ((4, 2), "folded"),
+                                            ((8, 1), "folded"), ((2, 2, 2), "folded")])
+def test_sharded_equals_single_device(variant, shape, lowering):
+  """Against the native lowering on one device; (2, 2, 2) also splits height."""
   x, y, params, ref_out, ref_grads = reference(variant)
   mesh = make_mesh(shape, ("data", "spatial", "spatial_h")[:len(shape)])
   part = Partitioner.create(mesh)
   layers = resolve_spatial_layers(variant, SIZE, shape[1], part.axis_size("height"))
-  model = CosmoFlow(variant, SIZE, spatial_layers=layers, partitioner=part)
+  model = CosmoFlow(variant, SIZE, spatial_layers=layers, partitioner=part,
+                    conv_lowering=lowering)
   xs = jax.device_put(x, part.sharding(VOLUME_AXES))
   ys = jax.device_put(y, part.sharding(("batch", None)))
   ps = jax.device_put(params, part.replicated())
@@ -84,6 +87,9 @@ def test_sharded_equals_single_device(variant, shape):
     # `spatial_layers` were re-partitioned to data parallelism (which must happen here).
     assert "collective-permute" in hlo
     assert 0 < layers < n_layers
+    if lowering == "folded":  # the fold runs per shard: no conv gathers its activations
+      gathers = [line for line in hlo.splitlines() if "all-gather(" in line]
+      assert not [line for line in gathers if "Conv3D" in line]
   else:
     assert "collective-permute" not in hlo and layers == n_layers
   if variant == "lbann" and shape[1] == 2:

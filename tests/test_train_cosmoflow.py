@@ -54,7 +54,7 @@ def test_interrupted_run_resumes_to_identical_parameters(smoke, tmp_path):
   assert [r["step"] for r in records] == [2, 3, 4, 6]
   straight_records = read_jsonl(os.path.join(tmp_path / "straight", "metrics.jsonl"))
   assert [r["loss"] for r in records] == [r["loss"] for r in straight_records]
-  for key in ("step", "loss", "lr", "steps_per_sec", "mae"):
+  for key in ("step", "loss", "lr", "steps_per_sec", "input_wait_s", "mae"):
     assert all(key in r for r in records)
   assert all("eval_mae" in r for r in records if r["step"] in (3, 6))
 

@@ -30,8 +30,14 @@ class ArrayDataset:
 
 def universe_crops(seed: int, spec: universes.UniverseSpec, crop_size: int,
                    crops_per_universe: int) -> tuple[np.ndarray, np.ndarray]:
-  """The crops (int16 `[crops, size, size, size, 4]`) and scaled label of one universe."""
+  """The crops (int16 `[crops, size, size, size, 4]`) and scaled label of one universe.
+
+  Crops are periodic and at random offsets; one crop of the universe's own size is the
+  full volume as generated.
+  """
   volume, theta = universes.make_universe(seed, spec)
+  if crop_size == spec.size and crops_per_universe == 1:  # the full volume, as generated
+    return volume[None], universes.scale_params(theta).astype(np.float32)
   rng = np.random.default_rng([seed, 3])
   crops = np.stack([universes.random_crop(volume, crop_size, rng)
                     for _ in range(crops_per_universe)])

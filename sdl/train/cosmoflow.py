@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdl.data import loader, memory_store, store, synthetic, universes
+from sdl.models.conv import LOWERINGS
 from sdl.models.cosmoflow import VARIANTS, CosmoFlow, resolve_spatial_layers
 from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
@@ -43,6 +44,8 @@ def validate(config, num_devices: int) -> Plan:
     raise ConfigError(f"model.variant={m.variant!r}: choose one of {VARIANTS}")
   if m.compute_dtype not in DTYPES:
     raise ConfigError(f"model.compute_dtype={m.compute_dtype!r}: choose one of {tuple(DTYPES)}")
+  if m.conv_lowering not in LOWERINGS:
+    raise ConfigError(f"model.conv_lowering={m.conv_lowering!r}: choose one of {LOWERINGS}")
   check_mesh_config(config.mesh.shape, config.mesh.axes, num_devices)
   shape = resolve_mesh_shape(config.mesh.shape, num_devices)
   sizes = dict(zip(config.mesh.axes, shape))
@@ -66,7 +69,8 @@ def validate(config, num_devices: int) -> Plan:
 def build_model(config, plan: Plan, partitioner: Partitioner | None) -> CosmoFlow:
   return CosmoFlow(variant=config.model.variant, input_size=config.data.input_size,
                    spatial_layers=plan.spatial_layers, partitioner=partitioner,
-                   dtype=DTYPES[config.model.compute_dtype])
+                   dtype=DTYPES[config.model.compute_dtype],
+                   conv_lowering=config.model.conv_lowering)
 
 
 def make_loss_fn(model: CosmoFlow):

@@ -43,6 +43,7 @@ def fit(*, workdir: str, config, init_state: Callable[[], TrainState], abstract_
   writer = MetricWriter(workdir, resume_step=start)
   progress = Progress(train.steps, start)
   window = []  # metrics (still on device) of the steps since the last record
+  waited = 0.0  # input wait already reported
   try:
     for step in range(start + 1, train.steps + 1):
       t0 = time.perf_counter()
@@ -63,6 +64,9 @@ def fit(*, workdir: str, config, init_state: Callable[[], TrainState], abstract_
               "optim.lr, enable optim.clip_norm, or check the data (last good checkpoint: "
               f"{ckpt.latest_step()})")
         record["lr"] = float(schedule(step - 1))
+        if hasattr(get_batch, "wait_seconds"):  # a Prefetcher: exposed input time
+          record["input_wait_s"] = get_batch.wait_seconds - waited
+          waited = get_batch.wait_seconds
         record["steps_per_sec"] = progress.rate(step)
         if eval_now:
           record.update({f"eval_{k}": v for k, v in evaluate(state.params).items()})

@@ -1,0 +1,123 @@
+"""3D convolution with a lowering chosen per backend: native, or depth-folded onto 2D.
+
+XLA:CPU's native 3D convolution is slow (4-38 GFLOP/s on 2 cores where oneDNN reaches
+37-112 for the same layers, ../shared/DESIGN.md). Folding the depth taps into channels
+turns a `kd x kh x kw` 3D convolution into one 2D convolution over `batch * depth_out`
+images with `kd * C` input channels,
+
+    y[n, z] = conv2d(concat_a x[n, z * s_d + a - p_d], kernel.reshape(kh, kw, kd * C, O)),
+
+which XLA:CPU runs through its fast 2D path (Eigen/oneDNN GEMMs). GPUs and TPUs keep the
+native op. `default_lowering` is the one place that decides.
+
+Under spatial partitioning the fold reshapes the depth axis into the batch, which the SPMD
+partitioner could only do by gathering whole activations. So with a `partitioner` the
+folded convolution runs per shard inside `jax.shard_map`: depth (and height) halos come
+from the neighbouring shards by `ppermute` (`sdl.parallel.halo`), then each device folds
+its own slab. Parameters are those of `flax.linen.Conv` (`kernel` `[kd, kh, kw, C, O]`,
+`bias` `[O]`, same initialisers), so the lowering can change without touching checkpoints.
+"""
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from sdl.parallel.halo import exchange_halo
+from sdl.parallel.sharding import VOLUME_AXES, Partitioner
+
+LOWERINGS = ("auto", "native", "folded")
+
+
+def default_lowering(backend: str | None = None) -> str:
+  """The convolution lowering for a backend: folded on CPU, native elsewhere."""
+  return "folded" if (backend or jax.default_backend()) == "cpu" else "native"
+
+
+def conv3d_native(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+def fold_depth(x, kernel, strides, width_padding):
+  """Valid-in-depth-and-height 3D convolution as one 2D convolution (see module docstring).
+
+  x `[n, D, H, W, C]` already padded (or halo-extended) in depth and height;
+  kernel `[kd, kh, kw, C, O]` → `[n, D_out, H_out, W_out, O]`.
+  """
+  kd, kh, kw, c, o = kernel.shape
+  n, depth = x.shape[:2]
+  sd = strides[0]
+  d_out = (depth - kd) // sd + 1
+  taps = [lax.slice_in_dim(x, a, a + sd * (d_out - 1) + 1, stride=sd, axis=1)
+          for a in range(kd)]
+  folded = jnp.concatenate(taps, axis=-1) if kd > 1 else taps[0]  # [n, D_out, H, W, kd*C]
+  folded = folded.reshape(n * d_out, *folded.shape[2:])
+  kernel2d = kernel.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kd * c, o)
+  y = lax.conv_general_dilated(folded, kernel2d, strides[1:], [(0, 0), width_padding],
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y.reshape(n, d_out, *y.shape[1:])
+
+
+def _extend(x, axis_name, dim, kernel, stride, padding):
+  """Pad (unsplit) or halo-extend (split) `dim` so a valid window op gives the output."""
+  low, high_pad = padding
+  if axis_name is None:
+    return exchange_halo(x, None, dim, low, high_pad)
+  high = kernel - low - stride  # planes of the next shard the last outputs need
+  x = exchange_halo(x, axis_name, dim, low, max(high, 0))
+  return lax.slice_in_dim(x, 0, x.shape[dim] + high, axis=dim) if high < 0 else x
+
+
+def conv3d_folded(x, kernel, strides, padding, partitioner: Partitioner | None = None,
+                  logical: Sequence[str | None] = VOLUME_AXES):
+  """The folded lowering; per shard (with halo exchange) when a partitioner is given."""
+  kd, kh = kernel.shape[:2]
+
+  def local(x, kernel, depth_axis=None, height_axis=None):
+    x = _extend(x, depth_axis, 1, kd, strides[0], padding[0])
+    x = _extend(x, height_axis, 2, kh, strides[1], padding[1])
+    return fold_depth(x, kernel, strides, padding[2])
+
+  if partitioner is None:
+    return local(x, kernel)
+  spec = partitioner.spec(logical)
+  mesh = partitioner.mesh
+  split = lambda axis: axis if axis is not None and mesh.shape[axis] > 1 else None
+  axes = {"depth_axis": split(spec[1]), "height_axis": split(spec[2])}
+  return jax.shard_map(lambda x, k: local(x, k, **axes), mesh=partitioner.mesh,
+                       in_specs=(spec, PartitionSpec()), out_specs=spec)(x, kernel)
+
+
+class Conv3D(nn.Module):
+  """`flax.linen.Conv` for NDHWC volumes, with a per-backend lowering (module docstring)."""
+  features: int
+  kernel_size: tuple[int, int, int] = (3, 3, 3)
+  strides: tuple[int, int, int] = (1, 1, 1)
+  padding: tuple[tuple[int, int], ...] = ((1, 1),) * 3
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  lowering: str = "auto"
+  partitioner: Partitioner | None = None
+  logical: tuple[str | None, ...] = VOLUME_AXES  # how the input is laid out on the mesh
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    lowering = default_lowering() if self.lowering == "auto" else self.lowering
+    if lowering not in LOWERINGS[1:]:
+      raise ValueError(f"conv lowering {self.lowering!r}: choose one of {LOWERINGS}")
+    if lowering == "native" or self.is_initializing():  # init only needs the shapes
+      y = conv3d_native(x, kernel, self.strides, self.padding)
+    else:
+      y = conv3d_folded(x, kernel, self.strides, self.padding, self.partitioner, self.logical)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,),
+                         self.param_dtype).astype(self.dtype)
+    return y

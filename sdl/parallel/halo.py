@@ -1,0 +1,37 @@
+"""Halo exchange for hand-partitioned spatial ops (inside `jax.shard_map`).
+
+GSPMD inserts halo exchanges itself for the native convolution. Lowerings that reshape
+the volume (the depth fold of `sdl.models.conv`) must run per shard instead, or the
+partitioner gathers whole activations; they fetch their halos here, with one
+`ppermute` per direction: the last `low` planes of each shard go to the next shard, the
+first `high` planes to the previous one. Shards at the ends of the volume receive zeros,
+which is the convolution's zero padding there.
+"""
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def exchange_halo(x: jax.Array, axis_name: str | None, dim: int, low: int,
+                  high: int) -> jax.Array:
+  """`x` extended along `dim` by `low` planes before and `high` after.
+
+  With `axis_name` None (the dimension is not split), the planes are zero padding.
+  Must be called inside `shard_map` over `axis_name`; every shard needs at least
+  `max(low, high)` planes (`sdl.parallel.spatial` checks this before compiling).
+  """
+  if axis_name is None:
+    pad = [(0, 0)] * x.ndim
+    pad[dim] = (low, high)
+    return jnp.pad(x, pad)
+  shards = lax.psum(1, axis_name)
+  size = x.shape[dim]
+  parts = []
+  if low:
+    parts.append(lax.ppermute(lax.slice_in_dim(x, size - low, size, axis=dim), axis_name,
+                              [(i, i + 1) for i in range(shards - 1)]))
+  parts.append(x)
+  if high:
+    parts.append(lax.ppermute(lax.slice_in_dim(x, 0, high, axis=dim), axis_name,
+                              [(i + 1, i) for i in range(shards - 1)]))
+  return jnp.concatenate(parts, axis=dim) if len(parts) > 1 else x

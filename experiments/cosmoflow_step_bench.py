@@ -1,0 +1,144 @@
+r"""CosmoFlow train-step time: sdl's conv lowerings against PyTorch on the same machine.
+
+    python -m experiments.cosmoflow_step_bench [--variants=mlperf,lbann] [--size=128] \
+        [--batch=2] [--steps=5]
+
+For each network: one full training step (forward, backward, SGD-momentum update) on one
+device at `size`³ x 4, batch `batch`, timed after a warm-up (compile) step, median of
+`--steps`, with the spread. Columns: sdl with the native XLA 3D convolution, sdl with the
+depth-folded lowering (`sdl.models.conv`, the CPU default), and PyTorch (`torch`, if
+installed; CPU threads = cores) running the same network (same layers, same parameter
+count) in float32, channels-first as its oneDNN kernels prefer. The networks are built
+from the same layer list (`sdl.models.cosmoflow.feature_layers`).
+"""
+import os
+import platform
+import statistics
+import time
+
+from absl import app, flags
+
+_VARIANTS = flags.DEFINE_list("variants", ["mlperf", "lbann"], "CosmoFlow networks.")
+_SIZE = flags.DEFINE_integer("size", 128, "Input side in voxels.")
+_BATCH = flags.DEFINE_integer("batch", 2, "Batch size.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (median kept).")
+_LOWERINGS = flags.DEFINE_list("lowerings", ["native", "folded"], "sdl conv lowerings.")
+
+
+def time_steps(step, steps: int) -> list[float]:
+  step()  # warm-up: compile, allocate
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def sdl_step(variant: str, size: int, batch: int, lowering: str):
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  from sdl.models.cosmoflow import CosmoFlow  # noqa: PLC0415
+  from sdl.train.state import TrainState, make_train_step  # noqa: PLC0415
+
+  model = CosmoFlow(variant, size, conv_lowering=lowering)
+  rng = np.random.default_rng(0)
+  batch_data = {"volume": jnp.asarray(rng.poisson(3, (batch, size, size, size, 4)), jnp.int16),
+                "label": jnp.asarray(rng.uniform(-1, 1, (batch, 4)), jnp.float32)}
+  params = model.init(jax.random.key(0), batch_data["volume"][:1])["params"]
+  tx = optax.sgd(1e-3, momentum=0.9)
+
+  def loss_fn(params, b, key, train):
+    pred = model.apply({"params": params}, b["volume"], train=train, rngs={"dropout": key})
+    return jnp.mean((pred - b["label"]) ** 2), {}
+  step = jax.jit(make_train_step(loss_fn, tx), donate_argnums=0)
+  state = [TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                      jax.random.key_data(jax.random.key(1)))]
+
+  def run():
+    state[0], metrics = step(state[0], batch_data)
+    jax.block_until_ready(metrics["loss"])
+  return run
+
+
+def torch_step(variant: str, size: int, batch: int):
+  import torch  # noqa: PLC0415
+  from torch import nn  # noqa: PLC0415
+
+  from sdl.models.cosmoflow import feature_layers  # noqa: PLC0415
+
+  torch.set_num_threads(os.cpu_count())
+  slope = 0.3 if variant == "mlperf" else 0.01
+  layers, channels, side = [], 4, size
+  for layer in feature_layers(variant, size):
+    w = layer.window
+    if layer.kind == "conv":
+      layers += [nn.Conv3d(channels, layer.features, w.kernel, w.stride, w.padding[0],
+                           bias=layer.use_bias), nn.LeakyReLU(slope)]
+      channels = layer.features
+    elif layer.kind == "maxpool":
+      layers.append(nn.MaxPool3d(w.kernel, w.stride, w.padding[0]))
+    else:
+      layers.append(nn.AvgPool3d(w.kernel, w.stride, w.padding[0], count_include_pad=True))
+    side = w.out_size(side)
+  hidden, rate = ((128, 64), 0.5) if variant == "mlperf" else ((2048, 256), 0.2)
+  width = channels * side ** 3
+  layers.append(nn.Flatten())
+  for h in hidden:
+    layers += [nn.Linear(width, h), nn.LeakyReLU(slope), nn.Dropout(rate)]
+    width = h
+  layers.append(nn.Linear(width, 4))
+  model = nn.Sequential(*layers)
+  opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+  x = torch.poisson(torch.full((batch, 4, size, size, size), 3.0)).log1p()
+  y = torch.rand(batch, 4) * 2 - 1
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    loss = ((model(x) - y) ** 2).mean()
+    loss.backward()
+    opt.step()
+  return run, sum(p.numel() for p in model.parameters())
+
+
+def main(argv):
+  del argv
+  try:
+    import torch  # noqa: F401, PLC0415
+    have_torch = True
+  except ImportError:
+    have_torch = False
+  size, batch = _SIZE.value, _BATCH.value
+  rows = []
+  for variant in _VARIANTS.value:
+    results = {}
+    for lowering in _LOWERINGS.value:
+      print(f"{variant} sdl {lowering} ...", flush=True)
+      results[f"sdl {lowering}"] = time_steps(sdl_step(variant, size, batch, lowering),
+                                              _STEPS.value)
+    if have_torch:
+      print(f"{variant} torch ...", flush=True)
+      run, n_params = torch_step(variant, size, batch)
+      print(f"  torch parameters: {n_params:,}", flush=True)
+      results["torch"] = time_steps(run, _STEPS.value)
+    rows.append((variant, results))
+  print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; "
+        f"{time.strftime('%Y-%m-%d')}; {size}³ x 4, batch {batch}, "
+        f"median of {_STEPS.value} steps (min-max)\n")
+  names = list(rows[0][1])
+  print("| network | " + " | ".join(f"{n} (s/step)" for n in names)
+        + (" | torch / sdl folded |" if have_torch and "sdl folded" in names else " |"))
+  print("|---" * (len(names) + 1 + (have_torch and "sdl folded" in names)) + "|")
+  for variant, results in rows:
+    med = {k: statistics.median(v) for k, v in results.items()}
+    cells = [f"{med[k]:.2f} ({min(v):.2f}-{max(v):.2f})" for k, v in results.items()]
+    ratio = (f" | {med['torch'] / med['sdl folded']:.2f} |"
+             if "torch" in med and "sdl folded" in med else " |")
+    print(f"| {variant} | " + " | ".join(cells) + ratio)
+
+
+if __name__ == "__main__":
+  app.run(main)

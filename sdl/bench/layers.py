@@ -1,0 +1,160 @@
+"""Runnable versions of the benchmark problems, per implementation and precision.
+
+`build(problem, impl, precision, backward)` returns `(fn, args)` ready for
+`sdl.bench.timing.measure`, or None when the combination does not exist (NumPy has no
+bf16 GEMM; the folded lowering is for 3D convolutions only; PyTorch not installed).
+
+Implementations: `xla` (jax.numpy / lax, the native ops), `xla-folded` (3D convolutions
+through sdl's depth-folded lowering, `sdl.models.conv`), `numpy` (NumPy's BLAS, GEMMs
+only, forward only), `torch` (PyTorch on CPU, fp32, when installed: a reference).
+Precisions: `highest` (fp32, `Precision.HIGHEST`), `default` (fp32 inputs at the
+backend's default precision: TF32 on recent NVIDIA GPUs, bf16 passes on TPUs, fp32 on
+CPUs) and `bf16` (bf16 inputs and outputs).
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from sdl.bench.problems import Conv, Gemm, Transformer
+from sdl.models import conv as sdl_conv
+
+PRECISIONS = {"highest": (jnp.float32, lax.Precision.HIGHEST),
+              "default": (jnp.float32, lax.Precision.DEFAULT),
+              "bf16": (jnp.bfloat16, lax.Precision.DEFAULT)}
+IMPLS = ("xla", "xla-folded", "numpy", "torch")
+
+
+def _random(shape, dtype, seed):
+  return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32).astype(dtype)
+
+
+def _gemm_operands(g: Gemm, dtype):
+  a = _random((g.k, g.m) if g.a_t else (g.m, g.k), dtype, 0)
+  b = _random((g.n, g.k) if g.b_t else (g.k, g.n), dtype, 1)
+  return a, b
+
+
+def _xla_gemm(g: Gemm, precision):
+  def f(a, b):
+    return jnp.matmul(a.T if g.a_t else a, b.T if g.b_t else b, precision=precision)
+  return f
+
+
+def _conv_operands(c: Conv, dtype):
+  return (_random((c.batch, *c.spatial, c.c_in), dtype, 0),
+          _random((*c.kernel, c.c_in, c.c_out), dtype, 1) / math.sqrt(
+              math.prod(c.kernel) * c.c_in))
+
+
+def _xla_conv(c: Conv, precision, folded: bool):
+  pad = [(p, p) for p in c.padding]
+  if folded:
+    return lambda x, w: sdl_conv.conv3d_folded(x, w, c.stride, pad)
+  letters = "DHW"[-len(c.spatial):]
+  dims = (f"N{letters}C", f"{letters}IO", f"N{letters}C")
+  return lambda x, w: lax.conv_general_dilated(x, w, c.stride, pad, dimension_numbers=dims,
+                                               precision=precision)
+
+
+def transformer_params(t: Transformer, dtype):
+  d, f = t.width, t.mlp
+  shapes = {"qkv": (d, 3 * d), "out": (d, d), "up": (d, f), "down": (f, d)}
+  return {k: _random(v, dtype, i) / math.sqrt(v[0]) for i, (k, v) in enumerate(shapes.items())}
+
+
+def transformer_block(t: Transformer, precision, x, params):
+  """Pre-LN block: x + attn(LN(x)), then + MLP(LN(.)) (GELU); `[batch, seq, width]`."""
+  mm = functools.partial(jnp.matmul, precision=precision)
+  b, s, d = x.shape
+  heads = t.heads
+
+  def norm(v):
+    v32 = v.astype(jnp.float32)
+    return ((v32 - v32.mean(-1, keepdims=True)) * lax.rsqrt(v32.var(-1, keepdims=True) + 1e-6)
+            ).astype(v.dtype)
+  q, k, v = jnp.split(mm(norm(x), params["qkv"]), 3, axis=-1)
+  split = lambda z: z.reshape(b, s, heads, d // heads).transpose(0, 2, 1, 3)
+  q, k, v = split(q), split(k), split(v)
+  scores = mm(q, k.transpose(0, 1, 3, 2)) / math.sqrt(d // heads)
+  attn = mm(jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype), v)
+  x = x + mm(attn.transpose(0, 2, 1, 3).reshape(b, s, d), params["out"])
+  if t.attention_only:
+    return x
+  return x + mm(jax.nn.gelu(mm(norm(x), params["up"])), params["down"])
+
+
+def _torch(problem, backward: bool):
+  try:
+    import torch  # noqa: PLC0415 (optional reference)
+  except ImportError:
+    return None
+  torch.set_num_threads(max(1, __import__("os").cpu_count()))
+  if isinstance(problem, Gemm):
+    a = torch.randn(*((problem.k, problem.m) if problem.a_t else (problem.m, problem.k)))
+    b = torch.randn(*((problem.n, problem.k) if problem.b_t else (problem.k, problem.n)))
+    if backward:
+      return None
+    return (lambda a, b: (a.T if problem.a_t else a) @ (b.T if problem.b_t else b)), (a, b)
+  if isinstance(problem, Conv):
+    nd = len(problem.spatial)
+    fn = {2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[nd]
+    x = torch.randn(problem.batch, problem.c_in, *problem.spatial, requires_grad=backward)
+    w = torch.randn(problem.c_out, problem.c_in, *problem.kernel, requires_grad=backward)
+
+    def f(x, w):
+      y = fn(x, w, stride=problem.stride, padding=problem.padding)
+      if backward:
+        y.sum().backward()
+      return y
+    return f, (x, w)
+  return None
+
+
+def build(problem, impl: str, precision: str, backward: bool):
+  """`(fn, args)` for one benchmark cell, or None if it does not exist."""
+  dtype, prec = PRECISIONS[precision]
+  if impl == "torch":
+    return _torch(problem, backward) if precision == "highest" else None
+  if impl == "numpy":
+    if not isinstance(problem, Gemm) or backward or precision == "bf16":
+      return None
+    a, b = (np.asarray(x) for x in _gemm_operands(problem, np.float32))
+    return (lambda a, b: (a.T if problem.a_t else a) @ (b.T if problem.b_t else b)), (a, b)
+  folded = impl == "xla-folded"
+  if isinstance(problem, Gemm) and not folded:
+    f, args = _xla_gemm(problem, prec), _gemm_operands(problem, dtype)
+  elif isinstance(problem, Conv) and (not folded or len(problem.spatial) == 3):
+    f, args = _xla_conv(problem, prec, folded), _conv_operands(problem, dtype)
+  elif isinstance(problem, Transformer) and not folded:
+    x = _random((problem.batch, problem.seq, problem.width), dtype, 2)
+    f = lambda x, params: transformer_block(problem, prec, x, params)  # noqa: E731
+    args = (x, transformer_params(problem, dtype))
+  else:
+    return None
+  if backward:
+    g = jax.value_and_grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1))
+    return jax.jit(g), args
+  return jax.jit(f), args
+
+
+def xla_cost(fn, args) -> dict:
+  """XLA's own count (`flops`, `bytes accessed`) for a jitted fn, {} if unavailable."""
+  try:
+    cost = fn.lower(*args).compile().cost_analysis()
+  except Exception:  # noqa: BLE001 (cost analysis is best effort by design)
+    return {}
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, runs: int = 10) -> float:
+  """Bytes/s of a large on-device copy (read + write counted): the memory roof."""
+  from sdl.bench.timing import measure  # noqa: PLC0415
+  x = jnp.ones(nbytes // 4, jnp.float32)
+  copy = jax.jit(lambda x: x * 1.0000001)  # a streaming read + write XLA cannot elide
+  return 2 * nbytes / measure(copy, x, runs=runs).median_s

@@ -1,0 +1,61 @@
+"""Rooflines: a device's measured roofs, each layer as a point, and predicted times.
+
+The roof is min(peak FLOP/s, bandwidth x arithmetic intensity) (Williams, Waterman &
+Patterson, CACM 2009); a layer's roofline time on a device is
+max(FLOPs / peak, bytes / bandwidth), a lower bound that ignores everything but the two.
+"""
+import dataclasses
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+  name: str
+  peak_flops: float       # FLOP/s at the precision compared
+  bandwidth: float        # bytes/s of main memory
+  note: str = ""
+
+  def predicted_seconds(self, flops: float, nbytes: float) -> float:
+    return max(flops / self.peak_flops, nbytes / self.bandwidth)
+
+  @property
+  def ridge(self) -> float:
+    """Arithmetic intensity (FLOP/byte) above which a layer is compute-bound."""
+    return self.peak_flops / self.bandwidth
+
+
+# Vendor numbers (dense, no sparsity). A64FX: Fujitsu's FX1000 spec, 48 compute cores at
+# 2.0 GHz; H100: NVIDIA H100 SXM5 datasheet.
+A64FX = Device("A64FX", 6.14e12, 1024e9, "fp32 6.14 TF, HBM2 1,024 GB/s")
+H100_FP32 = Device("H100 SXM (fp32)", 67e12, 3.35e12, "fp32 67 TF, HBM3 3.35 TB/s")
+H100_BF16 = Device("H100 SXM (bf16)", 989e12, 3.35e12, "bf16 tensor 989 TF, HBM3 3.35 TB/s")
+
+
+def plot(path: str, device: Device, points: list[tuple[str, float, float]], title: str) -> str:
+  """Roofline PNG: `points` are (label, FLOP/byte, achieved FLOP/s)."""
+  fig, ax = plt.subplots(figsize=(8, 5.5))
+  intensities = [p[1] for p in points] or [1.0]
+  x = np.logspace(np.log10(min(intensities + [device.ridge]) / 4),
+                  np.log10(max(intensities + [device.ridge]) * 4), 200)
+  ax.loglog(x, np.minimum(device.peak_flops, device.bandwidth * x) / 1e9, "k-", lw=2,
+            label=f"roof: {device.peak_flops / 1e9:.0f} GFLOP/s, {device.bandwidth / 1e9:.1f} GB/s")
+  kinds = sorted({label.split()[0] for label, *_ in points})
+  colors = dict(zip(kinds, plt.cm.tab10.colors))
+  for kind in kinds:
+    pts = [(i, f) for label, i, f in points if label.split()[0] == kind]
+    ax.scatter([p[0] for p in pts], [p[1] / 1e9 for p in pts], s=18, color=colors[kind],
+               label=kind, alpha=0.8)
+  ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+  ax.set_ylabel("GFLOP/s")
+  ax.set_title(title)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

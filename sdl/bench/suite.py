@@ -1,0 +1,152 @@
+"""The per-layer benchmark run: every problem x implementation x precision x pass.
+
+`run(config, workdir)` times each cell (`sdl.bench.timing`), counts its FLOPs and bytes by
+hand (`sdl.bench.problems`) and cross-checks them against XLA's cost analysis, measures
+the host's roofs (peak: a large square GEMM; bandwidth: a large copy), and writes
+`results.csv`, `results.md` and a roofline PNG. Returns the markdown.
+"""
+import csv
+import os
+import platform
+import sys
+import time
+
+import jax
+
+from sdl.bench import layers, problems, roofline
+from sdl.bench.timing import measure
+
+CSV_COLUMNS = ["m", "n", "k", "a_t", "b_t", "precision", "time_usec", "tflops",
+               "layer", "kind", "impl", "pass", "backend", "device", "flops", "bytes",
+               "intensity", "gbytes_per_s", "spread", "runs", "xla_flops", "flops_diff_pct",
+               "xla_bytes"]
+BACKWARD_FACTOR = 3  # data gradient + weight gradient, each one forward's FLOPs
+
+
+def problem_list(p) -> list:
+  limit = lambda xs: xs[:p.limit] if p.limit else xs  # noqa: E731
+  out = []
+  if p.gemm:
+    out += limit(problems.deepbench_gemms())
+  if p.conv2d:
+    out += limit(problems.deepbench_convs())
+  if p.conv3d:
+    for variant in ("mlperf", "lbann"):
+      out += limit(problems.cosmoflow_convs(variant, p.cosmoflow_size, p.cosmoflow_batch))
+    out += limit(problems.unet3d_convs(p.unet_size))
+  if p.transformer:
+    for attention_only in (False, True):
+      out.append(problems.Transformer(1, p.seq, p.width, p.heads, p.mlp, attention_only))
+  return out
+
+
+def kind_of(problem) -> str:
+  if isinstance(problem, problems.Gemm):
+    return "gemm"
+  if isinstance(problem, problems.Conv):
+    return f"conv{len(problem.spatial)}d"
+  return "attention" if problem.attention_only else "transformer"
+
+
+def measure_roofs(config) -> roofline.Device:
+  peak = problems.peak_gemm(config.peak_gemm)
+  fn, args = layers.build(peak, "xla", "highest", backward=False)
+  seconds = measure(fn, *args, warmup=config.warmup, runs=max(5, config.runs // 2)).median_s
+  bandwidth = layers.copy_bandwidth(config.copy_mib << 20)
+  device = jax.devices()[0]
+  return roofline.Device(f"this host ({device.device_kind}, {os.cpu_count()} cores)",
+                         peak.flops() / seconds, bandwidth,
+                         f"measured: {peak.name} fp32, copy of {config.copy_mib} MiB")
+
+
+def run(config, workdir: str) -> str:
+  backend = jax.default_backend()
+  device = jax.devices()[0].device_kind
+  host = measure_roofs(config)
+  print(f"roofs: {host.peak_flops / 1e9:.1f} GFLOP/s, {host.bandwidth / 1e9:.1f} GB/s",
+        flush=True)
+  precisions = [p for p in config.precisions
+                if not (backend == "cpu" and p == "default")]  # default == fp32 on CPU
+  rows = []
+  todo = problem_list(config.problems)
+  start = time.perf_counter()
+  for i, problem in enumerate(todo, 1):
+    for impl in config.impls:
+      for precision in precisions:
+        for pass_ in config.passes:
+          backward = pass_ == "forward+backward"
+          built = layers.build(problem, impl, precision, backward)
+          if built is None:
+            continue
+          fn, args = built
+          timing = measure(fn, *args, warmup=config.warmup, runs=config.runs)
+          itemsize = 2 if precision == "bf16" else 4
+          flops = problem.flops() * (BACKWARD_FACTOR if backward else 1)
+          nbytes = problem.bytes(itemsize) * (BACKWARD_FACTOR if backward else 1)
+          cost = layers.xla_cost(fn, args) if impl.startswith("xla") else {}
+          xla_flops = cost.get("flops")
+          g = problem if isinstance(problem, problems.Gemm) else None
+          rows.append({
+              "m": g.m if g else "", "n": g.n if g else "", "k": g.k if g else "",
+              "a_t": int(g.a_t) if g else "", "b_t": int(g.b_t) if g else "",
+              "precision": precision, "time_usec": timing.median_s * 1e6,
+              "tflops": flops / timing.median_s / 1e12, "layer": problem.name,
+              "kind": kind_of(problem), "impl": impl, "pass": pass_, "backend": backend,
+              "device": device, "flops": flops, "bytes": nbytes,
+              "intensity": flops / nbytes, "gbytes_per_s": nbytes / timing.median_s / 1e9,
+              "spread": timing.spread, "runs": timing.runs,
+              "xla_flops": xla_flops if xla_flops is not None else "",
+              "flops_diff_pct": (100 * (xla_flops - flops) / flops) if xla_flops else "",
+              "xla_bytes": cost.get("bytes accessed", "")})
+    elapsed = time.perf_counter() - start
+    print(f"\r[{i}/{len(todo)}] {problem.name} ({elapsed:.0f} s)", end="", file=sys.stderr,
+          flush=True)
+  print(file=sys.stderr)
+  write_csv(os.path.join(workdir, "results.csv"), rows)
+  points = [(f"{r['kind']} {r['layer']}", r["intensity"], r["tflops"] * 1e12) for r in rows
+            if r["impl"] in ("xla", "xla-folded") and r["precision"] == "highest"
+            and r["pass"] == "forward"]
+  png = roofline.plot(os.path.join(workdir, f"roofline_{backend}.png"), host, points,
+                      f"{host.name}: fp32 forward, XLA")
+  markdown = report(rows, host, png)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(markdown)
+  return markdown
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def report(rows: list[dict], host: roofline.Device, png: str) -> str:
+  lines = [f"machine: {host.name}; {platform.python_version()}, jax {jax.__version__}; "
+           f"{time.strftime('%Y-%m-%d')}",
+           f"roofs ({host.note}): peak {host.peak_flops / 1e9:.1f} GFLOP/s, "
+           f"bandwidth {host.bandwidth / 1e9:.1f} GB/s; plot: {png}", ""]
+  lines += ["| layer | pass | impl | precision | time (µs) | GFLOP/s | % of peak | spread | "
+            "XLA flops vs ours |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    diff = r["flops_diff_pct"]
+    check = "" if diff == "" else (f"{diff:+.1f}%" + (" ≠" if abs(diff) > 1 else ""))
+    lines.append(f"| {r['layer']} | {r['pass']} | {r['impl']} | {r['precision']} | "
+                 f"{r['time_usec']:.0f} | {r['tflops'] * 1e3:.1f} | "
+                 f"{100 * r['tflops'] * 1e12 / host.peak_flops:.0f} | {r['spread']:.2f} | "
+                 f"{check} |")
+  devices = [host, roofline.A64FX, roofline.H100_FP32]
+  lines += ["", "Roofline-predicted forward time (µs, fp32) against the measured one:", "",
+            "| layer | measured here | " + " | ".join(d.name for d in devices) + " |",
+            "|---|---|" + "---|" * len(devices)]
+  for r in rows:
+    if r["impl"] == "xla" and r["precision"] == "highest" and r["pass"] == "forward":
+      predicted = [1e6 * d.predicted_seconds(r["flops"], r["bytes"]) for d in devices]
+      lines.append(f"| {r['layer']} | {r['time_usec']:.0f} | "
+                   + " | ".join(f"{p:.1f}" for p in predicted) + " |")
+  lines += ["", "| device | peak FP32 FLOP/s | bandwidth | ridge (FLOP/byte) | source |",
+            "|---|---|---|---|---|"]
+  for d in devices + [roofline.H100_BF16]:
+    lines.append(f"| {d.name} | {d.peak_flops / 1e12:.2f} T | {d.bandwidth / 1e9:.0f} GB/s | "
+                 f"{d.ridge:.1f} | {d.note} |")
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,94 @@
+"""The per-layer benchmark: counts agree with XLA's, timing is sane, outputs are written."""
+import csv
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import layer_bench as configs
+from sdl.bench import layers, problems, roofline, suite
+from sdl.bench.timing import measure
+
+
+def test_problem_lists_cover_the_issue():
+  assert len(problems.deepbench_gemms()) >= 20
+  assert len(problems.deepbench_convs()) >= 10
+  mlperf = problems.cosmoflow_convs("mlperf", 128)
+  assert [c.c_out for c in mlperf] == [32, 64, 128, 256, 512]
+  assert [c.spatial[0] for c in mlperf] == [128, 64, 32, 16, 8]
+  lbann = problems.cosmoflow_convs("lbann", 128)
+  assert [c.stride[0] for c in lbann] == [1, 1, 1, 2, 1, 1, 1]
+  unet = problems.unet3d_convs(64)
+  assert unet[0].c_in == 1 and unet[-1].c_out == 32 and unet[-2].c_in == 64 + 32
+
+
+@pytest.mark.parametrize("problem", [
+    problems.Gemm(64, 48, 32), problems.Gemm(64, 48, 32, a_t=True),
+    problems.deepbench_convs()[4],                       # strided 3x3, padded
+    problems.Conv(1, (9, 10, 8), 3, 5, (3, 3, 3), (2, 1, 1), (1, 0, 1), "t"),
+])
+def test_analytic_flops_equal_xla_cost_analysis(problem):
+  fn, args = layers.build(problem, "xla", "highest", backward=False)
+  out = fn(*args)
+  if isinstance(problem, problems.Conv):
+    assert out.shape[1:-1] == problem.out_spatial  # our output-size formula
+  xla = layers.xla_cost(fn, args)["flops"]
+  if isinstance(problem, problems.Gemm):
+    assert xla == problem.flops()
+  else:  # XLA leaves out the taps on zero padding; our exact count of those agrees
+    assert xla == pytest.approx(problem.valid_flops(), rel=1e-9)
+    assert problem.valid_flops() <= problem.flops()
+
+
+def test_transformer_flops_within_a_few_percent_of_xla():
+  t = problems.Transformer(1, 64, 64, 4, 256)
+  fn, args = layers.build(t, "xla", "highest", backward=False)
+  # XLA also counts softmax, layer norms and GELU, which the matmul count leaves out.
+  assert layers.xla_cost(fn, args)["flops"] == pytest.approx(t.flops(), rel=0.1)
+  a = problems.Transformer(1, 64, 64, 4, 256, attention_only=True)
+  assert a.flops() < t.flops()
+
+
+def test_implementations_agree_numerically():
+  g = problems.Gemm(96, 40, 72, b_t=True)
+  (fx, ax), (fn, an) = (layers.build(g, i, "highest", False) for i in ("xla", "numpy"))
+  np.testing.assert_allclose(np.asarray(fx(*ax)), fn(*an), rtol=1e-4, atol=1e-4)
+  c = problems.cosmoflow_convs("lbann", 16)[3]  # the strided conv
+  (fx, ax), (ff, af) = (layers.build(c, i, "highest", False) for i in ("xla", "xla-folded"))
+  np.testing.assert_allclose(np.asarray(fx(*ax)), np.asarray(ff(*af)), rtol=1e-4, atol=1e-4)
+  assert layers.build(problems.deepbench_convs()[0], "xla-folded", "highest", False) is None
+  assert layers.build(g, "numpy", "bf16", False) is None
+
+
+def test_timing_blocks_and_reports_spread():
+  x = jnp.ones((256, 256))
+  t = measure(lambda x: x @ x, x, warmup=1, runs=5)
+  assert t.runs == 5 and 0 < t.p10_s <= t.median_s <= t.p90_s and t.spread >= 0
+
+
+def test_roofline_prediction_is_the_binding_roof():
+  d = roofline.Device("toy", 100e9, 10e9)
+  assert d.ridge == 10
+  assert d.predicted_seconds(1e9, 1e6) == pytest.approx(1e-2)   # compute-bound
+  assert d.predicted_seconds(1e6, 1e9) == pytest.approx(1e-1)   # memory-bound
+
+
+def test_smoke_suite_writes_csv_markdown_and_roofline(tmp_path):
+  config = configs.get_config("smoke")
+  config.impls = ("xla", "xla-folded", "numpy")
+  config.precisions = ("highest",)  # bf16 cells are covered by the command, not the test
+  markdown = suite.run(config, str(tmp_path))
+  rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+  assert list(rows[0])[:8] == ["m", "n", "k", "a_t", "b_t", "precision", "time_usec", "tflops"]
+  kinds = {r["kind"] for r in rows}
+  assert kinds == {"gemm", "conv2d", "conv3d", "transformer", "attention"}
+  assert {r["impl"] for r in rows} == {"xla", "xla-folded", "numpy"}
+  for r in rows:
+    flops, seconds = float(r["flops"]), float(r["time_usec"]) * 1e-6
+    assert math.isclose(float(r["tflops"]), flops / seconds / 1e12, rel_tol=1e-9)
+    if r["kind"] == "gemm" and r["pass"] == "forward" and r["xla_flops"]:
+      assert abs(float(r["flops_diff_pct"])) <= 1e-6, r["layer"]
+  png = (tmp_path / "roofline_cpu.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "A64FX" in markdown and "H100" in markdown and "% of peak" in markdown

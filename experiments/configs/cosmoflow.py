@@ -7,8 +7,8 @@ Run (the default variant is `demo`):
 
 Variants (`:arg`):
   demo     mlperf net, 32³ crops of 64³ universes, 2 x 2 data x spatial mesh on 4 virtual
-           CPU devices, 150 steps of batch 4: ~4 min on a 2-core CPU. The loss falls from
-           ~0.7; validation MAE ends near 0.42 against 0.45 for predicting the training
+           CPU devices, 150 steps of batch 4: ~3 min on a 2-core CPU. The loss falls from
+           ~0.7; validation MAE ends near 0.41 against 0.45 for predicting the training
            mean (σ_8 learnt best). Real accuracy needs the 128³ variants and many epochs.
   smoke    seconds: lbann net at 32³, tiny data, 6 steps, mesh (-1, 2).
   default  mlperf net at 128³ (the MLPerf HPC setting), mesh (-1, 4) over real devices.

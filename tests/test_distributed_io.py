@@ -23,8 +23,9 @@ def test_two_processes_read_disjoint_halves_of_the_same_batches(tmp_path):
   path = write(tmp_path / "ds", volumes, labels, chunk_depth=4)
   port = str(free_port())
   env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT}
-  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "distributed_io_worker.py"),
-                             str(i), port, path, str(tmp_path / f"p{i}.npz")],
+  worker = os.path.join(ROOT, "tests", "distributed_io_worker.py")
+  procs = [subprocess.Popen([sys.executable, worker, str(i), port, path,
+                             str(tmp_path / f"p{i}.npz")],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
   for p in procs:

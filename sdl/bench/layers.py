@@ -13,6 +13,7 @@ CPUs) and `bf16` (bf16 inputs and outputs).
 """
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import numpy as np
 from jax import lax
 
 from sdl.bench.problems import Conv, Gemm, Transformer
+from sdl.bench.timing import measure
 from sdl.models import conv as sdl_conv
 
 PRECISIONS = {"highest": (jnp.float32, lax.Precision.HIGHEST),
@@ -92,7 +94,7 @@ def _torch(problem, backward: bool):
     import torch  # noqa: PLC0415 (optional reference)
   except ImportError:
     return None
-  torch.set_num_threads(max(1, __import__("os").cpu_count()))
+  torch.set_num_threads(max(1, os.cpu_count() or 1))
   if isinstance(problem, Gemm):
     a = torch.randn(*((problem.k, problem.m) if problem.a_t else (problem.m, problem.k)))
     b = torch.randn(*((problem.n, problem.k) if problem.b_t else (problem.k, problem.n)))
@@ -154,7 +156,6 @@ def xla_cost(fn, args) -> dict:
 
 def copy_bandwidth(nbytes: int = 512 << 20, runs: int = 10) -> float:
   """Bytes/s of a large on-device copy (read + write counted): the memory roof."""
-  from sdl.bench.timing import measure  # noqa: PLC0415
   x = jnp.ones(nbytes // 4, jnp.float32)
   copy = jax.jit(lambda x: x * 1.0000001)  # a streaming read + write XLA cannot elide
   return 2 * nbytes / measure(copy, x, runs=runs).median_s

@@ -25,7 +25,8 @@ import tensorstore as ts
 from sdl.data.store import Dataset
 
 
-def _labels(labels: np.ndarray, sharding) -> jax.Array:
+def labels_array(labels: np.ndarray, sharding) -> jax.Array:
+  """`labels` (host, `[batch, 4]`) as a global array; each process fills its own shards."""
   return jax.make_array_from_callback(labels.shape, sharding, lambda idx: labels[idx])
 
 
@@ -43,7 +44,8 @@ class ArraySource:
     shape = (len(indices), *volumes.shape[1:])
     volume = jax.make_array_from_callback(  # gathers only each shard's region
         shape, sharding, lambda idx: volumes[(indices[idx[0]], *idx[1:])])
-    return {"volume": volume, "label": _labels(self.labels[indices], self.shardings["label"])}
+    labels = labels_array(self.labels[indices], self.shardings["label"])
+    return {"volume": volume, "label": labels}
 
 
 def _key(index: tuple[slice, ...]) -> tuple:
@@ -77,7 +79,7 @@ class ShardedReader:
     shards = [jax.device_put(arrays[_key(index)], device) for device, index in per_device.items()]
     volume = jax.make_array_from_single_device_arrays(shape, sharding, shards)
     return {"volume": volume,
-            "label": _labels(self.dataset.labels[indices], self.shardings["label"])}
+            "label": labels_array(self.dataset.labels[indices], self.shardings["label"])}
 
 
 class Prefetcher:
@@ -96,8 +98,11 @@ class Prefetcher:
     self.wait_seconds, self.batches = 0.0, 0
 
   def __call__(self, step: int) -> dict:
-    for stale in [s for s in self._pending if s < step or step not in self._pending]:
-      self._pending.pop(stale).cancel()
+    # Read-ahead older than `step`, or all of it after a jump, will not be asked for.
+    keep = step in self._pending
+    stale = [s for s in self._pending if s < step or not keep]
+    for s in stale:
+      self._pending.pop(s).cancel()
     for ahead in range(step, step + self.depth + 1):
       if ahead not in self._pending:
         self._pending[ahead] = self._pool.submit(self.produce, ahead)

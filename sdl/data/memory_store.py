@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sdl.data.loader import _labels
+from sdl.data.loader import labels_array
 from sdl.data.store import Dataset
 
 
@@ -50,6 +50,12 @@ def exchange_plan(indices: np.ndarray, rows_per_owner: int, ranks: int):
   return send, place
 
 
+def data_ranks(sharding) -> tuple[str | None, int]:
+  """The mesh axis a batch's samples are split over (None if unsplit), and its size."""
+  axis = sharding.spec[0] if len(sharding.spec) else None
+  return axis, sharding.mesh.shape[axis] if axis else 1
+
+
 class DistributedStore:
   """All samples resident on the devices; `batch(indices)` gathers a global batch."""
 
@@ -57,8 +63,7 @@ class DistributedStore:
     self.volumes, self.labels, self.shardings = volumes, labels, shardings
     sharding = shardings["volume"]
     self.mesh, self.spec = sharding.mesh, sharding.spec
-    self.data_axis = self.spec[0] if len(self.spec) else None
-    self.ranks = self.mesh.shape[self.data_axis] if self.data_axis else 1
+    self.data_axis, self.ranks = data_ranks(sharding)
     self.rows_per_owner = volumes.shape[0] // self.ranks
     self._gather = jax.jit(self._make_gather(), out_shardings=sharding)
 
@@ -67,8 +72,7 @@ class DistributedStore:
     """Fill the store from a `Dataset` on disk (each process reads only its devices'
     samples and slabs) or from arrays (`volumes`, `labels` attributes)."""
     sharding = shardings["volume"]
-    data_axis = sharding.spec[0] if len(sharding.spec) else None
-    ranks = sharding.mesh.shape[data_axis] if data_axis else 1
+    _, ranks = data_ranks(sharding)
     n = len(dataset.labels)
     rows = -(-n // ranks)
     shape = (rows * ranks, *dataset.volumes.shape[1:])
@@ -112,4 +116,4 @@ class DistributedStore:
     send, place = (jax.make_array_from_callback(a.shape, rows, lambda idx, a=a: a[idx])
                    for a in (send, place))
     return {"volume": self._gather(self.volumes, send, place),
-            "label": _labels(self.labels[indices], self.shardings["label"])}
+            "label": labels_array(self.labels[indices], self.shardings["label"])}

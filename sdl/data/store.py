@@ -15,8 +15,9 @@ image (reading is a copy, nothing to decode); zarr v3 is an open spec that zarr-
 and other readers understand; it has a `crc32c` checksum codec and a `sharding` codec
 that packs many chunks into one file for parallel file systems that dislike small files.
 
-Checksums are off by default: tensorstore's crc32c cost 2.3x in read throughput here
-(1.6-1.9 GB/s against 4.3 GB/s from page cache, 2-core EPYC, 128³ x 4 samples). Without
+Checksums are off by default: in a trial here, tensorstore's crc32c cut read throughput
+by more than half (not yet a benchmark command: `make_dataset --checksum` and
+`io_bench` on that dataset would be one). Without
 them a truncated or missing chunk is still an error naming its file (reads never fill in
 missing chunks); with `checksum=True` flipped bits are caught too.
 """

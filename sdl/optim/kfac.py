@@ -1,0 +1,555 @@
+"""K-FAC: Kronecker-factored approximate curvature as an optax transform.
+
+For a layer with weights `W` `[d_in, d_out]` (bias appended as a last row, inputs extended
+with a 1), inputs `a` and per-example output gradients `g`, K-FAC approximates the Fisher
+block as `A ⊗ G` (Martens & Grosse 2015, eq. 1-2) with
+
+    A = 1/(N T) Σ_{n,t} a_{n,t} a_{n,t}ᵀ        G = 1/N Σ_{n,t} g_{n,t} g_{n,t}ᵀ
+
+where `t` runs over the `T` positions a weight is shared across: one for a dense layer,
+the output voxels of a convolution (KFC, Grosse & Martens 2016, eq. 29-30; `a` is then the
+input patch `[kernel taps x channels]`). The update is `(A + π√λ I)⁻¹ ∇W (G + √λ/π I)⁻¹`,
+the factored Tikhonov damping of Martens & Grosse §6.3 with
+`π = sqrt((tr A / dim A) / (tr G / dim G))` (or `π = 1` with `pi_damping=False`).
+
+How statistics reach the transform. Models stay pure Flax modules; `find_layers` records
+which `nn.Dense`, `nn.Conv` (1D/2D/3D, any stride and padding) and `sdl.models.conv.Conv3D`
+layers the model calls, with their static geometry. `apply` runs the model with a Flax
+method interceptor that `sow`s each such layer's input and `perturb`s its output, so one
+`jax.vjp` gives the parameter gradients and the output gradients. `make_train_step` wraps
+it all into the project's `(state, batch) -> (state, metrics)` step and hands the
+transform a `LayerStats` through optax's extra arguments. Every other parameter (norm
+scales, embeddings, layers called twice) gets the fallback: the identity, or a diagonal
+Fisher `g / (EMA(g²) + λ)`.
+
+What the options do (all periodic work is a pure function of the step count):
+  stats_every      factors are re-estimated every T_stats updates (EMA with `factor_decay`;
+                   the first estimate replaces the identity);
+  inverse_every    damped inverses every T_inv updates, by `eigh` or `cholesky`;
+  stale_tolerance  stale Fisher (Osawa et al., SP-NGD): at an inverse step a layer is only
+                   re-inverted if one of its factors moved by more than this (relative
+                   Frobenius norm) since its last inversion;
+  factor_dtype     storage of the factors (bf16 halves their memory); inversion is fp32;
+  comm_dtype       dtype of the factor all-reduce;
+  kl_clip          scale updates so that lr² Σ ⟨update, grad⟩ ≤ kl_clip (Ba et al. 2017);
+  norm_clip        cap the preconditioned update's global norm.
+
+Distributed: with `axis_names` (inside `shard_map`, which `make_train_step` sets up)
+factor statistics are summed over those mesh axes; with two axes `("node", "local")` the
+sum is hierarchical (reduce-scatter within the node, all-reduce across nodes, all-gather
+within the node), and the inverses are split across the devices layer by layer (greedy by
+cost `d³`), each device inverting its share, the results shared by one all-reduce.
+"""
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sdl.models.conv import Conv3D
+from sdl.train.state import global_norm
+
+INPUTS = "kfac_inputs"    # collection the interceptor sows layer inputs into
+OUTPUTS = "kfac_outputs"  # collection of the zero perturbations on layer outputs
+INVERSIONS = ("eigh", "cholesky")
+FALLBACKS = ("identity", "diagonal")
+FISHERS = ("empirical", "sampled")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """Static description of one Kronecker-factored layer; `path` is its params path."""
+  path: tuple[str, ...]
+  kind: str                                 # "dense" | "conv"
+  kernel_shape: tuple[int, ...]             # dense [d_in, d_out]; conv [*k, c_in, c_out]
+  has_bias: bool
+  strides: tuple[int, ...] = ()
+  padding: tuple[tuple[int, int], ...] = ()  # explicit (low, high) per spatial dim
+
+  @property
+  def name(self) -> str:
+    return "/".join(self.path)
+
+  @property
+  def in_dim(self) -> int:
+    return math.prod(self.kernel_shape[:-1]) + self.has_bias
+
+  @property
+  def out_dim(self) -> int:
+    return self.kernel_shape[-1]
+
+
+def _explicit_padding(padding, spatial, kernel, strides):
+  if isinstance(padding, str):
+    if padding.upper() not in ("SAME", "VALID"):
+      return None  # CIRCULAR / CAUSAL: left to the fallback
+    return tuple(tuple(p) for p in lax.padtype_to_pads(spatial, kernel, strides, padding.upper()))
+  if isinstance(padding, int):
+    return ((padding, padding),) * len(kernel)
+  return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+
+
+def _layer_spec(module, x) -> LayerSpec | None:
+  path = tuple(module.scope.path)
+  if isinstance(module, nn.Dense):
+    return LayerSpec(path, "dense", (x.shape[-1], module.features), module.use_bias)
+  if isinstance(module, Conv3D):
+    return LayerSpec(path, "conv", (*module.kernel_size, x.shape[-1], module.features),
+                     module.use_bias, tuple(module.strides),
+                     tuple(tuple(p) for p in module.padding))
+  if isinstance(module, nn.Conv):
+    k = module.kernel_size
+    k = (k,) if isinstance(k, int) else tuple(k)
+    nd = len(k)
+    s = module.strides if module.strides is not None else 1
+    s = (s,) * nd if isinstance(s, int) else tuple(s)
+    dilated = any(d not in (None, 1) and d != (1,) * nd
+                  for d in (module.input_dilation, module.kernel_dilation))
+    if dilated or module.feature_group_count != 1 or x.ndim != nd + 2:
+      return None
+    pads = _explicit_padding(module.padding, x.shape[1:-1], k, s)
+    if pads is None:
+      return None
+    return LayerSpec(path, "conv", (*k, x.shape[-1], module.features), module.use_bias, s, pads)
+  return None
+
+
+def find_layers(model: nn.Module, *args, **kwargs) -> dict[str, LayerSpec]:
+  """The layers K-FAC can factor, found by tracing `model.init` abstractly with `args`.
+
+  A layer whose module is called more than once (shared weights) is left to the fallback.
+  """
+  found, calls = {}, {}
+
+  def record(next_fun, a, kw, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.Conv, Conv3D)):
+      spec = _layer_spec(module, a[0])
+      if spec is not None:
+        calls[spec.name] = calls.get(spec.name, 0) + 1
+        found[spec.name] = spec
+    return next_fun(*a, **kw)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
+  return {name: spec for name, spec in found.items() if calls[name] == 1}
+
+
+def _tagger(layers: dict[str, LayerSpec]):
+  names = set(layers)
+
+  def tag(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or "/".join(module.scope.path) not in names:
+      return next_fun(*args, **kwargs)
+    module.sow(INPUTS, "x", args[0])
+    return module.perturb("y", next_fun(*args, **kwargs), collection=OUTPUTS)
+  return tag
+
+
+def apply(model: nn.Module, layers: dict[str, LayerSpec], params, perturbations, *args,
+          **kwargs):
+  """`model.apply` that also returns each tagged layer's input `{name: x}`.
+
+  `perturbations` (from `zero_perturbations`) are added to the tagged layers' outputs, so
+  the gradient with respect to them is the gradient with respect to those outputs.
+  """
+  with nn.intercept_methods(_tagger(layers)):
+    out, cols = model.apply({"params": params, OUTPUTS: perturbations}, *args,
+                            mutable=[INPUTS], **kwargs)
+  inputs = {"/".join(path[:-1]): x[0] for path, x in _flat(cols[INPUTS]).items()}
+  return out, inputs
+
+
+def zero_perturbations(model: nn.Module, layers: dict[str, LayerSpec], params, *args,
+                       **kwargs):
+  with nn.intercept_methods(_tagger(layers)):
+    shapes = jax.eval_shape(lambda: model.apply({"params": params}, *args, mutable=[OUTPUTS],
+                                                **kwargs))[1][OUTPUTS]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _flat(tree) -> dict[tuple[str, ...], Any]:
+  return {tuple(getattr(k, "key", k) for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(
+              tree, is_leaf=lambda x: isinstance(x, tuple))[0]}
+
+
+def _by_layer(perturbation_grads) -> dict[str, jax.Array]:
+  return {"/".join(path[:-1]): g for path, g in _flat(perturbation_grads).items()}
+
+
+# ---- statistics ------------------------------------------------------------------------
+
+
+def patches(x, spec: LayerSpec):
+  """Input patches `[N, T, prod(k) * C]`, taps in row-major kernel order, channels last
+  (the order of `kernel.reshape(-1, c_out)`)."""
+  k, s = spec.kernel_shape[:-2], spec.strides
+  x = jnp.pad(x, ((0, 0), *spec.padding, (0, 0)))
+  out = [(x.shape[1 + i] - k[i]) // s[i] + 1 for i in range(len(k))]
+  taps = []
+  for offset in itertools.product(*(range(ki) for ki in k)):
+    start = (0, *offset, 0)
+    limit = (x.shape[0], *(o + s[i] * (out[i] - 1) + 1 for i, o in enumerate(offset)),
+             x.shape[-1])
+    taps.append(lax.slice(x, start, limit, (1, *s, 1)))
+  p = jnp.stack(taps, axis=-2)  # [N, *out, taps, C]
+  return p.reshape(x.shape[0], math.prod(out), -1)
+
+
+def layer_factors(spec: LayerSpec, x, g):
+  """Unreduced K-FAC sums for one layer: `(Σ a aᵀ, Σ g gᵀ, N·T, N)`.
+
+  x: the layer input; g: per-example gradients of the loss w.r.t. the layer output.
+  """
+  a = patches(x, spec) if spec.kind == "conv" else x.reshape(x.shape[0], -1, x.shape[-1])
+  a = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
+  if spec.has_bias:
+    a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+  g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
+  hi = lax.Precision.HIGHEST
+  return jnp.matmul(a.T, a, precision=hi), jnp.matmul(g.T, g, precision=hi), a.shape[0], x.shape[0]
+
+
+class LayerStats(NamedTuple):
+  """What the train step hands the transform (optax extra argument `kfac_stats`)."""
+  inputs: dict[str, jax.Array]              # layer name -> input
+  output_grads: Callable[[], dict]          # -> per-example output gradients, computed on demand
+
+
+# ---- collectives -----------------------------------------------------------------------
+
+
+def all_reduce_sum(tree, axis_names: Sequence[str], dtype=None):
+  """Sum over mesh axes; with `("node", "local")`, hierarchically (module docstring)."""
+  if not axis_names:
+    return tree
+  leaves, treedef = jax.tree.flatten(tree)
+  flat = jnp.concatenate([jnp.ravel(x).astype(dtype or x.dtype) for x in leaves])
+  if tuple(axis_names) == ("node", "local"):
+    local = lax.axis_size("local")
+    pad = -flat.size % local
+    part = lax.psum_scatter(jnp.pad(flat, (0, pad)), "local", tiled=True)
+    part = lax.psum(part, "node")
+    flat = lax.all_gather(part, "local", tiled=True)[:flat.size]
+  else:
+    flat = lax.psum(flat, tuple(axis_names))
+  out, at = [], 0
+  for x in leaves:
+    out.append(flat[at:at + x.size].reshape(x.shape).astype(x.dtype))
+    at += x.size
+  return jax.tree.unflatten(treedef, out)
+
+
+def _device_index(axis_names):
+  index = 0
+  for name in axis_names:
+    index = index * lax.axis_size(name) + lax.axis_index(name)
+  return index
+
+
+def assign_inverses(layers: dict[str, LayerSpec], devices: int) -> dict[str, int]:
+  """Greedy longest-processing-time split of the layers' inversion work (`d³` per factor)."""
+  load = [0] * devices
+  owner = {}
+  cost = {n: s.in_dim ** 3 + s.out_dim ** 3 for n, s in layers.items()}
+  for name in sorted(cost, key=lambda n: (-cost[n], n)):
+    owner[name] = int(np.argmin(load))
+    load[owner[name]] += cost[name]
+  return owner
+
+
+# ---- the transform ---------------------------------------------------------------------
+
+
+class KfacState(NamedTuple):
+  count: jax.Array                    # updates seen
+  stats_updates: jax.Array            # factor re-estimations so far
+  factors: dict                       # name -> (A, G) in factor_dtype
+  inverses: dict                      # name -> (damped A⁻¹, damped G⁻¹) fp32
+  inverted_factors: dict              # name -> (A, G) at the last inversion (stale Fisher)
+  inversions: dict                    # name -> int32 inversions of this layer
+  diagonal: Any                       # fallback: EMA of g² per parameter (or None)
+
+
+def _damped_inverse(m, damping, method):
+  m = m.astype(jnp.float32)
+  eye = jnp.eye(m.shape[0], dtype=jnp.float32)
+  if method == "eigh":
+    w, q = jnp.linalg.eigh(m)
+    return (q / (jnp.maximum(w, 0.0) + damping)) @ q.T
+  chol = jax.scipy.linalg.cho_factor(m + damping * eye, lower=True)
+  return jax.scipy.linalg.cho_solve(chol, eye)
+
+
+def factored_damping(a, g, damping, pi_damping):
+  """(λ_A, λ_G) with λ_A λ_G = λ and, with π-damping, λ_A / λ_G = π²."""
+  root = jnp.sqrt(jnp.asarray(damping, jnp.float32))
+  if not pi_damping:
+    return root, root
+  ta = jnp.trace(a.astype(jnp.float32)) / a.shape[0]
+  tg = jnp.trace(g.astype(jnp.float32)) / g.shape[0]
+  pi = jnp.sqrt(jnp.maximum(ta, 1e-30) / jnp.maximum(tg, 1e-30))
+  return root * pi, root / pi
+
+
+def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: bool = True,
+         factor_decay: float = 0.95, stats_every: int = 1, inverse_every: int = 1,
+         inversion: str = "eigh", stale_tolerance: float = 0.0, factor_dtype=jnp.float32,
+         comm_dtype=jnp.float32, fallback: str = "identity", kl_clip: float = 0.0,
+         learning_rate: float | Callable | None = None, norm_clip: float = 0.0,
+         axis_names: Sequence[str] = ()) -> optax.GradientTransformationExtraArgs:
+  """The K-FAC preconditioner (module docstring). Chain it before momentum / lr scaling:
+  `optax.chain(kfac(layers, ...), optax.sgd(schedule, momentum=0.9))`.
+
+  `update(grads, state, params, kfac_stats=LayerStats(...))`; `grads` are the already
+  reduced (global) gradients, `kfac_stats` the local layer statistics.
+  """
+  if inversion not in INVERSIONS:
+    raise ValueError(f"kfac inversion={inversion!r}: choose one of {INVERSIONS}")
+  if fallback not in FALLBACKS:
+    raise ValueError(f"kfac fallback={fallback!r}: choose one of {FALLBACKS}")
+  if kl_clip and learning_rate is None:
+    raise ValueError("kfac kl_clip needs learning_rate (the lr the update will be scaled by)")
+  if min(stats_every, inverse_every) < 1:
+    raise ValueError(f"kfac stats_every={stats_every}, inverse_every={inverse_every}: both ≥ 1")
+  axis_names = tuple(axis_names)
+  lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+  def split_params(tree):
+    """(layer name -> (kernel, bias or None), the rest with layer leaves set to None)."""
+    flat = _flat(tree)
+    covered = {}
+    for name, spec in layers.items():
+      kernel = flat.get((*spec.path, "kernel"))
+      if kernel is None:
+        raise ValueError(f"kfac: layer {name} has no parameter {name}/kernel; was find_layers "
+                         "run on this model?")
+      covered[name] = (kernel, flat.get((*spec.path, "bias")) if spec.has_bias else None)
+    return covered
+
+  def is_layer_leaf(path) -> bool:
+    return path[-1] in ("kernel", "bias") and "/".join(path[:-1]) in layers
+
+  def init(params):
+    eye = lambda d: jnp.eye(d, dtype=jnp.float32)
+    factors = {n: (eye(s.in_dim).astype(factor_dtype), eye(s.out_dim).astype(factor_dtype))
+               for n, s in layers.items()}
+    return KfacState(
+        count=jnp.zeros((), jnp.int32), stats_updates=jnp.zeros((), jnp.int32),
+        factors=factors,
+        inverses={n: (eye(s.in_dim), eye(s.out_dim)) for n, s in layers.items()},
+        inverted_factors=factors if stale_tolerance else {},
+        inversions={n: jnp.zeros((), jnp.int32) for n in layers},
+        diagonal=(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+                  if fallback == "diagonal" else None))
+
+  def new_factors(state, stats: LayerStats):
+    grads_out = stats.output_grads()
+    sums = {}
+    for name, spec in layers.items():
+      sa, sg, nt, n = layer_factors(spec, stats.inputs[name], grads_out[name])
+      sums[name] = (sa, sg, jnp.float32(nt), jnp.float32(n))
+    sums = all_reduce_sum(sums, axis_names, comm_dtype)
+    first = state.stats_updates == 0
+    out = {}
+    for name, (sa, sg, nt, n) in sums.items():
+      old_a, old_g = state.factors[name]
+      batch = (sa / nt, sg / n)
+      out[name] = tuple(jnp.where(first, new, factor_decay * old.astype(jnp.float32)
+                                  + (1 - factor_decay) * new).astype(factor_dtype)
+                        for old, new in zip((old_a, old_g), batch))
+    return out
+
+  def refresh(state, factors):
+    """Re-invert the layers whose factors moved (all of them without stale Fisher)."""
+    devices = math.prod(lax.axis_size(a) for a in axis_names) if axis_names else 1
+    owner = assign_inverses(layers, devices)
+    me = _device_index(axis_names) if axis_names else 0
+    inverses, inversions, inverted = {}, {}, {}
+    for name in layers:
+      a, g = factors[name]
+
+      def invert(a=a, g=g):
+        da, dg = factored_damping(a, g, damping, pi_damping)
+        return _damped_inverse(a, da, inversion), _damped_inverse(g, dg, inversion)
+
+      if stale_tolerance:
+        last_a, last_g = state.inverted_factors[name]
+        moved = jnp.logical_or(_relative_change(a, last_a) > stale_tolerance,
+                               _relative_change(g, last_g) > stale_tolerance)
+        moved = jnp.logical_or(moved, state.inversions[name] == 0)
+      else:
+        moved = jnp.bool_(True)
+      if axis_names:
+        def shared(invert=invert, name=name):
+          mine = lax.cond(me == owner[name], invert,
+                          lambda: jax.tree.map(jnp.zeros_like, state.inverses[name]))
+          return all_reduce_sum(mine, axis_names)
+        compute = shared
+      else:
+        compute = invert
+      inverses[name] = lax.cond(moved, compute, lambda name=name: state.inverses[name])
+      inversions[name] = state.inversions[name] + moved.astype(jnp.int32)
+      if stale_tolerance:
+        inverted[name] = jax.tree.map(lambda new, old: jnp.where(moved, new, old),
+                                      factors[name], state.inverted_factors[name])
+    return inverses, inversions, inverted
+
+  def update(grads, state: KfacState, params=None, *, kfac_stats: LayerStats | None = None,
+             **unused):
+    del params, unused
+    if kfac_stats is None:
+      raise ValueError("kfac.update needs kfac_stats=LayerStats(...); use "
+                       "sdl.optim.kfac.make_train_step, or pass it as an optax extra argument")
+    do_stats = state.count % stats_every == 0
+    factors = lax.cond(do_stats, lambda: new_factors(state, kfac_stats), lambda: state.factors)
+    stats_updates = state.stats_updates + do_stats.astype(jnp.int32)
+    state = state._replace(factors=factors, stats_updates=stats_updates)
+    do_inverse = state.count % inverse_every == 0
+    keep = lambda: (state.inverses, state.inversions, state.inverted_factors)
+    inverses, inversions, inverted = lax.cond(do_inverse, lambda: refresh(state, factors), keep)
+
+    covered = split_params(grads)
+    updates = {}
+    for name, spec in layers.items():
+      kernel, bias = covered[name]
+      mat = kernel.reshape(-1, spec.out_dim).astype(jnp.float32)
+      if bias is not None:
+        mat = jnp.concatenate([mat, bias.reshape(1, -1).astype(jnp.float32)], axis=0)
+      a_inv, g_inv = inverses[name]
+      hi = lax.Precision.HIGHEST
+      u = jnp.matmul(jnp.matmul(a_inv, mat, precision=hi), g_inv, precision=hi)
+      updates[(*spec.path, "kernel")] = u[:kernel.size // spec.out_dim].reshape(
+          kernel.shape).astype(kernel.dtype)
+      if bias is not None:
+        updates[(*spec.path, "bias")] = u[-1].astype(bias.dtype)
+
+    diagonal = state.diagonal
+    if fallback == "diagonal":
+      diagonal = jax.tree.map(lambda d, g: factor_decay * d + (1 - factor_decay) * jnp.square(
+          g.astype(jnp.float32)), state.diagonal, grads)
+      rest = jax.tree.map(lambda g, d: (g / (d + damping)).astype(g.dtype), grads, diagonal)
+    else:
+      rest = grads
+    out = jax.tree_util.tree_map_with_path(
+        lambda path, g: updates.get(_keys(path), g) if is_layer_leaf(_keys(path)) else g, rest)
+
+    scale = jnp.float32(1.0)
+    if kl_clip:
+      vg = sum(jnp.vdot(u.astype(jnp.float32), g.astype(jnp.float32))
+               for u, g in zip(jax.tree.leaves(out), jax.tree.leaves(grads)))
+      step_lr = jnp.asarray(lr(state.count), jnp.float32)
+      scale = jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.maximum(jnp.abs(vg) * step_lr ** 2,
+                                                              1e-30)))
+    if norm_clip:
+      scale = jnp.minimum(scale, norm_clip / jnp.maximum(global_norm(out), 1e-30))
+    out = jax.tree.map(lambda u: (u * scale).astype(u.dtype), out)
+    return out, KfacState(state.count + 1, stats_updates, factors, inverses, inverted,
+                          inversions, diagonal)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _keys(path) -> tuple[str, ...]:
+  return tuple(getattr(k, "key", k) for k in path)
+
+
+def _relative_change(new, old):
+  new, old = new.astype(jnp.float32), old.astype(jnp.float32)
+  return jnp.linalg.norm(new - old) / jnp.maximum(jnp.linalg.norm(old), 1e-30)
+
+
+# ---- the train step --------------------------------------------------------------------
+
+LIKELIHOODS = ("gaussian", "categorical", "bernoulli")
+
+
+def sample_output_grads(likelihood: str, outputs, rng):
+  """Per-example gradients of `-log p(y|f)` at `y` drawn from the model (the true Fisher).
+
+  gaussian: unit variance, loss ½‖f - y‖²; categorical: softmax logits; bernoulli: sigmoid
+  logits. Each row is one example's gradient w.r.t. the outputs `f`.
+  """
+  f = outputs.astype(jnp.float32)
+  if likelihood == "gaussian":
+    return -jax.random.normal(rng, f.shape)
+  if likelihood == "categorical":
+    y = jax.random.categorical(rng, f)
+    return jax.nn.softmax(f) - jax.nn.one_hot(y, f.shape[-1])
+  if likelihood == "bernoulli":
+    p = jax.nn.sigmoid(f)
+    return p - jax.random.bernoulli(rng, p).astype(jnp.float32)
+  raise ValueError(f"kfac likelihood={likelihood!r}: choose one of {LIKELIHOODS}")
+
+
+def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Callable,
+                    tx: optax.GradientTransformationExtraArgs, *, fisher: str = "empirical",
+                    likelihood: str | None = None, model_inputs: Callable = lambda b: (b["x"],),
+                    mesh=None, axis_names: Sequence[str] = (), grad_dtype=None):
+  """The step `(TrainState, batch) -> (TrainState, metrics)` for a K-FAC chain `tx`.
+
+  `loss_fn(outputs, batch) -> (loss, metrics)`, the loss a mean over the batch. With a
+  `mesh`, the step runs in `shard_map` with the batch split over `axis_names` and
+  everything else replicated; gradients are averaged in `grad_dtype` (bf16 halves the
+  traffic) and `tx` must have been built with the same `axis_names`. The caller jits it.
+  """
+  if fisher not in FISHERS:
+    raise ValueError(f"kfac fisher={fisher!r}: choose one of {FISHERS}")
+  if fisher == "sampled" and likelihood not in LIKELIHOODS:
+    raise ValueError(f"kfac fisher='sampled' needs likelihood in {LIKELIHOODS}")
+  axis_names = tuple(axis_names)
+
+  def local_step(state, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    args = model_inputs(batch)
+    perturbations = zero_perturbations(model, layers, state.params, *args)
+    outputs, pullback, inputs = jax.vjp(
+        lambda p, e: apply(model, layers, p, e, *args), state.params, perturbations,
+        has_aux=True)
+    (loss, metrics), d_outputs = jax.value_and_grad(lambda o: loss_fn(o, batch),
+                                                    has_aux=True)(outputs)
+    grads, d_layer_outputs = pullback(d_outputs)
+    n = outputs.shape[0]
+
+    def output_grads():
+      if fisher == "empirical":  # gradients of the mean loss, rescaled to one example's
+        return jax.tree.map(lambda g: g * n, _by_layer(d_layer_outputs))
+      sampled = sample_output_grads(likelihood, outputs, jax.random.fold_in(rng, 1))
+      return _by_layer(pullback(sampled.astype(outputs.dtype))[1])
+
+    if axis_names:
+      size = math.prod(lax.axis_size(a) for a in axis_names)
+      grads = jax.tree.map(lambda g: g / size, all_reduce_sum(grads, axis_names, grad_dtype))
+      loss = lax.pmean(loss, axis_names)
+      metrics = lax.pmean(metrics, axis_names)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   kfac_stats=LayerStats(inputs, output_grads))
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": global_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  if mesh is None:
+    return local_step
+  batch_sharding = NamedSharding(mesh, P(axis_names))
+  sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(axis_names)),
+                          out_specs=(P(), P()), check_vma=False)
+
+  explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+  # Explicit meshes need the batch already laid out as in_specs says (a reshard in the type
+  # system); under Auto axes a sharding constraint does the same.
+  lay_out = jax.reshard if explicit else lax.with_sharding_constraint
+
+  def step(state, batch):
+    return sharded(state, jax.tree.map(lambda x: lay_out(x, batch_sharding), batch))
+  return step

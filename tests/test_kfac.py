@@ -1,0 +1,391 @@
+"""K-FAC against an independent numpy computation, closed forms, counts and one device."""
+import itertools
+import math
+import re
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+from jax.sharding import AxisType, Mesh
+
+from sdl.models.conv import Conv3D
+from sdl.optim import kfac
+from sdl.train.state import TrainState
+
+
+class Net(nn.Module):
+  """conv (or nothing) -> tanh -> flatten -> dense -> tanh -> dense."""
+  conv: nn.Module | None
+
+  @nn.compact
+  def __call__(self, x):
+    if self.conv is not None:
+      x = jnp.tanh(self.conv(x))
+    x = x.reshape(x.shape[0], -1)
+    x = jnp.tanh(nn.Dense(5)(x))
+    return nn.Dense(3, use_bias=False)(x)
+
+
+# Batches are larger than every factor's dimension: with fewer examples than inputs, A is
+# rank-deficient and fp32 rounding outside its range, amplified by 1/λ, dominates the error.
+NETS = {  # name: (first layer, input shape)
+    "dense": (None, (64, 7)),
+    "conv1d_strided_same": (nn.Conv(4, (3,), strides=2, padding="SAME"), (64, 9, 2)),
+    "conv2d_asymmetric": (nn.Conv(3, (3, 2), strides=(2, 1), padding=((1, 0), (0, 1))),
+                          (64, 6, 5, 2)),
+    "conv3d_valid_no_bias": (nn.Conv(2, (2, 3, 2), padding="VALID", use_bias=False),
+                             (64, 3, 4, 3, 2)),
+    "conv3d_sdl_strided": (Conv3D(3, (3, 3, 3), strides=(2, 1, 2)), (64, 3, 3, 3, 2)),
+}
+
+
+def mse(outputs, batch):
+  loss = 0.5 * jnp.mean(jnp.sum(jnp.square(outputs - batch["y"]), axis=-1))
+  return loss, {}
+
+
+def state_for(model, x, tx):
+  params = model.init(jax.random.key(1), x)["params"]
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                    jax.random.key_data(jax.random.key(2)))
+
+
+def batch_for(shape, seed=0, n_out=3):
+  rng = np.random.default_rng(seed)
+  return {"x": jnp.asarray(rng.normal(size=shape), jnp.float32),
+          "y": jnp.asarray(rng.normal(size=(shape[0], n_out)), jnp.float32)}
+
+
+# ---- the independent reference -------------------------------------------------------
+
+
+def np_patches(x, kernel, strides, padding):
+  """[N*T, taps*C] by explicit loops over examples and output positions."""
+  k = kernel.shape[:-2]
+  x = np.pad(x, ((0, 0), *padding, (0, 0)))
+  out = [(x.shape[1 + i] - k[i]) // strides[i] + 1 for i in range(len(k))]
+  rows = []
+  for n in range(x.shape[0]):
+    for pos in itertools.product(*(range(o) for o in out)):
+      window = x[(n, *(slice(p * s, p * s + kk) for p, s, kk in zip(pos, strides, k)))]
+      rows.append(window.reshape(-1))  # row-major taps, channels last
+  return np.asarray(rows)
+
+
+def reference_update(model_conv, params, batch, damping, pi_damping=True):
+  """Forward written with lax directly (not Flax), output gradients by perturbations, and
+  the K-FAC algebra in float64 numpy."""
+  conv_params = params.get("conv")
+  names = (["conv"] if conv_params is not None else []) + ["Dense_0", "Dense_1"]
+
+  def geometry(conv, x_shape):
+    k = conv.kernel_size
+    nd = len(k)
+    s = (1,) * nd if conv.strides is None else conv.strides
+    s = (s,) * nd if isinstance(s, int) else tuple(s)
+    pad = conv.padding
+    if isinstance(pad, str):
+      pad = lax.padtype_to_pads(x_shape[1:-1], k, s, pad)
+    return s, [tuple(p) for p in pad]
+
+  def forward(eps):
+    acts, x = [], batch["x"]
+    if conv_params is not None:
+      s, pad = geometry(model_conv, x.shape)
+      acts.append(x)
+      nd = x.ndim - 2
+      spatial = "DHW"[-nd:] if nd <= 3 else None
+      dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+      y = lax.conv_general_dilated(x, conv_params["kernel"], s, pad, dimension_numbers=dn,
+                                   precision=lax.Precision.HIGHEST)
+      if "bias" in conv_params:
+        y = y + conv_params["bias"]
+      x = jnp.tanh(y + eps[0])
+    x = x.reshape(x.shape[0], -1)
+    acts.append(x)
+    h = jnp.tanh(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"] + eps[-2])
+    acts.append(h)
+    out = h @ params["Dense_1"]["kernel"] + eps[-1]
+    return mse(out, batch)[0], acts
+
+  shapes = jax.eval_shape(lambda: forward([0.0] * 3)[1])
+  n = batch["x"].shape[0]
+  eps0 = []
+  if conv_params is not None:
+    s, pad = geometry(model_conv, batch["x"].shape)
+    out_spatial = [(batch["x"].shape[1 + i] + lo + hi - k) // st + 1 for i, ((lo, hi), k, st)
+                   in enumerate(zip(pad, model_conv.kernel_size, s))]
+    eps0.append(jnp.zeros((n, *out_spatial, model_conv.features)))
+  eps0 += [jnp.zeros((n, 5)), jnp.zeros((n, 3))]
+  del shapes
+  (_, acts), d_eps = jax.value_and_grad(forward, has_aux=True)(eps0)
+  acts = [np.asarray(a, np.float64) for a in acts]
+  d_eps = [np.asarray(d, np.float64) for d in d_eps]
+
+  updates = {}
+  for name, a_in, g_mean in zip(names, acts, d_eps):
+    p = {k: np.asarray(v, np.float64) for k, v in params[name].items()}
+    if name == "conv":
+      s, pad = geometry(model_conv, a_in.shape)
+      a = np_patches(a_in, p["kernel"], s, pad)
+    else:
+      a = a_in
+    g = g_mean.reshape(-1, g_mean.shape[-1])  # gradients of the batch-mean loss
+    if "bias" in p:
+      a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+    grad = a.T @ g  # ∇[W; b], computed independently of JAX's autodiff
+    big_a = a.T @ a / a.shape[0]
+    big_g = (g * n).T @ (g * n) / n
+    if pi_damping:
+      pi = math.sqrt((np.trace(big_a) / big_a.shape[0]) / (np.trace(big_g) / big_g.shape[0]))
+    else:
+      pi = 1.0
+    la, lg = math.sqrt(damping) * pi, math.sqrt(damping) / pi
+    u = (np.linalg.inv(big_a + la * np.eye(len(big_a))) @ grad
+         @ np.linalg.inv(big_g + lg * np.eye(len(big_g))))
+    k_rows = p["kernel"].size // p["kernel"].shape[-1]
+    updates[name] = {"kernel": u[:k_rows].reshape(p["kernel"].shape)}
+    if "bias" in p:
+      updates[name]["bias"] = u[-1]
+  return updates
+
+
+def rename_conv(params):
+  """Flax names the first layer after its class; the reference calls it `conv`."""
+  out = dict(params)
+  for key in list(out):
+    if key.startswith(("Conv_", "Conv3D_")):
+      out["conv"] = out.pop(key)
+  return out
+
+
+def one_update(model, layers, tx, batch, **step_kw):
+  state = state_for(model, batch["x"], tx)
+  step = jax.jit(kfac.make_train_step(model, layers, mse, tx, **step_kw))
+  new, _ = step(state, batch)
+  return state.params, jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new.params,
+                                    state.params)
+
+
+@pytest.mark.parametrize("pi_damping", [True, False])
+@pytest.mark.parametrize("inversion", kfac.INVERSIONS)
+@pytest.mark.parametrize("net", list(NETS))
+def test_update_matches_numpy_reference(net, inversion, pi_damping):
+  conv, shape = NETS[net]
+  model, batch = Net(conv), batch_for(shape)
+  layers = kfac.find_layers(model, batch["x"])
+  assert len(layers) == (3 if conv is not None else 2)
+  tx = kfac.kfac(layers, damping=0.05, inversion=inversion, pi_damping=pi_damping)
+  params, update = one_update(model, layers, tx, batch)
+  expected = reference_update(conv, rename_conv(params), batch, 0.05, pi_damping)
+  got = rename_conv(update)
+  for name, leaves in expected.items():
+    for leaf, want in leaves.items():
+      have = got[name][leaf]
+      err = np.linalg.norm(have - want) / np.linalg.norm(want)
+      assert err < 1e-5, (net, name, leaf, err)
+
+
+def test_sampled_fisher_matches_closed_forms():
+  """Dense output layer: G = E[εεᵀ] = I for a unit Gaussian, and
+  G = E_x[diag(p) - p pᵀ] for softmax logits (Monte Carlo over 20k examples)."""
+  class Linear(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4)(x)
+
+  model = Linear()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(20000, 3)), jnp.float32)
+  layers = kfac.find_layers(model, x)
+  for likelihood in ("gaussian", "categorical"):
+    tx = kfac.kfac(layers)
+    state = state_for(model, x, tx)
+    step = jax.jit(kfac.make_train_step(model, layers, lambda o, b: (jnp.mean(o), {}), tx,
+                                        fisher="sampled", likelihood=likelihood))
+    new, _ = step(state, {"x": x})
+    _, big_g = new.opt_state.factors["Dense_0"]
+    big_a, _ = new.opt_state.factors["Dense_0"]
+    xa = np.concatenate([np.asarray(x, np.float64), np.ones((len(x), 1))], axis=1)
+    np.testing.assert_allclose(big_a, xa.T @ xa / len(x), rtol=1e-5, atol=1e-6)
+    if likelihood == "gaussian":
+      want = np.eye(4)
+    else:
+      logits = np.asarray(model.apply({"params": state.params}, x), np.float64)
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      want = np.mean([np.diag(q) - np.outer(q, q) for q in p], axis=0)
+    assert np.abs(np.asarray(big_g) - want).max() < 0.04 * np.abs(want).max(), likelihood
+
+
+def test_find_layers_leaves_shared_and_unsupported_layers_to_the_fallback():
+  class Mixed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      shared = nn.Dense(4, name="shared")
+      x = shared(shared(x))
+      x = nn.Conv(4, (3,), padding="CIRCULAR", name="circular")(x[:, :, None])
+      x = nn.LayerNorm(name="norm")(x)
+      return nn.Dense(2, name="head")(x.reshape(x.shape[0], -1))
+
+  x = jnp.ones((2, 4))
+  assert set(kfac.find_layers(Mixed(), x)) == {"head"}
+
+
+def test_diagonal_fallback_and_norm_clip():
+  class Normed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.LayerNorm()(x))
+
+  model, batch = Normed(), batch_for((8, 4))
+  layers = kfac.find_layers(model, batch["x"])
+  decay, damping = 0.9, 0.01
+  tx = kfac.kfac(layers, damping=damping, factor_decay=decay, fallback="diagonal")
+  params, update = one_update(model, layers, tx, batch)
+  grads = jax.grad(lambda p: mse(model.apply({"params": p}, batch["x"]), batch)[0])(params)
+  g = np.asarray(grads["LayerNorm_0"]["scale"], np.float64)
+  np.testing.assert_allclose(update["LayerNorm_0"]["scale"],
+                             g / ((1 - decay) * g * g + damping), rtol=1e-4)
+  # Norm clip: the same update scaled down to norm 1e-3 overall.
+  tx = kfac.kfac(layers, damping=damping, factor_decay=decay, fallback="diagonal",
+                 norm_clip=1.0)
+  _, clipped = one_update(model, layers, tx, batch)
+  assert optax.tree.norm(update) > 10
+  assert optax.tree.norm(clipped) == pytest.approx(1.0, rel=1e-4)
+  ratio = np.asarray(clipped["Dense_0"]["kernel"]) / np.asarray(update["Dense_0"]["kernel"])
+  np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-4)
+
+
+def test_refresh_counts_follow_stats_every_inverse_every_and_stale_fisher():
+  model = Net(nn.Conv(3, (3,), padding="SAME"))
+  shape = (4, 6, 2)
+  layers = kfac.find_layers(model, jnp.zeros(shape))
+
+  def run(steps, vary_batch, lr, **kw):
+    tx = optax.chain(kfac.kfac(layers, **kw), optax.sgd(lr))
+    state = state_for(model, jnp.zeros(shape), tx)
+    step = jax.jit(kfac.make_train_step(model, layers, mse, tx))
+    for i in range(steps):
+      state, _ = step(state, batch_for(shape, seed=i if vary_batch else 0))
+    return state.opt_state[0]
+
+  s = run(12, True, 0.01, stats_every=3, inverse_every=5)
+  assert int(s.stats_updates) == 4                                  # steps 0, 3, 6, 9
+  assert {int(v) for v in s.inversions.values()} == {3}             # steps 0, 5, 10
+  # Stale Fisher: with the same batch and lr 0 the factors never move after the first
+  # estimate, so each layer is inverted once; with fresh batches every inverse step counts.
+  s = run(6, False, 0.0, stale_tolerance=1e-3)
+  assert {int(v) for v in s.inversions.values()} == {1}
+  s = run(6, True, 0.01, stale_tolerance=1e-6)
+  assert {int(v) for v in s.inversions.values()} == {6}
+  # In between, a tolerance can skip one layer but not another: counts are per layer.
+  s = run(8, True, 0.01, stale_tolerance=0.05, factor_decay=0.5)
+  assert all(1 <= int(v) <= 8 for v in s.inversions.values())
+
+
+def test_chained_with_momentum_and_schedule_compiles_once():
+  model, batch = Net(nn.Conv(2, (3, 3), padding="SAME")), batch_for((4, 5, 5, 2))
+  layers = kfac.find_layers(model, batch["x"])
+  schedule = optax.cosine_decay_schedule(0.1, 10)
+  tx = optax.chain(optax.clip_by_global_norm(10.0),
+                   kfac.kfac(layers, damping=0.01, inverse_every=2, kl_clip=1e-2,
+                             learning_rate=schedule),
+                   optax.add_decayed_weights(1e-4), optax.sgd(schedule, momentum=0.9))
+  step = jax.jit(chex.assert_max_traces(kfac.make_train_step(model, layers, mse, tx), n=1))
+  state = state_for(model, batch["x"], tx)
+  losses = []
+  for i in range(6):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.7 * losses[0]
+  assert int(state.opt_state[1].count) == 6
+
+
+def test_kl_clip_bounds_the_quadratic_model_change():
+  model, batch = Net(None), batch_for((6, 7))
+  layers = kfac.find_layers(model, batch["x"])
+  lr, clip = 0.5, 1e-4
+  params, free = one_update(model, layers, kfac.kfac(layers, damping=0.05), batch)
+  _, clipped = one_update(model, layers, kfac.kfac(layers, damping=0.05, kl_clip=clip,
+                                                   learning_rate=lr), batch)
+  grads = jax.grad(lambda p: mse(model.apply({"params": p}, batch["x"]), batch)[0])(params)
+  vg = sum(float(jnp.vdot(u, g)) for u, g in zip(jax.tree.leaves(free), jax.tree.leaves(grads)))
+  # Ba et al. (2017): the step ν·v with ν = min(1, sqrt(κ / (lr² vᵀg))) changes the model's
+  # predictive distribution by lr² ν² vᵀFv = lr² ν² vᵀg = κ (KL, to second order).
+  nu = float(optax.tree.norm(clipped) / optax.tree.norm(free))
+  assert nu < 1
+  assert lr ** 2 * nu ** 2 * vg == pytest.approx(clip, rel=1e-3)
+
+
+# ---- distributed -------------------------------------------------------------------------
+
+
+def mesh_of(shape, axes, axis_type):
+  devices = np.asarray(jax.devices()[:math.prod(shape)]).reshape(shape)
+  return Mesh(devices, axes, axis_types=(axis_type,) * len(axes))
+
+
+@pytest.mark.parametrize("axes,shape", [(("data",), (8,)), (("node", "local"), (2, 4))])
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_distributed_update_equals_one_device(axes, shape, axis_type):
+  model = Net(Conv3D(3, (3, 3, 3), strides=(2, 1, 1)))
+  batch = batch_for((16, 4, 4, 4, 2))
+  layers = kfac.find_layers(model, batch["x"])
+  kw = dict(damping=0.02, stats_every=1, inverse_every=1, stale_tolerance=1e-9)
+  steps = 3
+
+  def train(tx, **step_kw):
+    state = state_for(model, batch["x"], tx)
+    step = jax.jit(kfac.make_train_step(model, layers, mse, tx, **step_kw))
+    for i in range(steps):
+      state, _ = step(state, batch_for((16, 4, 4, 4, 2), seed=i))
+    return state
+
+  ref = train(optax.chain(kfac.kfac(layers, **kw), optax.sgd(0.1)))
+  mesh = mesh_of(shape, axes, axis_type)
+  tx = optax.chain(kfac.kfac(layers, axis_names=axes, **kw), optax.sgd(0.1))
+  got = train(tx, mesh=mesh, axis_names=axes)
+  init = state_for(model, batch["x"], tx).params
+  # Same computation, different fp32 summation order (three steps through the inverses):
+  # compare the parameter change.
+  for (path, a), b, p0 in zip(jax.tree_util.tree_leaves_with_path(got.params),
+                              jax.tree.leaves(ref.params), jax.tree.leaves(init)):
+    change = np.asarray(b) - np.asarray(p0)
+    err = np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(change)
+    assert err < 5e-5, (path, err)
+  assert ({k: int(v) for k, v in got.opt_state[0].inversions.items()}
+          == {k: int(v) for k, v in ref.opt_state[0].inversions.items()})
+
+
+def test_collectives_are_hierarchical_low_precision_and_inverses_split():
+  model = Net(nn.Conv(3, (3, 3), padding="SAME"))
+  batch = batch_for((8, 5, 5, 2))
+  layers = kfac.find_layers(model, batch["x"])
+  axes = ("node", "local")
+  mesh = mesh_of((2, 4), axes, AxisType.Auto)
+  tx = kfac.kfac(layers, axis_names=axes, comm_dtype=jnp.bfloat16)
+  state = state_for(model, batch["x"], tx)
+  step = jax.jit(kfac.make_train_step(model, layers, mse, tx, mesh=mesh, axis_names=axes,
+                                      grad_dtype=jnp.bfloat16))
+  # What the program asks for (a backend may widen bf16 reductions it cannot do natively).
+  hlo = step.lower(state, batch).as_text()
+  scatters = re.findall(r"stablehlo\.reduce_scatter.*?\}\) : \((tensor<[^>]*>)\)", hlo, re.S)
+  # Gradients and factor statistics travel in bf16; the three layers' inverses, each made by
+  # its owner, are shared in fp32.
+  assert sum("bf16" in t for t in scatters) == 2, scatters
+  assert sum("xf32" in t for t in scatters) == len(layers) == 3, scatters
+  assert "all_gather" in hlo
+  # Three layers over 8 devices: each inverted by exactly one device, spread by cost.
+  owner = kfac.assign_inverses(layers, 8)
+  assert len(set(owner.values())) == 3
+  new, _ = step(state, batch)
+  ref_tx = kfac.kfac(layers)
+  ref, _ = jax.jit(kfac.make_train_step(model, layers, mse, ref_tx))(
+      state_for(model, batch["x"], ref_tx), batch)
+  # bf16 communication: close to the fp32 single-device update, not equal.
+  chex.assert_trees_all_close(new.params, ref.params, rtol=2e-2, atol=2e-3)

@@ -368,7 +368,7 @@ def test_collectives_are_hierarchical_low_precision_and_inverses_split():
   layers = kfac.find_layers(model, batch["x"])
   axes = ("node", "local")
   mesh = mesh_of((2, 4), axes, AxisType.Auto)
-  tx = kfac.kfac(layers, axis_names=axes, comm_dtype=jnp.bfloat16)
+  tx = kfac.kfac(layers, axis_names=axes, comm_dtype=jnp.bfloat16, damping=0.05)
   state = state_for(model, batch["x"], tx)
   step = jax.jit(kfac.make_train_step(model, layers, mse, tx, mesh=mesh, axis_names=axes,
                                       grad_dtype=jnp.bfloat16))
@@ -383,9 +383,12 @@ def test_collectives_are_hierarchical_low_precision_and_inverses_split():
   # Three layers over 8 devices: each inverted by exactly one device, spread by cost.
   owner = kfac.assign_inverses(layers, 8)
   assert len(set(owner.values())) == 3
-  new, _ = step(state, batch)
-  ref_tx = kfac.kfac(layers)
-  ref, _ = jax.jit(kfac.make_train_step(model, layers, mse, ref_tx))(
-      state_for(model, batch["x"], ref_tx), batch)
-  # bf16 communication: close to the fp32 single-device update, not equal.
-  chex.assert_trees_all_close(new.params, ref.params, rtol=2e-2, atol=2e-3)
+  # bf16 communication: close to the fp32 single-device update, not equal. (With much less
+  # damping, bf16 rounding of the gradient in low-curvature directions, amplified by 1/λ,
+  # can turn the update far from the fp32 one.)
+  _, got = one_update(model, layers, tx, batch, mesh=mesh, axis_names=axes,
+                      grad_dtype=jnp.bfloat16)
+  _, ref = one_update(model, layers, kfac.kfac(layers, damping=0.05), batch)
+  got, ref = (np.concatenate([x.ravel() for x in jax.tree.leaves(t)]) for t in (got, ref))
+  assert got @ ref / np.linalg.norm(got) / np.linalg.norm(ref) > 0.995
+  assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.1

@@ -496,10 +496,11 @@ def sample_output_grads(likelihood: str, outputs, rng):
 def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Callable,
                     tx: optax.GradientTransformationExtraArgs, *, fisher: str = "empirical",
                     likelihood: str | None = None, model_inputs: Callable = lambda b: (b["x"],),
-                    mesh=None, axis_names: Sequence[str] = (), grad_dtype=None):
+                    model_kwargs: Callable = lambda rng: {}, mesh=None, axis_names: Sequence[str] = (), grad_dtype=None):
   """The step `(TrainState, batch) -> (TrainState, metrics)` for a K-FAC chain `tx`.
 
-  `loss_fn(outputs, batch) -> (loss, metrics)`, the loss a mean over the batch. With a
+  `loss_fn(outputs, batch) -> (loss, metrics)`, the loss a mean over the batch; the model
+  is called as `model.apply(v, *model_inputs(batch), **model_kwargs(rng))`. With a
   `mesh`, the step runs in `shard_map` with the batch split over `axis_names` and
   everything else replicated; gradients are averaged in `grad_dtype` (bf16 halves the
   traffic) and `tx` must have been built with the same `axis_names`. The caller jits it.
@@ -512,10 +513,10 @@ def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Cal
 
   def local_step(state, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    args = model_inputs(batch)
-    perturbations = zero_perturbations(model, layers, state.params, *args)
+    args, kwargs = model_inputs(batch), model_kwargs(rng)
+    perturbations = zero_perturbations(model, layers, state.params, *args, **kwargs)
     outputs, pullback, inputs = jax.vjp(
-        lambda p, e: apply(model, layers, p, e, *args), state.params, perturbations,
+        lambda p, e: apply(model, layers, p, e, *args, **kwargs), state.params, perturbations,
         has_aux=True)
     (loss, metrics), d_outputs = jax.value_and_grad(lambda o: loss_fn(o, batch),
                                                     has_aux=True)(outputs)

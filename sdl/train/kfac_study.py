@@ -1,0 +1,260 @@
+"""K-FAC against SGD-momentum and Adam: the same problem, each optimiser's lr sweep, one run.
+
+Setup (`make_problem`): model, loss on the model's outputs, the likelihood K-FAC samples
+its Fisher from, the training arrays and a fixed evaluation batch. Each run (`train_one`)
+times every step after the first (compilation is reported apart, evaluation is not
+counted) and records the training-set loss every `train.eval_every` steps. `compare`
+runs the sweep, keeps each finished run as JSON (a restarted command skips it), and
+writes the summary table and the loss-vs-steps / loss-vs-seconds plots.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sdl.optim import kfac
+from sdl.train.metrics import Progress
+from sdl.train.state import TrainState, make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  model: object
+  loss_fn: Callable          # (outputs, batch) -> (scalar loss, metrics), a batch mean
+  likelihood: str            # what K-FAC samples its Fisher from
+  train: dict                # numpy arrays, one row per example
+  eval_batch: dict           # a fixed batch on which the reported loss is measured
+  model_kwargs: Callable = lambda rng: {}
+
+
+def sigmoid_xent(outputs, batch):
+  target = batch["x"].reshape(outputs.shape)
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(outputs, target)) * 1.0, {}
+
+
+def softmax_xent(outputs, batch):
+  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, batch["y"]))
+  return loss, {"accuracy": jnp.mean(jnp.argmax(outputs, -1) == batch["y"])}
+
+
+def make_problem(config) -> Problem:
+  name = config.experiment
+  if name.startswith("digits"):
+    from sdl.data import digits
+    from sdl.models.small import Autoencoder, DigitsCNN
+    x, y, _, _ = digits.load(config.seed)
+    train = {"x": x, "y": y}
+    if name == "digits_autoencoder":
+      return Problem(Autoencoder(), sigmoid_xent, "bernoulli", train, train)
+    return Problem(DigitsCNN(), softmax_xent, "categorical", train, train)
+  if name == "cosmoflow":
+    from sdl.models.cosmoflow import CosmoFlow
+    from sdl.train import cosmoflow as trainer
+    train_set, _ = trainer.make_datasets(config)
+    model = CosmoFlow(variant=config.model.variant, input_size=config.data.input_size,
+                      spatial_layers=0, conv_lowering=config.model.conv_lowering)
+
+    def mse(outputs, batch):
+      return jnp.mean(jnp.square(outputs - batch["y"])), {}
+    train = {"x": train_set.volumes, "y": train_set.labels}
+    n_eval = min(32, len(train_set.labels))
+    return Problem(model, mse, "gaussian", train, {k: v[:n_eval] for k, v in train.items()},
+                   model_kwargs=lambda rng: {"train": True, "rngs": {"dropout": rng}})
+  raise ValueError(f"unknown experiment {name!r}")
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """A fresh permutation every epoch; the batch of a step depends only on (seed, step)."""
+  per_epoch = n // batch_size
+  epoch, within = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  return order[within * batch_size:(within + 1) * batch_size]
+
+
+def make_tx(name: str, lr: float, config, layers):
+  if name == "sgd":
+    return optax.sgd(lr, momentum=config.momentum)
+  if name == "adam":
+    return optax.adam(lr)
+  if name == "kfac":
+    k = config.kfac
+    pre = kfac.kfac(layers, damping=k.damping, pi_damping=k.pi_damping,
+                    factor_decay=k.factor_decay, stats_every=k.stats_every,
+                    inverse_every=k.inverse_every, inversion=k.inversion,
+                    stale_tolerance=k.stale_tolerance, factor_dtype=DTYPES[k.factor_dtype],
+                    comm_dtype=DTYPES[k.comm_dtype], fallback=k.fallback, kl_clip=k.kl_clip,
+                    learning_rate=lr, norm_clip=k.norm_clip)
+    return optax.chain(pre, optax.sgd(lr, momentum=config.momentum))
+  raise ValueError(f"optimiser {name!r}: choose kfac, sgd or adam")
+
+
+def make_step(problem: Problem, name: str, tx, layers, fisher: str):
+  if name == "kfac":
+    return kfac.make_train_step(problem.model, layers, problem.loss_fn, tx, fisher=fisher,
+                                likelihood=problem.likelihood,
+                                model_kwargs=problem.model_kwargs)
+
+  def loss_fn(params, batch, rng, train):
+    out = problem.model.apply({"params": params}, batch["x"], **problem.model_kwargs(rng))
+    return problem.loss_fn(out, batch)
+  return make_train_step(loss_fn, tx)
+
+
+def train_one(config, problem: Problem, name: str, lr: float, *, progress=True) -> dict:
+  """One optimiser at one learning rate; returns its history and step times."""
+  x0 = jnp.asarray(problem.train["x"][:1])
+  layers = kfac.find_layers(problem.model, x0, **problem.model_kwargs(jax.random.key(0)))
+  params = problem.model.init(jax.random.key(config.seed), x0,
+                              **problem.model_kwargs(jax.random.key(1)))["params"]
+  tx = make_tx(name, lr, config, layers)
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                     jax.random.key_data(jax.random.key(config.seed + 1)))
+  step = jax.jit(make_step(problem, name, tx, layers, config.kfac.fisher), donate_argnums=0)
+
+  @jax.jit
+  def evaluate(params):
+    out = problem.model.apply({"params": params}, problem.eval_batch["x"])
+    return problem.loss_fn(out, problem.eval_batch)[0]
+
+  n = len(problem.train["x"])
+  steps = config.train.steps
+  history, seconds, step_times, compile_s = [], 0.0, [], 0.0
+  history.append({"step": 0, "seconds": 0.0, "loss": float(evaluate(state.params))})
+  bar = Progress(steps, 0) if progress else None
+  for i in range(steps):
+    idx = batch_indices(n, config.train.batch_size, config.seed, i)
+    batch = {k: jnp.asarray(v[idx]) for k, v in problem.train.items()}
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics["loss"])
+    dt = time.perf_counter() - t0
+    if i == 0:
+      compile_s = dt  # compile + first step: reported apart, not in the time axis
+    else:
+      seconds += dt
+      step_times.append(dt)
+    if (i + 1) % config.train.eval_every == 0 or i + 1 == steps:
+      loss = float(evaluate(state.params))
+      history.append({"step": i + 1, "seconds": seconds, "loss": loss})
+      if not math.isfinite(loss):
+        break  # a diverged run: recorded as such, the sweep goes on
+      if bar:
+        bar.line(i + 1, (i + 1) / max(seconds + compile_s, 1e-9), {"loss": loss})
+  return {"optimizer": name, "lr": lr, "history": history, "compile_s": compile_s,
+          "step_s_median": float(np.median(step_times)) if step_times else float("nan")}
+
+
+def reached(run: dict, target: float) -> tuple[float, float]:
+  """(steps, seconds) at the first evaluation with loss ≤ target, or (inf, inf)."""
+  for h in run["history"]:
+    if h["loss"] <= target:
+      return h["step"], h["seconds"]
+  return math.inf, math.inf
+
+
+def best(runs: list[dict], target: float) -> dict | None:
+  def key(r):
+    final = r["history"][-1]["loss"]
+    return (reached(r, target)[0], final if math.isfinite(final) else math.inf)
+  return min(runs, key=key) if runs else None
+
+
+def compare(config, workdir: str) -> dict:
+  problem = make_problem(config)
+  os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
+  runs = []
+  for name in config.optimizers:
+    for lr in config.sweep[name]:
+      path = os.path.join(workdir, "runs", f"{name}_lr{lr:g}.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          runs.append(json.load(f))
+        print(f"{name} lr={lr:g}: done earlier ({path})", flush=True)
+        continue
+      print(f"{name} lr={lr:g}:", flush=True)
+      run = train_one(config, problem, name, lr)
+      with open(path + ".tmp", "w") as f:
+        json.dump(run, f)
+      os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a run
+      runs.append(run)
+  summary = summarize(config, runs)
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write(summary["table"])
+  plot(runs, summary, workdir)
+  print(summary["table"], flush=True)
+  return summary
+
+
+def summarize(config, runs: list[dict]) -> dict:
+  target = config.train.target_loss
+  rows, chosen = [], {}
+  for name in config.optimizers:
+    b = best([r for r in runs if r["optimizer"] == name], target)
+    if b is None:
+      continue
+    chosen[name] = b
+    steps, secs = reached(b, target)
+    rows.append(f"| {name} | {b['lr']:g} | {steps:g} | {secs:.2f} | "
+                f"{b['history'][-1]['loss']:.4f} | {b['step_s_median'] * 1e3:.1f} | "
+                f"{b['compile_s']:.1f} |")
+  out = {"target_loss": target, "best": {n: {"lr": b["lr"], "steps": reached(b, target)[0],
+                                              "seconds": reached(b, target)[1],
+                                              "final_loss": b["history"][-1]["loss"],
+                                              "step_s_median": b["step_s_median"]}
+                                          for n, b in chosen.items()}}
+  first_order = [chosen[n] for n in ("sgd", "adam") if n in chosen]
+  if "kfac" in chosen and first_order:
+    k_steps, k_secs = reached(chosen["kfac"], target)
+    base_steps = min(reached(r, target)[0] for r in first_order)
+    base_secs = min(reached(r, target)[1] for r in first_order)
+    sgd = chosen.get("sgd")
+    out["kfac_vs_best_first_order"] = {
+        "steps_ratio": k_steps / base_steps if math.isfinite(base_steps) else None,
+        "seconds_ratio": k_secs / base_secs if math.isfinite(base_secs) else None,
+        "step_time_vs_sgd": (chosen["kfac"]["step_s_median"] / sgd["step_s_median"]
+                             if sgd else None)}
+  ratios = out.get("kfac_vs_best_first_order", {})
+  fmt = lambda v: "n/a (not reached)" if v is None or not math.isfinite(v) else f"{v:.2f}"
+  out["table"] = (
+      f"Target loss {target} ({config.experiment}, {config.train.steps} steps, batch "
+      f"{config.train.batch_size}); best learning rate of each sweep.\n\n"
+      "| optimiser | lr | steps to target | seconds to target | final loss | "
+      "median step (ms) | compile (s) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+      + "\n\nK-FAC / best of SGD and Adam: steps " + fmt(ratios.get("steps_ratio"))
+      + ", seconds " + fmt(ratios.get("seconds_ratio")) + "; K-FAC step time / SGD step time "
+      + fmt(ratios.get("step_time_vs_sgd")) + "\n")
+  return out
+
+
+def plot(runs: list[dict], summary: dict, workdir: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  for axis, label in (("step", "steps"), ("seconds", "seconds (compilation excluded)")):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+      chosen = summary["best"].get(r["optimizer"], {}).get("lr") == r["lr"]
+      xs = [h[axis] for h in r["history"]]
+      ys = [h["loss"] for h in r["history"]]
+      ax.plot(xs, ys, lw=2 if chosen else 0.7, alpha=1 if chosen else 0.4,
+              label=f"{r['optimizer']} lr={r['lr']:g}" + (" (best)" if chosen else ""))
+    ax.axhline(summary["target_loss"], color="k", ls=":", lw=0.8)
+    ax.set_xlabel(label)
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, f"loss_vs_{'steps' if axis == 'step' else 'seconds'}.png"),
+                dpi=120)
+    plt.close(fig)

@@ -392,3 +392,18 @@ def test_collectives_are_hierarchical_low_precision_and_inverses_split():
   got, ref = (np.concatenate([x.ravel() for x in jax.tree.leaves(t)]) for t in (got, ref))
   assert got @ ref / np.linalg.norm(got) / np.linalg.norm(ref) > 0.995
   assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.1
+
+
+def test_bf16_factor_storage_inverts_in_fp32():
+  model, batch = Net(nn.Conv(3, (3,), padding="SAME")), batch_for((64, 6, 2))
+  layers = kfac.find_layers(model, batch["x"])
+  tx = kfac.kfac(layers, damping=0.05, factor_dtype=jnp.bfloat16)
+  state = state_for(model, batch["x"], tx)
+  new, _ = jax.jit(kfac.make_train_step(model, layers, mse, tx))(state, batch)
+  assert all(f.dtype == jnp.bfloat16 for f in jax.tree.leaves(new.opt_state.factors))
+  assert all(i.dtype == jnp.float32 for i in jax.tree.leaves(new.opt_state.inverses))
+  _, got = one_update(model, layers, tx, batch)
+  _, ref = one_update(model, layers, kfac.kfac(layers, damping=0.05), batch)
+  got, ref = (np.concatenate([x.ravel() for x in jax.tree.leaves(t)]) for t in (got, ref))
+  assert got @ ref / np.linalg.norm(got) / np.linalg.norm(ref) > 0.999
+  assert 0 < np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05  # rounded, not equal

@@ -32,13 +32,18 @@ What the options do (all periodic work is a pure function of the step count):
   factor_dtype     storage of the factors (bf16 halves their memory); inversion is fp32;
   comm_dtype       dtype of the factor all-reduce;
   kl_clip          scale updates so that lr² Σ ⟨update, grad⟩ ≤ kl_clip (Ba et al. 2017);
-  norm_clip        cap the preconditioned update's global norm.
+  norm_clip        cap the preconditioned update's global norm;
+  max_factor_dim   layers with a factor wider than this go to the fallback: preconditioning
+                   costs 2(d_in² d_out + d_in d_out²) flops per step whatever the batch, so
+                   one wide layer (CosmoFlow's conv5: 6,913 x 512) can cost more than the
+                   whole forward/backward pass of a small batch.
 
 Distributed: with `axis_names` (inside `shard_map`, which `make_train_step` sets up)
 factor statistics are summed over those mesh axes; with two axes `("node", "local")` the
 sum is hierarchical (reduce-scatter within the node, all-reduce across nodes, all-gather
 within the node), and the inverses are split across the devices layer by layer (greedy by
-cost `d³`), each device inverting its share, the results shared by one all-reduce.
+cost `d³`): each layer is inverted by its owner only, which shares the result with an
+all-reduce of that layer's inverses (the other devices contribute zeros).
 """
 import dataclasses
 import itertools
@@ -139,9 +144,17 @@ def find_layers(model: nn.Module, *args, **kwargs) -> dict[str, LayerSpec]:
         found[spec.name] = spec
     return next_fun(*a, **kw)
 
+  rngs = {"params": jax.random.key(0), **kwargs.pop("rngs", {})}
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
+    jax.eval_shape(lambda: model.init(rngs, *args, **kwargs))
   return {name: spec for name, spec in found.items() if calls[name] == 1}
+
+
+def select_layers(layers: dict[str, LayerSpec], max_factor_dim: int = 0):
+  """The layers whose factors are at most `max_factor_dim` wide (all of them for 0)."""
+  if not max_factor_dim:
+    return dict(layers)
+  return {n: s for n, s in layers.items() if max(s.in_dim, s.out_dim) <= max_factor_dim}
 
 
 def _tagger(layers: dict[str, LayerSpec]):
@@ -308,6 +321,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
          inversion: str = "eigh", stale_tolerance: float = 0.0, factor_dtype=jnp.float32,
          comm_dtype=jnp.float32, fallback: str = "identity", kl_clip: float = 0.0,
          learning_rate: float | Callable | None = None, norm_clip: float = 0.0,
+         max_factor_dim: int = 0,
          axis_names: Sequence[str] = ()) -> optax.GradientTransformationExtraArgs:
   """The K-FAC preconditioner (module docstring). Chain it before momentum / lr scaling:
   `optax.chain(kfac(layers, ...), optax.sgd(schedule, momentum=0.9))`.
@@ -324,6 +338,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
   if min(stats_every, inverse_every) < 1:
     raise ValueError(f"kfac stats_every={stats_every}, inverse_every={inverse_every}: both ≥ 1")
   axis_names = tuple(axis_names)
+  layers = select_layers(layers, max_factor_dim)
   lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def split_params(tree):

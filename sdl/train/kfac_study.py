@@ -31,9 +31,21 @@ class Problem:
   model: object
   loss_fn: Callable          # (outputs, batch) -> (scalar loss, metrics), a batch mean
   likelihood: str            # what K-FAC samples its Fisher from
-  train: dict                # numpy arrays, one row per example
+  batch: Callable            # step -> {"x": ..., "y": ...} numpy, the same for every run
   eval_batch: dict           # a fixed batch on which the reported loss is measured
   model_kwargs: Callable = lambda rng: {}
+
+  @property
+  def example(self):
+    """One input example, `[1, ...]`, for shapes."""
+    return jnp.asarray(self.eval_batch["x"][:1])
+
+
+def array_batches(train: dict, batch_size: int, seed: int) -> Callable[[int], dict]:
+  n = len(train["x"])
+  if batch_size > n:
+    raise ValueError(f"train.batch_size={batch_size} exceeds the {n} training examples")
+  return lambda step: {k: v[batch_indices(n, batch_size, seed, step)] for k, v in train.items()}
 
 
 def sigmoid_xent(outputs, batch):
@@ -53,9 +65,10 @@ def make_problem(config) -> Problem:
     from sdl.models.small import Autoencoder, DigitsCNN
     x, y, _, _ = digits.load(config.seed)
     train = {"x": x, "y": y}
+    batches = array_batches(train, config.train.batch_size, config.seed)
     if name == "digits_autoencoder":
-      return Problem(Autoencoder(), sigmoid_xent, "bernoulli", train, train)
-    return Problem(DigitsCNN(), softmax_xent, "categorical", train, train)
+      return Problem(Autoencoder(), sigmoid_xent, "bernoulli", batches, train)
+    return Problem(DigitsCNN(), softmax_xent, "categorical", batches, train)
   if name == "cosmoflow":
     from sdl.models.cosmoflow import CosmoFlow
     from sdl.train import cosmoflow as trainer
@@ -67,8 +80,25 @@ def make_problem(config) -> Problem:
       return jnp.mean(jnp.square(outputs - batch["y"])), {}
     train = {"x": train_set.volumes, "y": train_set.labels}
     n_eval = min(32, len(train_set.labels))
-    return Problem(model, mse, "gaussian", train, {k: v[:n_eval] for k, v in train.items()},
+    return Problem(model, mse, "gaussian",
+                   array_batches(train, config.train.batch_size, config.seed),
+                   {k: v[:n_eval] for k, v in train.items()},
                    model_kwargs=lambda rng: {"train": True, "rngs": {"dropout": rng}})
+  if name == "resnet50_imagenet":
+    from sdl.data.image_folder import ImageFolder
+    from sdl.data.loader import Prefetcher
+    from sdl.models.resnet import ResNet
+    if not config.data.path:
+      raise ValueError("resnet50_imagenet reads an ImageNet-style folder: set "
+                       "--config.data.path=DIR (DIR/train/<class>/*.jpg)")
+    folder = ImageFolder.scan(os.path.join(config.data.path, "train"))
+    size, n, bs = config.data.image_size, len(folder), config.train.batch_size
+    if bs > n:
+      raise ValueError(f"train.batch_size={bs} exceeds the {n} images in {folder.root}")
+    read = lambda step: folder.read(batch_indices(n, bs, config.seed, step), size)
+    model = ResNet(tuple(config.model.stage_sizes), config.model.width, len(folder.classes))
+    eval_batch = folder.read(np.arange(min(n, config.data.eval_images)), size)
+    return Problem(model, softmax_xent, "categorical", Prefetcher(read, depth=2), eval_batch)
   raise ValueError(f"unknown experiment {name!r}")
 
 
@@ -92,7 +122,7 @@ def make_tx(name: str, lr: float, config, layers):
                     inverse_every=k.inverse_every, inversion=k.inversion,
                     stale_tolerance=k.stale_tolerance, factor_dtype=DTYPES[k.factor_dtype],
                     comm_dtype=DTYPES[k.comm_dtype], fallback=k.fallback, kl_clip=k.kl_clip,
-                    learning_rate=lr, norm_clip=k.norm_clip)
+                    learning_rate=lr, norm_clip=k.norm_clip, max_factor_dim=k.max_factor_dim)
     return optax.chain(pre, optax.sgd(lr, momentum=config.momentum))
   raise ValueError(f"optimiser {name!r}: choose kfac, sgd or adam")
 
@@ -111,10 +141,10 @@ def make_step(problem: Problem, name: str, tx, layers, fisher: str):
 
 def train_one(config, problem: Problem, name: str, lr: float, *, progress=True) -> dict:
   """One optimiser at one learning rate; returns its history and step times."""
-  x0 = jnp.asarray(problem.train["x"][:1])
-  layers = kfac.find_layers(problem.model, x0, **problem.model_kwargs(jax.random.key(0)))
-  params = problem.model.init(jax.random.key(config.seed), x0,
-                              **problem.model_kwargs(jax.random.key(1)))["params"]
+  x0 = problem.example
+  layers = kfac.select_layers(kfac.find_layers(problem.model, x0),
+                             config.kfac.max_factor_dim)
+  params = problem.model.init(jax.random.key(config.seed), x0)["params"]
   tx = make_tx(name, lr, config, layers)
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
                      jax.random.key_data(jax.random.key(config.seed + 1)))
@@ -125,14 +155,12 @@ def train_one(config, problem: Problem, name: str, lr: float, *, progress=True) 
     out = problem.model.apply({"params": params}, problem.eval_batch["x"])
     return problem.loss_fn(out, problem.eval_batch)[0]
 
-  n = len(problem.train["x"])
   steps = config.train.steps
   history, seconds, step_times, compile_s = [], 0.0, [], 0.0
   history.append({"step": 0, "seconds": 0.0, "loss": float(evaluate(state.params))})
   bar = Progress(steps, 0) if progress else None
   for i in range(steps):
-    idx = batch_indices(n, config.train.batch_size, config.seed, i)
-    batch = {k: jnp.asarray(v[idx]) for k, v in problem.train.items()}
+    batch = {k: jnp.asarray(v) for k, v in problem.batch(i).items()}
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics["loss"])

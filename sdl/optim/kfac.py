@@ -364,7 +364,8 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
         count=jnp.zeros((), jnp.int32), stats_updates=jnp.zeros((), jnp.int32),
         factors=factors,
         inverses={n: (eye(s.in_dim), eye(s.out_dim)) for n, s in layers.items()},
-        inverted_factors=factors if stale_tolerance else {},
+        # Own buffers, not aliases of `factors`: a donated state must not hold one twice.
+        inverted_factors=jax.tree.map(jnp.copy, factors) if stale_tolerance else {},
         inversions={n: jnp.zeros((), jnp.int32) for n in layers},
         diagonal=(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
                   if fallback == "diagonal" else None))

@@ -86,7 +86,6 @@ def make_problem(config) -> Problem:
                    model_kwargs=lambda rng: {"train": True, "rngs": {"dropout": rng}})
   if name == "resnet50_imagenet":
     from sdl.data.image_folder import ImageFolder
-    from sdl.data.loader import Prefetcher
     from sdl.models.resnet import ResNet
     if not config.data.path:
       raise ValueError("resnet50_imagenet reads an ImageNet-style folder: set "
@@ -98,7 +97,9 @@ def make_problem(config) -> Problem:
     read = lambda step: folder.read(batch_indices(n, bs, config.seed, step), size)
     model = ResNet(tuple(config.model.stage_sizes), config.model.width, len(folder.classes))
     eval_batch = folder.read(np.arange(min(n, config.data.eval_images)), size)
-    return Problem(model, softmax_xent, "categorical", Prefetcher(read, depth=2), eval_batch)
+    # Read in the calling thread: tensorstore's image reads deadlocked when issued from the
+    # Prefetcher's worker threads (seen 2026-11-26, tensorstore 0.1.86; not yet understood).
+    return Problem(model, softmax_xent, "categorical", read, eval_batch)
   raise ValueError(f"unknown experiment {name!r}")
 
 

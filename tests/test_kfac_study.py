@@ -1,6 +1,8 @@
 """The K-FAC study end to end (smoke variants), and the image-folder reader."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -110,8 +112,23 @@ def test_resnet_problem_on_a_tiny_folder_factors_every_conv(tmp_path):
              if p[0][-1].key == "kernel"]
   assert len(layers) == len(kernels) == 1 + 4 * 4 + 1  # stem, 4 blocks (3 convs + proj), fc
   assert problem.eval_batch["x"].shape == (8, 32, 32, 3)
-  # Training on the folder is not tested: the step-batch reads hung in tensorstore on
-  # 2026-11-26 (see the issue 4 note); to be fixed before this variant is used.
+  config.train.update(steps=3, eval_every=3)
+  run = kfac_study.train_one(config, problem, "kfac", 0.3, progress=False)
+  assert [h["step"] for h in run["history"]] == [0, 3]
+  assert all(np.isfinite(h["loss"]) for h in run["history"])
+
+
+def test_image_folder_survives_many_batched_reads(tmp_path):
+  """Regression: waiting on several tensorstore image opens from one thread deadlocked
+  (tensorstore 0.1.86) within two batches of this folder; a hang here fails by timeout."""
+  write_folder(tmp_path, [[(30, 40, "jpg"), (24, 24, "png"), (30, 20, "gray")]] * 3)
+  script = (f"import numpy as np; from sdl.data.image_folder import ImageFolder\n"
+            f"f = ImageFolder.scan({str(tmp_path)!r}); rng = np.random.default_rng(0)\n"
+            f"for _ in range(200): f.read(rng.choice(len(f), 8, replace=False), 16, 20)\n"
+            f"print('done')")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr[-2000:]
 
 
 def test_digits_cnn_kfac_learns_in_a_few_steps():

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sdl.data.synthetic import EpochSampler
 from sdl.optim import kfac
 from sdl.train.metrics import Progress
 from sdl.train.state import TrainState, make_train_step
@@ -42,15 +43,13 @@ class Problem:
 
 
 def array_batches(train: dict, batch_size: int, seed: int) -> Callable[[int], dict]:
-  n = len(train["x"])
-  if batch_size > n:
-    raise ValueError(f"train.batch_size={batch_size} exceeds the {n} training examples")
-  return lambda step: {k: v[batch_indices(n, batch_size, seed, step)] for k, v in train.items()}
+  sampler = EpochSampler(len(train["x"]), batch_size, seed)
+  return lambda step: {k: v[sampler.indices(step)] for k, v in train.items()}
 
 
 def sigmoid_xent(outputs, batch):
   target = batch["x"].reshape(outputs.shape)
-  return jnp.mean(optax.sigmoid_binary_cross_entropy(outputs, target)) * 1.0, {}
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(outputs, target)), {}
 
 
 def softmax_xent(outputs, batch):
@@ -91,24 +90,14 @@ def make_problem(config) -> Problem:
       raise ValueError("resnet50_imagenet reads an ImageNet-style folder: set "
                        "--config.data.path=DIR (DIR/train/<class>/*.jpg)")
     folder = ImageFolder.scan(os.path.join(config.data.path, "train"))
-    size, n, bs = config.data.image_size, len(folder), config.train.batch_size
-    if bs > n:
-      raise ValueError(f"train.batch_size={bs} exceeds the {n} images in {folder.root}")
-    read = lambda step: folder.read(batch_indices(n, bs, config.seed, step), size)
+    size = config.data.image_size
+    sampler = EpochSampler(len(folder), config.train.batch_size, config.seed)
     model = ResNet(tuple(config.model.stage_sizes), config.model.width, len(folder.classes))
-    eval_batch = folder.read(np.arange(min(n, config.data.eval_images)), size)
-    # Read in the calling thread: tensorstore's image reads deadlocked when issued from the
-    # Prefetcher's worker threads (seen 2026-11-26, tensorstore 0.1.86; not yet understood).
-    return Problem(model, softmax_xent, "categorical", read, eval_batch)
+    eval_batch = folder.read(np.arange(min(len(folder), config.data.eval_images)), size)
+    # Batches are decoded between the timed steps (`train_one`), so no read-ahead is needed.
+    return Problem(model, softmax_xent, "categorical",
+                   lambda step: folder.read(sampler.indices(step), size), eval_batch)
   raise ValueError(f"unknown experiment {name!r}")
-
-
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-  """A fresh permutation every epoch; the batch of a step depends only on (seed, step)."""
-  per_epoch = n // batch_size
-  epoch, within = divmod(step, per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(n)
-  return order[within * batch_size:(within + 1) * batch_size]
 
 
 def make_tx(name: str, lr: float, config, layers):

@@ -138,3 +138,15 @@ def test_digits_cnn_kfac_learns_in_a_few_steps():
   run = kfac_study.train_one(config, problem, "kfac", 0.3, progress=False)
   losses = [h["loss"] for h in run["history"]]
   assert losses[-1] < 0.8 * losses[0]  # cross-entropy from ~log(10) on all 1,437 images
+
+
+def test_profile_whole_steps_by_kind_and_inversion_exponent():
+  from sdl.bench import kfac_profile
+  config = kfac_configs.get_config("digits_autoencoder,smoke")
+  config.kfac.update(stats_every=2, inverse_every=4)
+  steps = kfac_profile.whole_steps(config, kfac_study.make_problem(config), cycles=2)
+  assert steps["sgd"] > 0 and steps["kfac"] > 0 and steps["cycles"] == 2
+  assert set(steps["kfac_by_kind"]) == {"plain", "statistics", "inversion"}
+  widths = [64, 128, 256, 512]
+  assert kfac_profile.fit_exponent(widths, [3e-9 * w ** 2.5 for w in widths]) == (
+      pytest.approx(2.5))

@@ -14,8 +14,8 @@ outside the timing, `block_until_ready`, median of the runs):
                        all-reduce is measured on the local devices, which on a CPU host are
                        threads sharing memory, so it stands for nothing on a real network
 
-and the whole steps are timed too: SGD's, and K-FAC's averaged over `inverse_every` steps
-(amortised), which the parts should add up to.
+and the whole steps are timed too (`whole_steps`): SGD's, and K-FAC's averaged over cycles
+of `inverse_every` steps (amortised), which the parts should add up to.
 """
 import math
 import time
@@ -128,28 +128,51 @@ def _all_reduce_seconds(elements: int, runs: int) -> float:
   return measure(jax.jit(fn), x, runs=runs).median_s
 
 
-def whole_steps(config, problem: Problem | None = None, lr: float = 0.01) -> dict:
-  """Mean seconds per step over `2 * inverse_every` steps (after compiling): SGD and K-FAC."""
+def whole_steps(config, problem: Problem | None = None, lr: float = 0.01,
+                cycles: int = 7) -> dict:
+  """Seconds per step, SGD's and K-FAC's, each a median over `cycles` cycles.
+
+  A cycle is `inverse_every` consecutive steps (so K-FAC's holds exactly one inversion and
+  its share of statistics steps: its mean is the amortised step). SGD's and K-FAC's cycles
+  alternate, so a slow spell of a shared machine hits both; states are donated, as in
+  training. Also returns K-FAC's median step by kind: plain, statistics, inversion.
+  """
   problem = problem or make_problem(config)
-  steps = 2 * config.kfac.inverse_every
+  k = config.kfac
   x0 = problem.example
-  layers = kfac.select_layers(kfac.find_layers(problem.model, x0),
-                             config.kfac.max_factor_dim)
+  layers = kfac.select_layers(kfac.find_layers(problem.model, x0), k.max_factor_dim)
   params = problem.model.init(jax.random.key(0), x0)["params"]
   batch = {key: jnp.asarray(v) for key, v in problem.batch(0).items()}
-  out = {}
+  runners = {}
   for name in ("sgd", "kfac"):
     tx = make_tx(name, lr, config, layers)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+    own = jax.tree.map(jnp.copy, params)  # donated below
+    state = TrainState(jnp.zeros((), jnp.int32), own, tx.init(own),
                        jax.random.key_data(jax.random.key(1)))
-    step = jax.jit(make_step(problem, name, tx, layers, config.kfac.fisher))
-    state, m = step(state, batch)  # compile; K-FAC's first step also inverts
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(steps):  # steps 1..2T: exactly two inverse steps among them
+    step = jax.jit(make_step(problem, name, tx, layers, k.fisher), donate_argnums=0)
+    for _ in range(k.inverse_every):  # compile, then one untimed cycle
       state, m = step(state, batch)
     jax.block_until_ready(m)
-    out[name] = (time.perf_counter() - t0) / steps
+    runners[name] = [step, state]
+  means = {"sgd": [], "kfac": []}
+  kinds = {"plain": [], "statistics": [], "inversion": []}
+  for cycle in range(1, cycles + 1):
+    for name, runner in runners.items():
+      times = []
+      for i in range(k.inverse_every):  # the cycle starts on an inversion step
+        count = cycle * k.inverse_every + i
+        t0 = time.perf_counter()
+        runner[1], m = runner[0](runner[1], batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+        if name == "kfac":
+          kind = ("inversion" if i == 0 else "statistics" if count % k.stats_every == 0
+                  else "plain")
+          kinds[kind].append(times[-1])
+      means[name].append(float(np.mean(times)))
+  out = {name: float(np.median(v)) for name, v in means.items()}
+  out["kfac_by_kind"] = {kind: float(np.median(v)) for kind, v in kinds.items() if v}
+  out["cycles"] = cycles
   return out
 
 
@@ -198,8 +221,11 @@ def report(config, parts: dict, steps: dict, scaling: list[dict], out_png: str |
       "device(s) (shared memory here: not a network measurement).",
       "",
       f"Sum of parts (amortised, excluding communication): {amortised * 1e3:.1f} ms; measured "
-      f"K-FAC step over {2 * k.inverse_every} steps: {steps['kfac'] * 1e3:.1f} ms; SGD step: "
-      f"{steps['sgd'] * 1e3:.1f} ms; **K-FAC / SGD = {steps['kfac'] / steps['sgd']:.2f}**.",
+      f"whole steps (median over {steps['cycles']} cycles of {k.inverse_every} steps, SGD's and "
+      f"K-FAC's cycles alternating): K-FAC {steps['kfac'] * 1e3:.1f} ms, SGD "
+      f"{steps['sgd'] * 1e3:.1f} ms; **K-FAC / SGD = {steps['kfac'] / steps['sgd']:.2f}**. "
+      "K-FAC steps by kind (median ms): " + ", ".join(
+          f"{kind} {secs * 1e3:.1f}" for kind, secs in steps["kfac_by_kind"].items()) + ".",
       "", "Inversion of one d x d factor (seconds):", "",
       "| d | eigh | cholesky |", "|---|---|---|"]
   lines += [f"| {r['width']} | {r['eigh']:.4f} | {r['cholesky']:.4f} |" for r in scaling]

@@ -23,7 +23,8 @@ the `spatial` mesh axis); after them, to `(batch, -, -, -, -)`: purely data para
 Without a `partitioner` the module places no constraints (single device).
 
 Convolutions lower per backend (`sdl.models.conv`): natively on GPU/TPU, folded onto 2D
-convolutions on CPU, where that runs several times faster.
+convolutions on CPU, where that runs several times faster. `conv_lowering` also picks the
+max pooling's lowering (`sdl.models.pooling`: a reshaped maximum on CPU).
 """
 import dataclasses
 from typing import Any
@@ -32,6 +33,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sdl.models.conv import Conv3D
+from sdl.models.pooling import max_pool3d
 from sdl.parallel.sharding import VOLUME_AXES, Partitioner
 from sdl.parallel.spatial import Window, check_spatial_plan, max_spatial_layers
 
@@ -93,7 +95,8 @@ class CosmoFlow(nn.Module):
   spatial_layers: int | None = None  # None: every conv/pool layer runs depth-split
   partitioner: Partitioner | None = None
   dtype: Any = jnp.float32  # compute dtype (bf16 for mixed precision); params stay fp32
-  conv_lowering: str = "auto"  # "native" | "folded" | "auto" (per backend, sdl.models.conv)
+  conv_lowering: str = "auto"  # "native" | "folded" | "auto" (per backend, sdl.models.conv;
+                               # also max pooling's, sdl.models.pooling)
 
   def _constrain(self, x, logical):
     return x if self.partitioner is None else self.partitioner.constrain(x, logical)
@@ -116,7 +119,7 @@ class CosmoFlow(nn.Module):
                    logical=VOLUME_AXES if i < n_split else DATA_PARALLEL)(x)
         x = nn.leaky_relu(x, slope)
       elif layer.kind == "maxpool":
-        x = nn.max_pool(x, (w.kernel,) * 3, (w.stride,) * 3, (w.padding,) * 3)
+        x = max_pool3d(x, w.kernel, w.stride, w.padding, self.conv_lowering)
       else:  # average pooling counts the zero padding, as cuDNN's default mode does
         x = nn.avg_pool(x, (w.kernel,) * 3, (w.stride,) * 3, (w.padding,) * 3,
                         count_include_pad=True)

@@ -50,6 +50,11 @@ def test_summary_ratios_against_the_best_first_order_run():
   assert r["steps_ratio"] == pytest.approx(20 / 30)
   assert r["seconds_ratio"] == pytest.approx(0.4 / 0.3)
   assert r["step_time_vs_sgd"] == pytest.approx(2.0)
+  assert "met before training" not in s["table"]
+  config.train.target_loss = 0.95  # every run starts below it: no ratio, and a hint
+  s = kfac_study.summarize(config, runs)
+  assert s["kfac_vs_best_first_order"]["steps_ratio"] is None
+  assert "met before training (initial loss 0.9000" in s["table"]
 
 
 def write_folder(root, sizes_per_class):

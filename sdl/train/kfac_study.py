@@ -238,8 +238,8 @@ def summarize(config, runs: list[dict]) -> dict:
     base_secs = min(reached(r, target)[1] for r in first_order)
     sgd = chosen.get("sgd")
     out["kfac_vs_best_first_order"] = {
-        "steps_ratio": k_steps / base_steps if math.isfinite(base_steps) else None,
-        "seconds_ratio": k_secs / base_secs if math.isfinite(base_secs) else None,
+        "steps_ratio": _ratio(k_steps, base_steps),
+        "seconds_ratio": _ratio(k_secs, base_secs),
         "step_time_vs_sgd": (chosen["kfac"]["step_s_median"] / sgd["step_s_median"]
                              if sgd else None)}
   ratios = out.get("kfac_vs_best_first_order", {})
@@ -252,7 +252,18 @@ def summarize(config, runs: list[dict]) -> dict:
       + "\n\nK-FAC / best of SGD and Adam: steps " + fmt(ratios.get("steps_ratio"))
       + ", seconds " + fmt(ratios.get("seconds_ratio")) + "; K-FAC step time / SGD step time "
       + fmt(ratios.get("step_time_vs_sgd")) + "\n")
+  initial = min((b["history"][0]["loss"] for b in chosen.values()), default=math.inf)
+  if initial <= target:
+    out["table"] += (f"\nThe target is met before training (initial loss {initial:.4f} ≤ "
+                     f"{target}): set train.target_loss below it to compare optimisers.\n")
   return out
+
+
+def _ratio(kfac_value: float, first_order: float) -> float | None:
+  """K-FAC's steps (or seconds) over the best first-order run's; None when undefined."""
+  if not math.isfinite(first_order) or first_order <= 0:
+    return None
+  return kfac_value / first_order
 
 
 def plot(runs: list[dict], summary: dict, workdir: str) -> None:

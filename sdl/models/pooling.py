@@ -2,11 +2,12 @@
 
 `flax.linen.max_pool` is a `reduce_window`, whose gradient XLA runs as `select_and_scatter`.
 XLA:CPU executes that slowly: for CosmoFlow's first pool (2 x 128³ x 32 fp32) forward and
-backward took 3.1 s against 1.3 s for the same maximum written as a reshape (2-core EPYC,
-2026-11-27, `python -m experiments.layer_bench`'s pooling rows). When the window equals the
+backward took 2.3 s against 0.8 s with this module's reshape and gradient (2-core EPYC,
+2026-11-27, a scratch timing; the whole mlperf step went from 11.5 to 9.3 s in
+`experiments.cosmoflow_step_bench`, docs/benchmarks.md). When the window equals the
 stride and there is no padding, the window is a reshape,
 
-    y[n, i, j, k, c] = max over (a, b, d) in {0..k-1}³ of x[n, k i + a, k j + b, k d + d', c],
+    y[n, i, j, l, c] = max over (a, b, e) in {0..k-1}³ of x[n, k i + a, k j + b, k l + e, c],
 
 and the gradient goes, as `select_and_scatter` sends it, to the *first* maximum of each
 window in row-major (depth, height, width) order, so both lowerings agree exactly, ties

@@ -2,10 +2,9 @@
 
 `flax.linen.max_pool` is a `reduce_window`, whose gradient XLA runs as `select_and_scatter`.
 XLA:CPU executes that slowly: for CosmoFlow's first pool (2 x 128³ x 32 fp32) forward and
-backward took 2.3 s against 0.8 s with this module's reshape and gradient (2-core EPYC,
-2026-11-27, a scratch timing; the whole mlperf step went from 11.5 to 9.3 s in
-`experiments.cosmoflow_step_bench`, docs/benchmarks.md). When the window equals the
-stride and there is no padding, the window is a reshape,
+backward took 2.5 s, against 0.35 s with this module's reshape and gradient (2-core
+EPYC, 2026-11-27, scratch timings; whole-step numbers in docs/benchmarks.md). When the
+window equals the stride and there is no padding, the window is a reshape,
 
     y[n, i, j, l, c] = max over (a, b, e) in {0..k-1}³ of x[n, k i + a, k j + b, k l + e, c],
 
@@ -16,6 +15,7 @@ overlapping or padded windows, the native op runs. `sdl.models.conv.default_lowe
 the one place that decides: "folded" there means "the CPU lowerings".
 """
 import functools
+import itertools
 
 import flax.linen as nn
 import jax
@@ -54,33 +54,21 @@ def _window_max_fwd(x, k):
 
 def _window_max_bwd(k, residuals, dy):
   x, y = residuals
-  hit = _windows(x, k) == y[:, :, None, :, None, :, None, :]
-  first = _first_along(_first_along(_first_along(hit, 6), 4), 2)
-  dx = jnp.where(first, dy[:, :, None, :, None, :, None, :], jnp.zeros((), dy.dtype))
+  xw = _windows(x, k)
+  # Per output: the row-major position of its window's first maximum. Working on
+  # output-sized arrays (one strided view of x per position) and then one broadcast
+  # select keeps the gradient at about one pass over x.
+  taps = list(itertools.product(range(k), repeat=3))
+  first = jnp.full(y.shape, len(taps), jnp.int32)
+  for p in reversed(range(len(taps))):  # earlier positions overwrite later ones
+    a, b, e = taps[p]
+    first = jnp.where(xw[:, :, a, :, b, :, e, :] == y, p, first)
+  r = jnp.arange(k)
+  position = (r[:, None, None] * k * k + r[None, :, None] * k + r[None, None, :]).reshape(
+      1, 1, k, 1, k, 1, k, 1)
+  expand = lambda v: v[:, :, None, :, None, :, None, :]
+  dx = jnp.where(position == expand(first), expand(dy), jnp.zeros((), dy.dtype))
   return (dx.reshape(x.shape),)
 
 
 _window_max.defvjp(_window_max_fwd, _window_max_bwd)
-
-
-def _first_along(hit, axis):
-  """Keep, along window axis `axis`, only the first slice holding a True: a position stays
-  if no earlier slice along `axis` has a True anywhere in its inner window axes. Applied
-  to the width, then height, then depth axis this leaves each window's first True in
-  row-major order."""
-  k = hit.shape[axis]
-  inner = tuple(a for a in (4, 6) if a > axis)
-  seen = jnp.zeros_like(jnp.take(hit, 0, axis=axis))
-  parts = []
-  for i in range(k):
-    part = jnp.take(hit, i, axis=axis)
-    parts.append(part & ~_any_inner(seen, inner, axis))
-    seen = seen | part
-  return jnp.stack(parts, axis=axis)
-
-
-def _any_inner(seen, inner, axis):
-  """`seen` (with `axis` removed) reduced to any() over the inner window axes, kept as size 1
-  so it broadcasts back over them."""
-  axes = tuple(a - 1 for a in inner)  # positions after `axis` was removed
-  return seen.any(axis=axes, keepdims=True) if axes else seen

@@ -1,4 +1,6 @@
-"""Max pooling's CPU lowering against numpy and against XLA's reduce_window, ties included."""
+"""Pooling's CPU lowerings against numpy loops and XLA's reduce_window (max: ties
+included; average: sharded over fake devices against one device)."""
+import functools
 import itertools
 
 import jax
@@ -6,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdl.models.pooling import max_pool3d
+from sdl.models.pooling import avg_pool3d, max_pool3d
+from sdl.parallel import Partitioner, make_mesh
+from sdl.parallel.sharding import VOLUME_AXES
 
 
 def numpy_pool_and_grad(x, k, dy):
@@ -60,3 +64,67 @@ def test_folded_pool_compiles_to_no_select_and_scatter():
       max_pool3d(v, 2, 2, lowering=lowering)))).lower(x).as_text()
   assert "select_and_scatter" in hlo("native")
   assert "select_and_scatter" not in hlo("folded")
+
+
+def numpy_avg_pool_and_grad(x, k, s, p, dy):
+  """Average over each k³ window of the zero-padded input (padding counted), and its
+  gradient: every input voxel of a window gets dy / k³, accumulated by loops."""
+  xp = np.pad(x, [(0, 0)] + [(p, p)] * 3 + [(0, 0)])
+  out = [(xp.shape[i] - k) // s + 1 for i in (1, 2, 3)]
+  y = np.zeros((x.shape[0], *out, x.shape[4]), np.float64)
+  dxp = np.zeros(xp.shape, np.float64)
+  for i, j, l in itertools.product(*(range(o) for o in out)):
+    window = np.s_[:, i * s:i * s + k, j * s:j * s + k, l * s:l * s + k]
+    y[:, i, j, l] = xp[window].mean(axis=(1, 2, 3))
+    dxp[window] += dy[:, i, j, l, None, None, None] / k ** 3
+  return y, dxp[:, p:xp.shape[1] - p, p:xp.shape[2] - p, p:xp.shape[3] - p]
+
+
+@pytest.mark.parametrize("k,s,p,shape", [(3, 2, 1, (2, 8, 6, 10, 3)), (3, 1, 1, (1, 5, 4, 6, 2)),
+                                         (2, 2, 0, (1, 4, 6, 4, 2)), (3, 2, 0, (1, 7, 9, 5, 2)),
+                                         (3, 3, 1, (1, 7, 6, 8, 1))])
+def test_avg_pool_equals_numpy_and_native(k, s, p, shape):
+  rng = np.random.default_rng(k * 10 + s)
+  x = rng.normal(size=shape).astype(np.float32)
+  out = [(n + 2 * p - k) // s + 1 for n in shape[1:4]]
+  dy = rng.normal(size=(shape[0], *out, shape[4])).astype(np.float32)
+  y_ref, dx_ref = numpy_avg_pool_and_grad(x, k, s, p, dy)
+  for lowering in ("folded", "native"):
+    y, vjp = jax.vjp(lambda v, lowering=lowering: avg_pool3d(v, k, s, (p, p), lowering),
+                     jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dy))[0]), dx_ref, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_folded_avg_pool_gradient_has_no_reduce_window():
+  x = jnp.ones((1, 8, 8, 8, 2))
+  hlo = lambda lowering: jax.jit(jax.grad(lambda v: jnp.sum(
+      avg_pool3d(v, 3, 2, (1, 1), lowering)))).lower(x).compile().as_text()
+  assert "reduce-window" in hlo("native")  # XLA's gradient: a window sum of the padded dy
+  assert "reduce-window" not in hlo("folded")
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (1, 8), (2, 2, 2)])
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (3, 1, 1), (2, 2, 0)])
+def test_sharded_avg_pool_equals_one_device(shape, k, s, p):
+  """Depth (and height) split: per-shard pooling with halos == unsplit native pooling."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 16, 8, 6, 3)).astype(np.float32)
+  weights = rng.normal(size=(2, (16 + 2 * p - k) // s + 1, (8 + 2 * p - k) // s + 1,
+                             (6 + 2 * p - k) // s + 1, 3)).astype(np.float32)
+  loss = lambda pool, v: jnp.sum(jnp.sin(pool(v)) * weights)
+  native = functools.partial(avg_pool3d, kernel=k, stride=s, padding=(p, p), lowering="native")
+  y_ref, dx_ref = jax.value_and_grad(lambda v: loss(native, v))(x)
+  mesh = make_mesh(shape, ("data", "spatial", "spatial_h")[:len(shape)])
+  part = Partitioner.create(mesh)
+  sharded = functools.partial(avg_pool3d, kernel=k, stride=s, padding=(p, p),
+                              lowering="folded", partitioner=part)
+  xs = jax.device_put(x, part.sharding(VOLUME_AXES))
+  step = jax.jit(jax.value_and_grad(lambda v: loss(sharded, v)))
+  y, dx = step(xs)
+  np.testing.assert_allclose(float(y), float(y_ref), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-5, atol=1e-6)
+  hlo = step.lower(xs).compile().as_text()
+  assert "all-gather" not in hlo
+  assert ("collective-permute" in hlo) == (shape[1] > 1 and not (k == s and p == 0))

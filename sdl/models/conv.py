@@ -107,7 +107,7 @@ def _conv2d_bwd(strides, width_padding, reduce_axes, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def _extend(x, axis_name, dim, kernel, stride, padding):
+def extend(x, axis_name, dim, kernel, stride, padding):
   """Pad (unsplit) or halo-extend (split) `dim` so a valid window op gives the output."""
   low, high_pad = padding
   if axis_name is None:
@@ -117,18 +117,17 @@ def _extend(x, axis_name, dim, kernel, stride, padding):
   return lax.slice_in_dim(x, 0, x.shape[dim] + high, axis=dim) if high < 0 else x
 
 
-def conv3d_folded(x, kernel, strides, padding, partitioner: Partitioner | None = None,
-                  logical: Sequence[str | None] = VOLUME_AXES):
-  """The folded lowering; per shard (with halo exchange) when a partitioner is given."""
-  kd, kh = kernel.shape[:2]
+def per_shard(local, x, *replicated, partitioner: Partitioner | None = None,
+              logical: Sequence[str | None] = VOLUME_AXES):
+  """Run the window op `local` on each shard of `x` inside `jax.shard_map`.
 
-  def local(x, kernel, depth_axis=None, height_axis=None, reduce_axes=()):
-    x = _extend(x, depth_axis, 1, kd, strides[0], padding[0])
-    x = _extend(x, height_axis, 2, kh, strides[1], padding[1])
-    return fold_depth(x, kernel, strides, padding[2], reduce_axes)
-
+  `local(x, *replicated, depth_axis=, height_axis=, reduce_axes=)` sees its own slab and
+  the names of the mesh axes its depth and height are split over (None: not split; it
+  pads instead of exchanging halos, see `extend`) and of every axis `x` is split over
+  (for sums of parameter gradients). Without a partitioner it runs once, unsplit.
+  """
   if partitioner is None:
-    return local(x, kernel)
+    return local(x, *replicated)
   spec = partitioner.spec(logical)
   mesh = partitioner.mesh
   split = lambda axis: axis if axis is not None and mesh.shape[axis] > 1 else None
@@ -136,8 +135,22 @@ def conv3d_folded(x, kernel, strides, padding, partitioner: Partitioner | None =
                      for a in (entry if isinstance(entry, tuple) else (entry,)))
   axes = {"depth_axis": split(spec[1]), "height_axis": split(spec[2]),
           "reduce_axes": split_over}
-  return jax.shard_map(lambda x, k: local(x, k, **axes), mesh=partitioner.mesh,
-                       in_specs=(spec, PartitionSpec()), out_specs=spec)(x, kernel)
+  return jax.shard_map(lambda x, *r: local(x, *r, **axes), mesh=mesh,
+                       in_specs=(spec, *(PartitionSpec(),) * len(replicated)),
+                       out_specs=spec)(x, *replicated)
+
+
+def conv3d_folded(x, kernel, strides, padding, partitioner: Partitioner | None = None,
+                  logical: Sequence[str | None] = VOLUME_AXES):
+  """The folded lowering; per shard (with halo exchange) when a partitioner is given."""
+  kd, kh = kernel.shape[:2]
+
+  def local(x, kernel, depth_axis=None, height_axis=None, reduce_axes=()):
+    x = extend(x, depth_axis, 1, kd, strides[0], padding[0])
+    x = extend(x, height_axis, 2, kh, strides[1], padding[1])
+    return fold_depth(x, kernel, strides, padding[2], reduce_axes)
+
+  return per_shard(local, x, kernel, partitioner=partitioner, logical=logical)
 
 
 class Conv3D(nn.Module):

@@ -24,7 +24,8 @@ Without a `partitioner` the module places no constraints (single device).
 
 Convolutions lower per backend (`sdl.models.conv`): natively on GPU/TPU, folded onto 2D
 convolutions on CPU, where that runs several times faster. `conv_lowering` also picks the
-max pooling's lowering (`sdl.models.pooling`: a reshaped maximum on CPU).
+pooling lowerings (`sdl.models.pooling`: on CPU a reshaped maximum, and average pooling
+with a separable gradient, per shard with halo exchange).
 """
 import dataclasses
 from typing import Any
@@ -33,7 +34,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sdl.models.conv import Conv3D
-from sdl.models.pooling import max_pool3d
+from sdl.models.pooling import avg_pool3d, max_pool3d
 from sdl.parallel.sharding import VOLUME_AXES, Partitioner
 from sdl.parallel.spatial import Window, check_spatial_plan, max_spatial_layers
 
@@ -121,8 +122,8 @@ class CosmoFlow(nn.Module):
       elif layer.kind == "maxpool":
         x = max_pool3d(x, w.kernel, w.stride, w.padding, self.conv_lowering)
       else:  # average pooling counts the zero padding, as cuDNN's default mode does
-        x = nn.avg_pool(x, (w.kernel,) * 3, (w.stride,) * 3, (w.padding,) * 3,
-                        count_include_pad=True)
+        x = avg_pool3d(x, w.kernel, w.stride, w.padding, self.conv_lowering,
+                       self.partitioner, VOLUME_AXES if i < n_split else DATA_PARALLEL)
     x = self._constrain(x, DATA_PARALLEL)
     x = x.reshape((x.shape[0], -1))
     hidden, rate = ((128, 64), 0.5) if self.variant == "mlperf" else ((2048, 256), 0.2)

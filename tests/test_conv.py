@@ -82,3 +82,26 @@ def test_data_parallel_layout_and_module_params_match_flax_conv():
   assert rel_err(y, reference.apply(ref_params, x)) < 1e-5
   assert conv.default_lowering("cpu") == "folded" and conv.default_lowering("gpu") == "native"
   assert conv.default_lowering("tpu") == "native"
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2), (1, 2)])
+@pytest.mark.parametrize("budget", [1, 3000, 1 << 30])  # chunks of 1 image, of 2, whole batch
+def test_kernel_gradient_in_chunks_equals_numpy(monkeypatch, strides, budget):
+  """The chunked per-tap GEMMs against a direct numpy sum over positions and taps."""
+  monkeypatch.setattr(conv, "KERNEL_GRADIENT_CHUNK_BYTES", budget)
+  rng = np.random.default_rng(sum(strides))
+  b, h, w, c, o, kh, kw = 6, 7, 8, 3, 4, 3, 2
+  (sh, sw) = strides
+  h_out, w_out = (h - kh) // sh + 1, (w - kw) // sw + 1
+  x = rng.normal(size=(b, h, w, c)).astype(np.float32)
+  dy = rng.normal(size=(b, h_out, w_out, o)).astype(np.float32)
+  want = np.zeros((kh, kw, c, o))
+  for i in range(kh):
+    for j in range(kw):
+      view = x[:, i:i + sh * (h_out - 1) + 1:sh, j:j + sw * (w_out - 1) + 1:sw]
+      want[i, j] = np.einsum("bhwc,bhwo->co", view.astype(np.float64), dy)
+  got = conv.kernel_gradient(jnp.asarray(x), jnp.asarray(dy), (kh, kw), strides)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(lambda x, dy: conv.kernel_gradient(x, dy, (kh, kw), strides)).lower(
+      x, dy).as_text()
+  assert ("while" in hlo) == (budget < 1 << 30)  # chunked: a scan over image groups

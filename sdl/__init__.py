@@ -4,4 +4,8 @@ Subpackages: `sdl.parallel` (meshes, shardings, spatial partitioning), `sdl.mode
 Flax modules), `sdl.data` (synthetic universes, datasets), `sdl.optim` (optax transforms),
 `sdl.train` (the jitted step, checkpoints, metrics), `sdl.bench` (timing, memory).
 """
+from sdl import xla_flags as _xla_flags
+
 __version__ = "0.1.0"
+
+_xla_flags.apply_defaults()  # before JAX starts a backend (see sdl/xla_flags.py)

@@ -1,0 +1,54 @@
+"""The one place that sets XLA compiler flags for sdl: today, XLA:CPU's kernel library.
+
+XLA reads `XLA_FLAGS` once, when JAX starts its first backend, so `import sdl` applies
+these defaults then (`apply_defaults`), before any computation. A flag the user already
+put in `XLA_FLAGS` is left as it is: that is also the way to opt out.
+
+* `--xla_cpu_experimental_ynn_fusion_type=individual_dot`. jaxlib 0.10-0.12 hand both
+  dots and convolutions to YNNPACK on CPU by default. On CosmoFlow's depth-folded 2D
+  convolutions (`sdl.models.conv`) Eigen's convolution ran the forward pass 1.4-2.6 x
+  faster (lbann conv2, 128 images 64² x 48 → 32: 438 → 204 ms; mlperf conv2: 1,268 →
+  625 ms), while YNNPACK's GEMMs stayed ahead of Eigen's (4096³ fp32: 129 against 77
+  GFLOP/s). So dots keep YNNPACK and convolutions go back to Eigen. Measured on the 2-core
+  EPYC VM with jax 0.10.2, 2026-11-27 (whole-step numbers in docs/benchmarks.md). The
+  flag only affects the CPU backend; GPU and TPU compilers ignore it.
+
+Unknown flags abort XLA at start-up, and this one is marked experimental, so it is only
+set for the jaxlib versions it was measured with (`CPU_FLAGS_JAXLIB`); a newer jaxlib
+runs with its own defaults until someone measures again.
+"""
+import os
+import re
+from importlib import metadata
+
+CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "individual_dot"}
+CPU_FLAGS_JAXLIB = ((0, 10), (0, 13))  # [first, past-the-end) (major, minor) known to work
+
+
+def _jaxlib_version() -> tuple[int, int] | None:
+  try:
+    installed = metadata.version("jaxlib")
+  except metadata.PackageNotFoundError:
+    return None
+  match = re.match(r"(\d+)\.(\d+)", installed)
+  return (int(match[1]), int(match[2])) if match else None
+
+
+def default_flags(jaxlib_version: tuple[int, int] | None) -> dict[str, str]:
+  """sdl's default XLA flags for a jaxlib (major, minor) version."""
+  low, high = CPU_FLAGS_JAXLIB
+  return dict(CPU_FLAGS) if jaxlib_version and low <= jaxlib_version < high else {}
+
+
+def with_defaults(xla_flags: str, jaxlib_version: tuple[int, int] | None) -> str:
+  """`xla_flags` plus every default flag it does not already set."""
+  extra = [f"--{name}={value}" for name, value in default_flags(jaxlib_version).items()
+           if not re.search(rf"--{name}(=|\s|$)", xla_flags)]
+  return " ".join([xla_flags.strip(), *extra]).strip()
+
+
+def apply_defaults(environ=os.environ) -> None:
+  """Add sdl's defaults to `environ["XLA_FLAGS"]` (no effect once a backend started)."""
+  flags = with_defaults(environ.get("XLA_FLAGS", ""), _jaxlib_version())
+  if flags:
+    environ["XLA_FLAGS"] = flags

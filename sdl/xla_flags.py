@@ -10,8 +10,9 @@ put in `XLA_FLAGS` is left as it is: that is also the way to opt out.
   faster (lbann conv2, 128 images 64² x 48 → 32: 438 → 204 ms; mlperf conv2: 1,268 →
   625 ms), while YNNPACK's GEMMs stayed ahead of Eigen's (4096³ fp32: 129 against 77
   GFLOP/s). So dots keep YNNPACK and convolutions go back to Eigen. Measured on the 2-core
-  EPYC VM with jax 0.10.2, 2026-11-27 (whole-step numbers in docs/benchmarks.md). The
-  flag only affects the CPU backend; GPU and TPU compilers ignore it.
+  EPYC VM with jax 0.10.2, 2026-11-27 (whole-step numbers in docs/benchmarks.md). With
+  jax 0.12.0.1 the gain was smaller (the same two forwards: 305 → 251 ms and 814 →
+  736 ms). The flag only affects the CPU backend; GPU and TPU compilers ignore it.
 
 Unknown flags abort XLA at start-up, and this one is marked experimental, so it is only
 set for the jaxlib versions it was measured with (`CPU_FLAGS_JAXLIB`); a newer jaxlib

@@ -246,6 +246,8 @@ def report(config, parts: dict, steps: dict, scaling: list[dict], out_png: str |
     ax1.legend()
     for method in kfac.INVERSIONS:
       ax2.loglog(widths, [r[method] for r in scaling], "o-", label=method)
+    ax2.set_xticks(widths, [str(w) for w in widths])  # the measured widths, no minor labels
+    ax2.xaxis.set_minor_formatter(plt.NullFormatter())
     ax2.set_xlabel("factor width d")
     ax2.set_ylabel("seconds per inversion")
     ax2.legend()

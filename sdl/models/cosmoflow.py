@@ -110,20 +110,23 @@ class CosmoFlow(nn.Module):
     slope = 0.3 if self.variant == "mlperf" else 0.01
     x = self._constrain(counts, VOLUME_AXES if n_split else DATA_PARALLEL)
     x = jnp.log1p(x.astype(jnp.float32)).astype(self.dtype)
+    # init only needs shapes, and may see one example on a data-parallel mesh, which the
+    # per-shard CPU pooling (shard_map) cannot split: pool natively there (as Conv3D does)
+    pool_lowering = "native" if self.is_initializing() else self.conv_lowering
     for i, layer in enumerate(layers):
-      x = self._constrain(x, VOLUME_AXES if i < n_split else DATA_PARALLEL)
-      w = layer.window
+      w, logical = layer.window, VOLUME_AXES if i < n_split else DATA_PARALLEL
+      x = self._constrain(x, logical)
       if layer.kind == "conv":
         x = Conv3D(layer.features, (w.kernel,) * 3, strides=(w.stride,) * 3,
                    padding=(w.padding,) * 3, use_bias=layer.use_bias, dtype=self.dtype,
                    lowering=self.conv_lowering, partitioner=self.partitioner,
-                   logical=VOLUME_AXES if i < n_split else DATA_PARALLEL)(x)
+                   logical=logical)(x)
         x = nn.leaky_relu(x, slope)
       elif layer.kind == "maxpool":
-        x = max_pool3d(x, w.kernel, w.stride, w.padding, self.conv_lowering)
+        x = max_pool3d(x, w.kernel, w.stride, w.padding, pool_lowering)
       else:  # average pooling counts the zero padding, as cuDNN's default mode does
-        x = avg_pool3d(x, w.kernel, w.stride, w.padding, self.conv_lowering,
-                       self.partitioner, VOLUME_AXES if i < n_split else DATA_PARALLEL)
+        x = avg_pool3d(x, w.kernel, w.stride, w.padding, pool_lowering, self.partitioner,
+                       logical)
     x = self._constrain(x, DATA_PARALLEL)
     x = x.reshape((x.shape[0], -1))
     hidden, rate = ((128, 64), 0.5) if self.variant == "mlperf" else ((2048, 256), 0.2)

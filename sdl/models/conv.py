@@ -18,6 +18,7 @@ its own slab. Parameters are those of `flax.linen.Conv` (`kernel` `[kd, kh, kw, 
 `bias` `[O]`, same initialisers), so the lowering can change without touching checkpoints.
 """
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,13 @@ LOWERINGS = ("auto", "native", "folded")
 def default_lowering(backend: str | None = None) -> str:
   """The convolution lowering for a backend: folded on CPU, native elsewhere."""
   return "folded" if (backend or jax.default_backend()) == "cpu" else "native"
+
+
+def resolve_lowering(lowering: str, op: str = "conv") -> str:
+  """"auto" → this backend's default; otherwise `lowering`, checked."""
+  if lowering not in LOWERINGS:
+    raise ValueError(f"{op} lowering {lowering!r}: choose one of {LOWERINGS}")
+  return default_lowering() if lowering == "auto" else lowering
 
 
 def conv3d_native(x, kernel, strides, padding):
@@ -159,18 +167,24 @@ def _plane_out(x, kernel, strides, width_padding):
   return h_out * w_out
 
 
+def window_patches(x, window: Sequence[int], strides: Sequence[int]):
+  """Valid windows of channels-last `x` `[N, *spatial, C]` (already padded) as
+  `[N, *out, prod(window) * C]`: taps in row-major window order, channels last (the
+  order of `kernel.reshape(-1, c_out)`)."""
+  n, c = x.shape[0], x.shape[-1]
+  outs = [(size - k) // s + 1 for size, k, s in zip(x.shape[1:-1], window, strides)]
+  taps = [lax.slice(x, (0, *offset, 0),
+                    (n, *(t + s * (m - 1) + 1 for t, s, m in zip(offset, strides, outs)), c),
+                    (1, *strides, 1))
+          for offset in itertools.product(*(range(k) for k in window))]
+  return jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+
+
 def patches_gemm(x, kernel, strides, width_padding):
   """Valid-in-depth-and-height 3D convolution as one `[positions, kd*kh*kw*C] @ [.., O]`."""
-  kd, kh, kw, c, o = kernel.shape
   x = jnp.pad(x, [(0, 0), (0, 0), (0, 0), width_padding, (0, 0)])
-  n, outs = x.shape[0], [(size - k) // s + 1
-                         for size, k, s in zip(x.shape[1:4], kernel.shape[:3], strides)]
-  taps = [lax.slice(x, (0, a, b, e, 0),
-                    (n, *(t + s * (m - 1) + 1 for t, s, m in zip((a, b, e), strides, outs)), c),
-                    (1, *strides, 1))
-          for a in range(kd) for b in range(kh) for e in range(kw)]
-  patches = jnp.concatenate(taps, axis=-1).reshape(-1, kd * kh * kw * c)
-  return (patches @ kernel.reshape(-1, o)).reshape(n, *outs, o)
+  patches = window_patches(x, kernel.shape[:3], strides)
+  return patches @ kernel.reshape(-1, kernel.shape[-1])
 
 
 def per_shard(local, x, *replicated, partitioner: Partitioner | None = None,
@@ -229,9 +243,7 @@ class Conv3D(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    lowering = default_lowering() if self.lowering == "auto" else self.lowering
-    if lowering not in LOWERINGS[1:]:
-      raise ValueError(f"conv lowering {self.lowering!r}: choose one of {LOWERINGS}")
+    lowering = resolve_lowering(self.lowering, "conv")
     if lowering == "native" or self.is_initializing():  # init only needs the shapes
       y = conv3d_native(x, kernel, self.strides, self.padding)
     else:

@@ -37,21 +37,14 @@ import jax.numpy as jnp
 
 from jax import lax
 
-from sdl.models.conv import LOWERINGS, default_lowering, extend, per_shard
+from sdl.models.conv import extend, per_shard, resolve_lowering
 from sdl.parallel.sharding import VOLUME_AXES, Partitioner
-
-
-def _resolve(lowering: str) -> str:
-  lowering = default_lowering() if lowering == "auto" else lowering
-  if lowering not in LOWERINGS[1:]:
-    raise ValueError(f"pool lowering {lowering!r}: choose one of {LOWERINGS}")
-  return lowering
 
 
 def max_pool3d(x, kernel: int, stride: int, padding: tuple[int, int] = (0, 0),
                lowering: str = "auto"):
   """3D max pooling of NDHWC `x` with a cubic window; `lowering` as in `sdl.models.conv`."""
-  lowering = _resolve(lowering)
+  lowering = resolve_lowering(lowering, "pool")
   reshapeable = (kernel == stride and tuple(padding) == (0, 0)
                  and all(n % kernel == 0 for n in x.shape[1:4]))
   if lowering == "native" or not reshapeable:
@@ -105,7 +98,7 @@ def avg_pool3d(x, kernel: int, stride: int, padding: tuple[int, int] = (0, 0),
   per shard with halo exchange (module docstring). The native lowering is
   `flax.linen.avg_pool`, partitioned by GSPMD.
   """
-  if _resolve(lowering) == "native":
+  if resolve_lowering(lowering, "pool") == "native":
     return nn.avg_pool(x, (kernel,) * 3, (stride,) * 3, (tuple(padding),) * 3,
                        count_include_pad=True)
 

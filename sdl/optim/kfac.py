@@ -46,7 +46,6 @@ cost `d³`): each layer is inverted by its owner only, which shares the result w
 all-reduce of that layer's inverses (the other devices contribute zeros).
 """
 import dataclasses
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -60,7 +59,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdl.models.conv import Conv3D
+from sdl.models.conv import Conv3D, window_patches
 from sdl.train.state import global_norm
 
 INPUTS = "kfac_inputs"    # collection the interceptor sows layer inputs into
@@ -207,17 +206,9 @@ def _by_layer(perturbation_grads) -> dict[str, jax.Array]:
 def patches(x, spec: LayerSpec):
   """Input patches `[N, T, prod(k) * C]`, taps in row-major kernel order, channels last
   (the order of `kernel.reshape(-1, c_out)`)."""
-  k, s = spec.kernel_shape[:-2], spec.strides
   x = jnp.pad(x, ((0, 0), *spec.padding, (0, 0)))
-  out = [(x.shape[1 + i] - k[i]) // s[i] + 1 for i in range(len(k))]
-  taps = []
-  for offset in itertools.product(*(range(ki) for ki in k)):
-    start = (0, *offset, 0)
-    limit = (x.shape[0], *(o + s[i] * (out[i] - 1) + 1 for i, o in enumerate(offset)),
-             x.shape[-1])
-    taps.append(lax.slice(x, start, limit, (1, *s, 1)))
-  p = jnp.stack(taps, axis=-2)  # [N, *out, taps, C]
-  return p.reshape(x.shape[0], math.prod(out), -1)
+  p = window_patches(x, spec.kernel_shape[:-2], spec.strides)
+  return p.reshape(x.shape[0], -1, p.shape[-1])
 
 
 def layer_factors(spec: LayerSpec, x, g):

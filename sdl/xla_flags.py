@@ -5,14 +5,13 @@ these defaults then (`apply_defaults`), before any computation. A flag the user 
 put in `XLA_FLAGS` is left as it is: that is also the way to opt out.
 
 * `--xla_cpu_experimental_ynn_fusion_type=individual_dot`. jaxlib 0.10-0.12 hand both
-  dots and convolutions to YNNPACK on CPU by default. On CosmoFlow's depth-folded 2D
-  convolutions (`sdl.models.conv`) Eigen's convolution ran the forward pass 1.4-2.6 x
-  faster (lbann conv2, 128 images 64² x 48 → 32: 438 → 204 ms; mlperf conv2: 1,268 →
-  625 ms), while YNNPACK's GEMMs stayed ahead of Eigen's (4096³ fp32: 129 against 77
-  GFLOP/s). So dots keep YNNPACK and convolutions go back to Eigen. Measured on the 2-core
-  EPYC VM with jax 0.10.2, 2026-11-27 (whole-step numbers in docs/benchmarks.md). With
-  jax 0.12.0.1 the gain was smaller (the same two forwards: 305 → 251 ms and 814 →
-  736 ms). The flag only affects the CPU backend; GPU and TPU compilers ignore it.
+  dots and convolutions to YNNPACK on CPU by default. With convolutions on Eigen instead,
+  the DeepBench 2D convolutions ran at a median 77 GFLOP/s forward + backward against 31
+  (`experiments.layer_bench`), and the mlperf CosmoFlow step ran 1.24-1.34 x faster
+  (lbann: 0.96 and 1.38 x in two runs; `experiments.cosmoflow_step_bench`). Both were
+  measured with jax 0.10.2 on the 2-core EPYC VM; commands and tables are in
+  docs/benchmarks.md. Dots stay on YNNPACK. The flag only affects the CPU backend; GPU
+  and TPU compilers ignore it.
 
 Unknown flags abort XLA at start-up, and this one is marked experimental, so it is only
 set for the jaxlib versions it was measured with (`CPU_FLAGS_JAXLIB`); a newer jaxlib

@@ -115,8 +115,8 @@ def kernel_gradient(x, dy, kernel_hw, strides):
   x `[b, H, W, C]` (padded), dy `[b, H_out, W_out, O]` → float32 `[kh, kw, C, O]`. Over
   the whole batch every tap's strided view of `x` is copied out of DRAM and read back
   (9 times the input for 3 x 3); a `scan` over chunks of a few MiB keeps those copies in
-  cache: 1.3-2.6 x faster on CosmoFlow's layers (mlperf conv1's gradient 1.56 → 0.90 s,
-  lbann conv1's 1.28 → 0.49 s; 2-core EPYC, 2026-11-27, scratch timings).
+  cache (the mlperf CosmoFlow step went from 9.6 to 7.2 s with it, lbann's from 4.4 to
+  3.4 s; `experiments.cosmoflow_step_bench`, docs/benchmarks.md).
   """
   (kh, kw), (sh, sw) = kernel_hw, strides
   b, c, (h_out, w_out, o) = x.shape[0], x.shape[-1], dy.shape[1:]
@@ -155,9 +155,9 @@ def extend(x, axis_name, dim, kernel, stride, padding):
 
 # Output planes of at most this many positions (h_out x w_out per image and depth) take
 # one GEMM over all taps instead of XLA's 2D convolution, which is overhead-bound there:
-# lbann's 2³ x 256 → 256 layers ran 29 ms forward (2 GFLOP/s) folded, 1.5 ms as a GEMM;
-# forward + backward 54 → 4 ms (2-core EPYC, 2026-11-27, scratch). At 4 x 4 planes the
-# two were even, at 8 x 8 the folded conv won the forward pass.
+# lbann's 2³ x 256 → 256 layers ran at 2-3 GFLOP/s folded, 19 forward and 43 forward +
+# backward as a GEMM (`experiments.layer_bench`, docs/benchmarks.md). Larger planes stay
+# folded, where XLA's convolution is no longer overhead-bound.
 GEMM_MAX_PLANE = 4
 
 

@@ -3,10 +3,9 @@
 Max pooling (non-overlapping windows).
 
 `flax.linen.max_pool` is a `reduce_window`, whose gradient XLA runs as `select_and_scatter`.
-XLA:CPU executes that slowly: for CosmoFlow's first pool (2 x 128³ x 32 fp32) forward and
-backward took 2.5 s, against 0.35 s with this module's reshape and gradient (2-core
-EPYC, 2026-11-27, scratch timings; whole-step numbers in docs/benchmarks.md). When the
-window equals the stride and there is no padding, the window is a reshape,
+XLA:CPU executes that slowly (with this module's lowering the mlperf CosmoFlow step went
+from 11.5 to 8.1-8.9 s; `experiments.cosmoflow_step_bench`, docs/benchmarks.md). When
+the window equals the stride and there is no padding, the window is a reshape,
 
     y[n, i, j, l, c] = max over (a, b, e) in {0..k-1}³ of x[n, k i + a, k j + b, k l + e, c],
 
@@ -19,12 +18,11 @@ the one place that decides: "folded" there means "the CPU lowerings".
 Average pooling (any window, stride and zero padding, the padding counted as cuDNN's
 default mode and `flax.linen.avg_pool(count_include_pad=True)` do). The forward pass is
 XLA's `reduce_window`, which is fast; its autodiff gradient is a `reduce_window` over a
-dilated, padded cotangent, which XLA:CPU runs slowly: 1.64 s forward + backward for
-lbann's first pool (2 x 128³ x 16 fp32, k3 s2 p1) against PyTorch's 0.54 s (2-core EPYC,
-2026-11-27, scratch timings). The window sum is separable, so its transpose is too: along
-each axis, tap `t` of a stride-`s` window sends `g[o]` to position `s o + t`, i.e. `g`
-padded by `t` with `s - 1` zeros between elements; summing the `k` shifted pads per axis
-gives the input gradient (0.54 s with this lowering). Under a partitioner the op runs per
+dilated, padded cotangent, which XLA:CPU runs slowly. The window sum is separable, so
+its transpose is too: along each axis, tap `t` of a stride-`s` window sends `g[o]` to
+position `s o + t`, i.e. `g` padded by `t` with `s - 1` zeros between elements; summing
+the `k` shifted pads per axis gives the input gradient (the lbann CosmoFlow step went from
+6.97 to 4.44 s with it; `experiments.cosmoflow_step_bench`, docs/benchmarks.md). Under a partitioner the op runs per
 shard in `shard_map` with halos from the neighbours (`sdl.models.conv.per_shard`), as the
 folded convolution does, so a depth split costs no all-gather.
 """

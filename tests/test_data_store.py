@@ -58,6 +58,35 @@ def test_round_trip_is_bit_exact_on_every_mesh(written, mesh_shape, axes):
     np.testing.assert_array_equal(np.asarray(shard.data), volumes[indices][shard.index])
 
 
+@pytest.mark.parametrize("samples,region", [
+    (slice(None), ()),                                   # everything
+    (np.array([11, 3, 3, 0]), (slice(4, 12),)),          # whole chunks, repeats, unsorted
+    (np.array([5, 1]), (slice(3, 13),)),                 # partial first and last chunks
+    (slice(2, 5), (slice(6, 7), slice(None), slice(0, 8))),  # one plane
+])
+def test_raw_chunk_reads_equal_tensorstore(written, samples, region):
+  dataset, volumes, _ = written
+  assert dataset.raw is not None  # plain little-endian chunks: the direct path is taken
+  want = dataset.volumes[(samples, *region)].read().result()  # tensorstore's own read
+  np.testing.assert_array_equal(want, volumes[(samples, *region)])
+  np.testing.assert_array_equal(dataset.read(samples, *region).result(), want)
+  out = store.aligned_empty(want.shape, np.int16)
+  assert out.ctypes.data % store.HOST_ALIGNMENT == 0
+  assert dataset.read(samples, *region, out=out).result() is out
+  np.testing.assert_array_equal(out, want)
+
+
+def test_reads_of_part_planes_go_through_tensorstore(written):
+  dataset, volumes, _ = written
+  assert dataset.raw.planes((slice(0, 8), slice(0, 8))) is None  # half the height
+  assert dataset.raw.planes((slice(0, 8, 2),)) is None            # strided depth
+  out = np.full((3, 16, 8, 8, 4), 7, np.int16)
+  dataset.read([0, 4, 9], slice(None), slice(8, 16), out=out).result()
+  np.testing.assert_array_equal(out, volumes[[0, 4, 9], :, 8:16])
+  with pytest.raises(ValueError, match=r"`out` must be a C-contiguous int16\[3, 16, 8, 8, 4\]"):
+    dataset.read([0, 4, 9], slice(None), slice(0, 8), out=out[..., :2])
+
+
 def test_manifest_and_chunking(written):
   dataset, volumes, _ = written
   m = dataset.manifest
@@ -160,6 +189,7 @@ def test_truncated_or_missing_chunk_names_the_file(small):
 def test_checksum_catches_flipped_bits(tmp_path):
   volumes, labels = random_volumes(2)
   path = write(tmp_path / "ds", volumes, labels, chunk_depth=8, checksum=True)
+  assert store.open_dataset(path).raw is None  # checksummed chunks: tensorstore decodes them
   np.testing.assert_array_equal(read_all(path), volumes)
   chunk = os.path.join(path, "volumes", "c", "1", "0", "0", "0", "0")
   data = bytearray(open(chunk, "rb").read())

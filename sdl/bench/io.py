@@ -1,14 +1,17 @@
 """Read throughput of the dataset reader against plain sequential reads of the same bytes.
 
-Three ways to move a dataset's volume bytes from the file system into this process:
+Four ways to move a dataset's volume bytes from the file system into this process:
 
 - `reader`: `ShardedReader.batch` for every batch of the dataset in order through a
-  `Prefetcher`, as training does, including placement on the devices.
+  `Prefetcher`, as training does, including placement on the devices. One reader serves
+  every repeat, as one serves a whole training run (its host buffers are reused).
 - `cat`: `cat` of every chunk file to /dev/null: the bytes cross into a user buffer that
-  stays in cache, a ceiling no reader that keeps the data can reach.
-- `readinto`: a single Python thread reading each chunk file, in order, into one
-  preallocated, already touched array: a plain sequential read that keeps the bytes, with
-  no page faults (the reader pays them, as it allocates the arrays it hands over).
+  stays in cache and is never written back to memory.
+- `readinto`: one Python thread reading each chunk file, in order, into one preallocated,
+  already touched, page-aligned array: a plain sequential read that keeps the bytes.
+- `readinto, 16-byte aligned`: the same into an array as numpy allocates it (16 bytes past
+  a page boundary). The kernel's copy out of the page cache is much slower into a
+  destination not aligned like the source page; this row shows by how much.
 
 Each is timed `repeats` times and the median kept. The reads come from the page cache when
 the dataset fits in memory (dropping it needs root); that is the case where per-byte
@@ -30,11 +33,9 @@ def chunk_files(dataset: store.Dataset) -> list[str]:
   return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
 
 
-def time_reader(dataset: store.Dataset, shardings: dict, batch_size: int,
-                prefetch: int = 2) -> float:
-  """Every whole batch of the dataset through the reader and prefetcher, as training."""
-  reader = loader.ShardedReader(dataset, shardings)
-  batches = len(dataset) // batch_size
+def time_reader(reader: loader.ShardedReader, batch_size: int, prefetch: int = 2) -> float:
+  """Every whole batch of the dataset through the reader and a prefetcher, as training."""
+  batches = len(reader) // batch_size
   prefetcher = loader.Prefetcher(
       lambda b: reader.batch(np.arange(b * batch_size, (b + 1) * batch_size)), depth=prefetch)
   start = time.perf_counter()
@@ -68,10 +69,16 @@ def throughput(dataset: store.Dataset, shardings: dict, batch_size: int,
   files = chunk_files(dataset)
   nbytes = sum(os.path.getsize(f) for f in files)
   usable = (len(dataset) // batch_size) * batch_size / len(dataset)
-  into = np.ones(nbytes, np.uint8)  # touched once: no page faults inside the timing
-  methods = {"reader": lambda: time_reader(dataset, shardings, batch_size) / usable,
-             "cat": lambda: time_cat(files), "readinto": lambda: time_readinto(files, into)}
-  for fn in methods.values():  # warm the page cache and the code paths
+  reader = loader.ShardedReader(dataset, shardings)
+  aligned = loader.HostBuffers()((nbytes,), np.uint8)
+  unaligned = loader.HostBuffers()((nbytes + 16,), np.uint8)[16:]
+  for buf in (aligned, unaligned):
+    buf[:] = 1  # touched: no page faults inside the timing
+  methods = {"reader": lambda: time_reader(reader, batch_size) / usable,
+             "cat": lambda: time_cat(files),
+             "readinto": lambda: time_readinto(files, aligned),
+             "readinto, 16-byte aligned": lambda: time_readinto(files, unaligned)}
+  for fn in methods.values():  # warm the page cache, the code paths and the reader's buffers
     fn()
   times = {k: [] for k in methods}
   for _ in range(repeats):  # interleaved, so drifts hit every method alike

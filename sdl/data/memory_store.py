@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sdl.data.loader import labels_array
-from sdl.data.store import Dataset
+from sdl.data.store import Dataset, aligned_empty
 
 
 def exchange_plan(indices: np.ndarray, rows_per_owner: int, ranks: int):
@@ -80,10 +80,11 @@ class DistributedStore:
     def shard(index):
       lo, stop, _ = index[0].indices(shape[0])
       hi = min(stop, n)  # rows past the last sample pad the last owner's block
-      out = np.zeros(sharding.shard_shape(shape), np.int16)
+      out = aligned_empty(sharding.shard_shape(shape), np.int16)  # adopted by XLA:CPU
+      out[hi - lo:] = 0
       if hi > lo:
         if isinstance(dataset, Dataset):
-          out[:hi - lo] = dataset.read(slice(lo, hi), *index[1:]).result()
+          dataset.read(slice(lo, hi), *index[1:], out=out[:hi - lo]).result()
         else:
           out[:hi - lo] = dataset.volumes[(slice(lo, hi), *index[1:])]
       return out

@@ -21,10 +21,12 @@ by more than half (not yet a benchmark command: `make_dataset --checksum` and
 them a truncated or missing chunk is still an error naming its file (reads never fill in
 missing chunks); with `checksum=True` flipped bits are caught too.
 """
+import concurrent.futures
 import dataclasses
 import json
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Sequence
 
@@ -156,6 +158,130 @@ class Writer:
       shutil.rmtree(self.partial, ignore_errors=True)
 
 
+# Host arrays that reads land in start on a page boundary: the kernel copies out of the page
+# cache several times faster into a destination aligned like the page (`io_bench`'s two
+# `readinto` rows), and XLA:CPU adopts an array aligned to 64 bytes or more as a device
+# buffer without copying it. numpy's own large arrays start 16 bytes past a page.
+HOST_ALIGNMENT = 4096
+
+
+def aligned_in(raw: np.ndarray, shape: Sequence[int], dtype) -> np.ndarray:
+  """A C-contiguous `shape` array inside the uint8 array `raw`, on a `HOST_ALIGNMENT` boundary
+  (`raw` needs `HOST_ALIGNMENT` spare bytes)."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  start = -raw.ctypes.data % HOST_ALIGNMENT
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_empty(shape: Sequence[int], dtype) -> np.ndarray:
+  """An uninitialised C-contiguous array starting on a `HOST_ALIGNMENT` boundary."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  return aligned_in(np.empty(nbytes + HOST_ALIGNMENT, np.uint8), shape, dtype)
+
+
+RAW_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
+# Chunk reads of every dataset in this process (threads start on first use). More threads
+# than cores: a read from a disk or a network file system mostly waits.
+_CHUNK_READS = concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1),
+                                                     thread_name_prefix="sdl-chunks")
+
+
+class RawChunks:
+  """Reads whole depth planes of a zarr v3 array straight from its chunk files.
+
+  With the little-endian `bytes` codec alone, a chunk file is the chunk's C-order memory
+  image, and a chunk spans whole planes (`[1, chunk_depth, H, W, C]`), so a read of a
+  sample's depth range is one `preadv` per chunk into the caller's array: one copy out of
+  the page cache. Tensorstore makes two (file -> its buffer -> the array), which held it
+  to ~0.55 x `cat` on the 2-core VM (`experiments.io_bench`, docs/benchmarks.md). Used only
+  where that layout is certain: metadata as `Writer` writes it without checksums, a
+  little-endian host, reads of whole height, width and channel extents. Everything else
+  (checksummed datasets, height-split meshes) reads through tensorstore.
+  """
+
+  def __init__(self, path: str, shape: tuple[int, ...], chunk_depth: int, dtype: np.dtype):
+    self.path, self.shape, self.chunk_depth, self.dtype = path, shape, chunk_depth, dtype
+    self.plane_bytes = int(np.prod(shape[2:])) * dtype.itemsize
+    self.chunk_bytes = chunk_depth * self.plane_bytes
+
+  @classmethod
+  def open(cls, path: str) -> "RawChunks | None":
+    """The raw reader of the zarr v3 array at `path`, or None where its layout differs."""
+    try:
+      with open(os.path.join(path, "zarr.json")) as f:
+        meta = json.load(f)
+      chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
+      shape = tuple(meta["shape"])
+      plain = (meta["codecs"] == RAW_CODECS and meta["chunk_grid"]["name"] == "regular"
+               and meta.get("chunk_key_encoding") in ({"name": "default"}, {
+                   "name": "default", "configuration": {"separator": "/"}})
+               and len(shape) >= 2 and chunks[0] == 1 and list(chunks[2:]) == list(shape[2:]))
+      if not plain or sys.byteorder != "little":
+        return None
+      return cls(path, shape, int(chunks[1]), np.dtype(meta["data_type"]))
+    except (OSError, KeyError, TypeError, ValueError):
+      return None  # tensorstore will name what is wrong
+
+  def planes(self, region: tuple) -> tuple[int, int] | None:
+    """`(start, stop)` of the depth planes `region` selects, if it selects whole planes."""
+    region = tuple(region) + (slice(None),) * (len(self.shape) - 1 - len(region))
+    if not all(isinstance(r, slice) for r in region):
+      return None
+    ranges = [r.indices(n) for r, n in zip(region, self.shape[1:])]
+    (d0, d1, step), rest = ranges[0], ranges[1:]
+    whole = all(r == (0, n, 1) for r, n in zip(rest, self.shape[2:]))
+    return (d0, d1) if whole and step == 1 and d1 > d0 else None
+
+  def read(self, samples: np.ndarray, planes: tuple[int, int],
+           out: np.ndarray) -> "_AllOf":
+    """Start reading `volumes[samples, d0:d1]` into `out` (C-contiguous, that shape)."""
+    d0, d1 = planes
+    flat = out.reshape(len(samples), -1).view(np.uint8)
+    jobs = []
+    for row, sample in enumerate(samples):
+      for c in range(d0 // self.chunk_depth, -(-d1 // self.chunk_depth)):
+        lo, hi = max(d0, c * self.chunk_depth), min(d1, (c + 1) * self.chunk_depth)
+        dest = flat[row, (lo - d0) * self.plane_bytes:(hi - d0) * self.plane_bytes]
+        offset = (lo - c * self.chunk_depth) * self.plane_bytes
+        name = os.path.join(self.path, "c", str(int(sample)), str(c), *["0"] * (out.ndim - 2))
+        jobs.append(_CHUNK_READS.submit(self._read_chunk, name, offset, dest))
+    return _AllOf(jobs)
+
+  def _read_chunk(self, name: str, offset: int, dest: np.ndarray) -> None:
+    try:
+      fd = os.open(name, os.O_RDONLY)
+    except FileNotFoundError:
+      raise DatasetError(f'chunk file "{name}" is missing') from None
+    except OSError as e:
+      raise DatasetError(f'chunk file "{name}": {e.strerror}') from None
+    try:
+      size = os.fstat(fd).st_size
+      if size != self.chunk_bytes:
+        raise DatasetError(f'chunk file "{name}" has {size} bytes, a chunk has '
+                           f"{self.chunk_bytes}: truncated or not this array's")
+      view, done = memoryview(dest), 0
+      while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+          raise DatasetError(f'chunk file "{name}" ended early')
+        done += n
+    finally:
+      os.close(fd)
+
+
+@dataclasses.dataclass
+class _AllOf:
+  """The futures of one read's chunks, as one: `result()` waits for all, raises the first."""
+  futures: list
+
+  def result(self) -> None:
+    errors = [f.exception() for f in self.futures]
+    for e in errors:
+      if e is not None:
+        raise e
+
+
 class Dataset:
   """An opened dataset. Labels are held in memory; volumes are read on demand.
 
@@ -179,6 +305,7 @@ class Dataset:
       raise DatasetError(f"{where}: not valid JSON ({e}); re-create the dataset") from None
     m = self.manifest
     self.volumes = self._open("volumes", (m.num_samples, *m.volume_shape), VOLUME_DTYPE)
+    self.raw = RawChunks.open(os.path.join(self.path, "volumes"))
     labels = self._open("labels", (m.num_samples, len(m.param_names)), LABEL_DTYPE)
     self.labels = self._result(labels.read(), "reading labels")
     if not np.isfinite(self.labels).all():
@@ -215,18 +342,34 @@ class Dataset:
     return self.manifest.volume_shape
 
   def read(self, samples: Sequence[int] | slice, *region: slice,
-           batch: ts.Batch | None = None) -> "PendingRead":
+           batch: ts.Batch | None = None, out: np.ndarray | None = None) -> "PendingRead":
     """Start reading `volumes[samples, *region]`; `.result()` gives the int16 array.
 
-    `region` slices depth, height, width, channels (missing ones: everything).
+    `region` slices depth, height, width, channels (missing ones: everything). With `out`
+    (a writable C-contiguous int16 array of the read's shape) the chunks are copied
+    straight into it, and `.result()` returns it: one copy fewer than a read that
+    allocates, and no page faults when `out` is reused or freshly recycled memory.
     """
     samples = np.asarray(samples) if not isinstance(samples, slice) else samples
     view = self.volumes[(samples, *region)]
     with self._lock:
       self.bytes_read += int(np.prod(view.shape)) * VOLUME_DTYPE.itemsize
     where = "".join(f", {r.start or 0}:{r.stop if r.stop is not None else ''}" for r in region)
-    return PendingRead(self, view.read(batch=batch),
-                       f"reading volumes[{_describe(samples)}{where}]")
+    what = f"reading volumes[{_describe(samples)}{where}]"
+    whole = self.raw is not None and (isinstance(samples, slice) or samples.ndim == 1)
+    planes = self.raw.planes(region) if whole else None
+    if out is None:
+      if planes is None:
+        return PendingRead(self, view.read(batch=batch), what)
+      out = aligned_empty(view.shape, VOLUME_DTYPE)
+    if out.shape != tuple(view.shape) or out.dtype != VOLUME_DTYPE or not out.flags.c_contiguous:
+      raise ValueError(f"{what}: `out` must be a C-contiguous {VOLUME_DTYPE}{list(view.shape)} "
+                       f"array, not {out.dtype}{list(out.shape)}")
+    if planes is not None:
+      indices = np.arange(len(self))[samples]
+      return PendingRead(self, self.raw.read(indices, planes, out), what, out)
+    target = ts.array(out, copy=False, write=True)
+    return PendingRead(self, target.write(view, batch=batch), what, out)
 
 
 @dataclasses.dataclass
@@ -234,9 +377,11 @@ class PendingRead:
   dataset: Dataset
   future: object
   what: str
+  out: np.ndarray | None = None
 
   def result(self) -> np.ndarray:
-    return self.dataset._result(self.future, self.what)
+    read = self.dataset._result(self.future, self.what)
+    return read if self.out is None else self.out
 
 
 def _describe(samples) -> str:

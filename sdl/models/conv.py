@@ -134,9 +134,11 @@ def kernel_gradient(x, dy, kernel_hw, strides):
               if b % d == 0 and (d == 1 or d * per_image <= KERNEL_GRADIENT_CHUNK_BYTES))
   if chunk == b:
     return taps(x, dy)
-  split = lambda v: v.reshape(b // chunk, chunk, *v.shape[1:])
-  total, _ = lax.scan(lambda acc, xy: (acc + taps(*xy), None),
-                      jnp.zeros((kh, kw, c, o), jnp.float32), (split(x), split(dy)))
+  xs, dys = (v.reshape(b // chunk, chunk, *v.shape[1:]) for v in (x, dy))
+  # The first chunk starts the sum: a zeros carry would not be "varying" over the mesh axes
+  # inside `shard_map`, and `scan` refuses carries whose types change.
+  total, _ = lax.scan(lambda acc, xy: (acc + taps(*xy), None), taps(xs[0], dys[0]),
+                      (xs[1:], dys[1:]))
   return total
 
 

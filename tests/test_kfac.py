@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 from jax import lax
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sdl.models.conv import Conv3D
 from sdl.optim import kfac
@@ -304,6 +305,39 @@ def test_chained_with_momentum_and_schedule_compiles_once():
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.7 * losses[0]
   assert int(state.opt_state[1].count) == 6
+
+
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_phased_steps_equal_the_counter_driven_step(on_mesh):
+  """One compiled step per phase (`kfac_phase`) does what `lax.cond` on the counter does."""
+  model, batch = Net(nn.Conv(3, (3, 3), padding="SAME")), batch_for((8, 5, 5, 2))
+  layers = kfac.find_layers(model, batch["x"])
+  axes = ("data",) if on_mesh else ()
+  step_kw = dict(mesh=mesh_of((8,), axes, AxisType.Auto), axis_names=axes) if on_mesh else {}
+  kw = dict(damping=0.02, stats_every=2, inverse_every=3, stale_tolerance=1e-9,
+            inversion="cholesky", axis_names=axes)
+  tx = optax.chain(kfac.kfac(layers, **kw), optax.sgd(0.1, momentum=0.9))
+  fn = kfac.make_train_step(model, layers, mse, tx, **step_kw)
+  counter = jax.jit(fn)
+  phased = jax.jit(chex.assert_max_traces(fn, n=4), static_argnames="phase")
+  a = b = state_for(model, batch["x"], tx)
+  if on_mesh:  # laid out as the step returns it: a retrace would count against the 4
+    a = b = jax.device_put(a, NamedSharding(step_kw["mesh"], P()))
+  for i in range(7):  # phases (stats, inverse): TT FF TF FT TF FF TT
+    data = batch_for((8, 5, 5, 2), seed=i)
+    a, _ = counter(a, data)
+    b, _ = phased(b, data, phase=kfac.phase_at(i, 2, 3))
+  for x, y in zip(jax.tree.leaves((a.params, a.opt_state)),
+                  jax.tree.leaves((b.params, b.opt_state))):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=2e-5, atol=1e-6)
+  assert int(b.opt_state[0].stats_updates) == 4  # steps 0, 2, 4, 6
+  assert {int(v) for v in b.opt_state[0].inversions.values()} <= {1, 2, 3}  # steps 0, 3, 6
+  # A plain step neither inverts nor tags: no Cholesky, no statistics GEMMs in it.
+  hlo = lambda phase: phased.lower(b, batch, phase=phase).as_text()
+  assert "potrf" not in hlo(kfac.Phase(False, False))
+  assert "potrf" in hlo(kfac.Phase(False, True))  # LAPACK (CPU) or cuSOLVER (GPU)
+  assert hlo(kfac.Phase(False, False)).count("dot_general") < hlo(
+      kfac.Phase(True, False)).count("dot_general")
 
 
 def test_kl_clip_bounds_the_quadratic_model_change():

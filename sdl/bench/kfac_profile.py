@@ -3,7 +3,8 @@
 Each part of the step is compiled and timed on its own (`sdl.bench.timing.measure`: warm-up
 outside the timing, `block_until_ready`, median of the runs):
 
-  forward/backward     the plain gradient (what SGD pays), and the tagged one K-FAC runs
+  forward/backward     the plain gradient (what SGD pays, and K-FAC on steps without
+                       statistics), and the tagged one K-FAC runs on statistics steps
                        (layer inputs sown, output gradients from the perturbations)
   fisher backward      the extra backward pass of the sampled Fisher
   statistics           the factor sums Σ a aᵀ, Σ g gᵀ of every layer
@@ -17,7 +18,6 @@ outside the timing, `block_until_ready`, median of the runs):
 and the whole steps are timed too (`whole_steps`): SGD's, and K-FAC's averaged over cycles
 of `inverse_every` steps (amortised), which the parts should add up to.
 """
-import math
 import time
 
 import jax
@@ -27,7 +27,7 @@ import optax
 
 from sdl.bench.timing import measure
 from sdl.optim import kfac
-from sdl.train.kfac_study import Problem, make_problem, make_step, make_tx
+from sdl.train.kfac_study import Problem, jit_step, make_problem, make_tx
 from sdl.train.state import TrainState
 
 
@@ -149,9 +149,9 @@ def whole_steps(config, problem: Problem | None = None, lr: float = 0.01,
     own = jax.tree.map(jnp.copy, params)  # donated below
     state = TrainState(jnp.zeros((), jnp.int32), own, tx.init(own),
                        jax.random.key_data(jax.random.key(1)))
-    step = jax.jit(make_step(problem, name, tx, layers, k.fisher), donate_argnums=0)
-    for _ in range(k.inverse_every):  # compile, then one untimed cycle
-      state, m = step(state, batch)
+    step = jit_step(problem, name, tx, layers, config)
+    for i in range(k.inverse_every):  # compile, then one untimed cycle
+      state, m = step(state, batch, i)
     jax.block_until_ready(m)
     runners[name] = [step, state]
   means = {"sgd": [], "kfac": []}
@@ -162,7 +162,7 @@ def whole_steps(config, problem: Problem | None = None, lr: float = 0.01,
       for i in range(k.inverse_every):  # the cycle starts on an inversion step
         count = cycle * k.inverse_every + i
         t0 = time.perf_counter()
-        runner[1], m = runner[0](runner[1], batch)
+        runner[1], m = runner[0](runner[1], batch, count)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
         if name == "kfac":
@@ -199,19 +199,20 @@ def fit_exponent(widths, seconds) -> float:
 def report(config, parts: dict, steps: dict, scaling: list[dict], out_png: str | None) -> str:
   k = config.kfac
   p = parts["parts"]
-  amortised = (p["forward/backward (tagged)"] + p["preconditioning"]
-               + (p["statistics"] + (p["fisher backward"] if k.fisher == "sampled" else 0))
-               / k.stats_every + p["inversion"] / k.inverse_every)
+  # Steps run in phases (`kfac.Phase`): only statistics steps run the tagged model.
+  per_step = {"forward/backward (plain)": 1 - 1 / k.stats_every,
+              "forward/backward (tagged)": 1 / k.stats_every, "statistics": 1 / k.stats_every,
+              "fisher backward": 1 / k.stats_every if k.fisher == "sampled" else 0.0,
+              "inversion": 1 / k.inverse_every, "preconditioning": 1.0}
+  amortised = sum(p[name] * share for name, share in per_step.items())
   lines = [f"### {config.experiment}: batch {config.train.batch_size}, "
            f"{len(parts['layers'])} K-FAC layers, T_stats={k.stats_every}, "
            f"T_inv={k.inverse_every}, {k.inversion}\n",
            "| part | ms per call | ms per step (amortised) |", "|---|---|---|"]
-  per_step = {"statistics": 1 / k.stats_every, "fisher backward": 1 / k.stats_every,
-              "inversion": 1 / k.inverse_every}
   for name, secs in p.items():
-    share = per_step.get(name, 1.0) if name != "forward/backward (plain)" else float("nan")
+    share = per_step.get(name)
     lines.append(f"| {name} | {secs * 1e3:.2f} | "
-                 f"{'' if math.isnan(share) else f'{secs * share * 1e3:.2f}'} |")
+                 f"{'' if share is None else f'{secs * share * 1e3:.2f}'} |")
   lines += [
       "",
       f"All-reduced per step: gradients {parts['grad_bytes'] / 2**20:.2f} MiB fp32 "
@@ -238,8 +239,8 @@ def report(config, parts: dict, steps: dict, scaling: list[dict], out_png: str |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [n for n in p if n != "forward/backward (plain)"]
-    vals = [p[n] * per_step.get(n, 1.0) * 1e3 for n in names]
+    names = [n for n in p if n in per_step]
+    vals = [p[n] * per_step[n] * 1e3 for n in names]
     ax1.barh(names, vals)
     ax1.axvline(steps["sgd"] * 1e3, color="k", ls=":", label="SGD step")
     ax1.set_xlabel("ms per step (amortised)")

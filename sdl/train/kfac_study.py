@@ -129,6 +129,22 @@ def make_step(problem: Problem, name: str, tx, layers, fisher: str):
   return make_train_step(loss_fn, tx)
 
 
+def jit_step(problem: Problem, name: str, tx, layers, config) -> Callable:
+  """The jitted, state-donating step as `run(state, batch, i)` for update number `i`.
+
+  K-FAC's is compiled once per phase (`kfac.Phase`): its plain steps run the untagged model
+  and carry no statistics or inversion branches.
+  """
+  fn = make_step(problem, name, tx, layers, config.kfac.fisher)
+  if name != "kfac":
+    step = jax.jit(fn, donate_argnums=0)
+    return lambda state, batch, i: step(state, batch)
+  step = jax.jit(fn, donate_argnums=0, static_argnames="phase")
+  k = config.kfac
+  return lambda state, batch, i: step(state, batch,
+                                      phase=kfac.phase_at(i, k.stats_every, k.inverse_every))
+
+
 def train_one(config, problem: Problem, name: str, lr: float, *, progress=True) -> dict:
   """One optimiser at one learning rate; returns its history and step times."""
   x0 = problem.example
@@ -138,7 +154,7 @@ def train_one(config, problem: Problem, name: str, lr: float, *, progress=True) 
   tx = make_tx(name, lr, config, layers)
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
                      jax.random.key_data(jax.random.key(config.seed + 1)))
-  step = jax.jit(make_step(problem, name, tx, layers, config.kfac.fisher), donate_argnums=0)
+  step = jit_step(problem, name, tx, layers, config)
 
   @jax.jit
   def evaluate(params):
@@ -152,7 +168,7 @@ def train_one(config, problem: Problem, name: str, lr: float, *, progress=True) 
   for i in range(steps):
     batch = {k: jnp.asarray(v) for k, v in problem.batch(i).items()}
     t0 = time.perf_counter()
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, i)
     jax.block_until_ready(metrics["loss"])
     dt = time.perf_counter() - t0
     if i == 0:

@@ -108,7 +108,8 @@ def report(results: dict) -> None:
       "| raw read (same bytes) | GB/s | reader / method |",
       "|---|---|---|",
       *(f"| {k} | {rates[k]:.2f} | {rates['reader'] / rates[k]:.2f} |"
-        for k in ("reader", "cat", "readinto", "readinto, 16-byte aligned")),
+        for k in ("reader", "reader, through tensorstore", "cat", "readinto",
+                  "readinto, 16-byte aligned")),
   ]
   if "memory arrays" in results:
     runs = [results[k] for k in ("memory arrays", "disk + prefetch")]

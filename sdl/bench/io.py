@@ -1,10 +1,13 @@
 """Read throughput of the dataset reader against plain sequential reads of the same bytes.
 
-Four ways to move a dataset's volume bytes from the file system into this process:
+Five ways to move a dataset's volume bytes from the file system into this process:
 
 - `reader`: `ShardedReader.batch` for every batch of the dataset in order through a
   `Prefetcher`, as training does, including placement on the devices. One reader serves
   every repeat, as one serves a whole training run (its host buffers are reused).
+- `reader, through tensorstore`: the same, with the direct chunk reads
+  (`store.RawChunks`) switched off, so tensorstore copies each chunk into the same
+  page-aligned buffers.
 - `cat`: `cat` of every chunk file to /dev/null: the bytes cross into a user buffer that
   stays in cache and is never written back to memory.
 - `readinto`: one Python thread reading each chunk file, in order, into one preallocated,
@@ -17,6 +20,7 @@ Each is timed `repeats` times and the median kept. The reads come from the page 
 the dataset fits in memory (dropping it needs root); that is the case where per-byte
 overhead shows most, since a disk-bound read hides it behind the device.
 """
+import copy
 import os
 import statistics
 import subprocess
@@ -70,11 +74,15 @@ def throughput(dataset: store.Dataset, shardings: dict, batch_size: int,
   nbytes = sum(os.path.getsize(f) for f in files)
   usable = (len(dataset) // batch_size) * batch_size / len(dataset)
   reader = loader.ShardedReader(dataset, shardings)
+  through_ts = copy.copy(dataset)
+  through_ts.raw = None
+  ts_reader = loader.ShardedReader(through_ts, shardings)
   aligned = loader.HostBuffers()((nbytes,), np.uint8)
   unaligned = loader.HostBuffers()((nbytes + 16,), np.uint8)[16:]
   for buf in (aligned, unaligned):
     buf[:] = 1  # touched: no page faults inside the timing
   methods = {"reader": lambda: time_reader(reader, batch_size) / usable,
+             "reader, through tensorstore": lambda: time_reader(ts_reader, batch_size) / usable,
              "cat": lambda: time_cat(files),
              "readinto": lambda: time_readinto(files, aligned),
              "readinto, 16-byte aligned": lambda: time_readinto(files, unaligned)}

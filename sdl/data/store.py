@@ -11,15 +11,17 @@ A dataset is a directory:
 
 Why zarr v3 rather than n5: n5 stores big-endian only, so every read on a little-endian
 host would byte-swap, while a zarr v3 chunk with the `bytes` codec is the sample's memory
-image (reading is a copy, nothing to decode); zarr v3 is an open spec that zarr-python
-and other readers understand; it has a `crc32c` checksum codec and a `sharding` codec
-that packs many chunks into one file for parallel file systems that dislike small files.
+image (reading is a copy, nothing to decode: `RawChunks` reads such chunks straight into
+the caller's page-aligned array, one copy where tensorstore makes two; `experiments.io_bench`
+times both); zarr v3 is an open spec that zarr-python and other readers understand; it has
+a `crc32c` checksum codec and a `sharding` codec that packs many chunks into one file for
+parallel file systems that dislike small files.
 
 Checksums are off by default: in a trial here, tensorstore's crc32c cut read throughput
-by more than half (not yet a benchmark command: `make_dataset --checksum` and
-`io_bench` on that dataset would be one). Without
-them a truncated or missing chunk is still an error naming its file (reads never fill in
-missing chunks); with `checksum=True` flipped bits are caught too.
+by more than half, and checksummed chunks cannot take the `RawChunks` path (not yet a
+benchmark command: `make_dataset --checksum` and `io_bench` on that dataset would be one).
+Without them a truncated or missing chunk is still an error naming its file (reads never
+fill in missing chunks); with `checksum=True` flipped bits are caught too.
 """
 import concurrent.futures
 import dataclasses

@@ -38,9 +38,10 @@ class HostBuffers:
   A buffer's memory belongs to one uint8 array (its *owner*); every view of it, a device
   array that adopted it without copying (XLA:CPU), or a host-to-device copy still in flight
   (other backends) holds a reference to that owner. An owner whose only references are the
-  pool's own is idle and is reused, so reuse never overwrites data still in use. Reused
-  memory is already mapped: fresh 16 MiB buffers page-fault on every touch, which on the
-  2-core VM cost more than the read into them.
+  pool's own is idle and is reused, so reuse never overwrites data still in use. (XLA lets
+  go of an adopted buffer shortly after its array dies, not at once: a few more buffers
+  than the batches in flight.) Reused memory is already mapped; fresh memory page-faults
+  on first touch, inside the read.
   """
 
   def __init__(self, max_idle: int = 8):
@@ -92,7 +93,7 @@ def _key(index: tuple[slice, ...]) -> tuple:
 
 
 class ShardedReader:
-  """Batches read from an on-disk `store.Dataset`: each process reads only what its devices hold.
+  """Batches read from an on-disk dataset: each process reads only what its devices hold.
 
   Devices that hold the same shard (replicas over a mesh axis the volume is not split
   along) share one read.
@@ -128,8 +129,8 @@ class Prefetcher:
   """`prefetcher(step)` returns `produce(step)`, computed `depth` steps ahead on threads.
 
   One worker by default: the sources parallelise their own reads, and a second worker
-  producing the next batch at the same time only competed with them for the cores (on the
-  2-core VM it cut the reader from ~6.8 to ~4.2 GB/s in a scratch trial).
+  producing the next batch at the same time only competes with them for the cores (it made
+  the reader slower on the 2-core VM).
 
   Steps are expected in increasing order; asking for any other step (a resume, an eval
   interleaved) restarts the read-ahead from there. `wait_seconds` totals the time callers

@@ -332,8 +332,10 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
   """The K-FAC preconditioner (module docstring). Chain it before momentum / lr scaling:
   `optax.chain(kfac(layers, ...), optax.sgd(schedule, momentum=0.9))`.
 
-  `update(grads, state, params, kfac_stats=LayerStats(...))`; `grads` are the already
-  reduced (global) gradients, `kfac_stats` the local layer statistics.
+  `update(grads, state, params, kfac_stats=LayerStats(...), kfac_phase=None)`; `grads` are
+  the already reduced (global) gradients, `kfac_stats` the local layer statistics (not
+  needed when a static `kfac_phase` says this update takes none), `kfac_phase` a `Phase`
+  fixed at trace time, which must be `phase_at(count, stats_every, inverse_every)`.
   """
   if inversion not in INVERSIONS:
     raise ValueError(f"kfac inversion={inversion!r}: choose one of {INVERSIONS}")
@@ -526,7 +528,8 @@ def sample_output_grads(likelihood: str, outputs, rng):
 def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Callable,
                     tx: optax.GradientTransformationExtraArgs, *, fisher: str = "empirical",
                     likelihood: str | None = None, model_inputs: Callable = lambda b: (b["x"],),
-                    model_kwargs: Callable = lambda rng: {}, mesh=None, axis_names: Sequence[str] = (), grad_dtype=None):
+                    model_kwargs: Callable = lambda rng: {}, mesh=None,
+                    axis_names: Sequence[str] = (), grad_dtype=None):
   """The step `(TrainState, batch) -> (TrainState, metrics)` for a K-FAC chain `tx`.
 
   `loss_fn(outputs, batch) -> (loss, metrics)`, the loss a mean over the batch; the model

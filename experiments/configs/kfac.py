@@ -70,7 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # whole 32³ forward/backward pass, so it and conv4 (3,457) take the identity fallback.
     # Statistics every 10 steps: conv2's and conv3's patch factors (865 and 1,729 wide over
     # 16³ and 8³ positions) cost more than the step itself.
-    c.kfac.update(inversion="cholesky", damping=1e-2, max_factor_dim=2048, stats_every=10)
+    # λ = 0.1: with 1e-2 K-FAC oscillated and saturated the tanh output at every lr in a
+    # 300-step sweep; with 0.1 it was stable at 0.03 and 0.1 (docs/benchmarks.md, CosmoFlow).
+    c.kfac.update(inversion="cholesky", damping=0.1, max_factor_dim=2048, stats_every=10)
     c.sweep = dict(sgd=(0.01, 0.03), adam=(1e-3, 3e-3), kfac=(0.1, 0.3))
   elif variant == "resnet50_imagenet":
     c.data.update(path="", image_size=224, eval_images=256)

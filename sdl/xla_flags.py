@@ -10,8 +10,10 @@ put in `XLA_FLAGS` is left as it is: that is also the way to opt out.
   (`experiments.layer_bench`), and the mlperf CosmoFlow step ran 1.24-1.34 x faster
   (lbann: 0.96 and 1.38 x in two runs; `experiments.cosmoflow_step_bench`). Both were
   measured with jax 0.10.2 on the 2-core EPYC VM; commands and tables are in
-  docs/benchmarks.md. Dots stay on YNNPACK. The flag only affects the CPU backend; GPU
-  and TPU compilers ignore it.
+  docs/benchmarks.md. Dots stay on YNNPACK: with Eigen's dots the 29 DeepBench GEMMs had
+  the same median (95.5 against 96.9 GFLOP/s) and the 4096³ GEMM fell from 123 to 71
+  (`experiments.layer_bench`, docs/benchmarks.md). The flag only affects the CPU backend;
+  GPU and TPU compilers ignore it.
 
 Unknown flags abort XLA at start-up, and this one is marked experimental, so it is only
 set for the jaxlib versions it was measured with (`CPU_FLAGS_JAXLIB`); a newer jaxlib

@@ -77,8 +77,8 @@ def throughput(dataset: store.Dataset, shardings: dict, batch_size: int,
   through_ts = copy.copy(dataset)
   through_ts.raw = None
   ts_reader = loader.ShardedReader(through_ts, shardings)
-  aligned = loader.HostBuffers()((nbytes,), np.uint8)
-  unaligned = loader.HostBuffers()((nbytes + 16,), np.uint8)[16:]
+  aligned = store.aligned_empty((nbytes,), np.uint8)
+  unaligned = store.aligned_empty((nbytes + 16,), np.uint8)[16:]
   for buf in (aligned, unaligned):
     buf[:] = 1  # touched: no page faults inside the timing
   methods = {"reader": lambda: time_reader(reader, batch_size) / usable,

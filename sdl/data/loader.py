@@ -115,7 +115,7 @@ class ShardedReader:
     with ts.Batch() as batch:  # issue every read of this process at once
       for index in per_device.values():
         if _key(index) not in reads:  # read straight into buffers the devices can adopt
-          out = self.buffers(sharding.shard_shape(shape), self.dataset.volumes.dtype.numpy_dtype)
+          out = self.buffers(sharding.shard_shape(shape), store.VOLUME_DTYPE)
           reads[_key(index)] = self.dataset.read(indices[index[0]], *index[1:], batch=batch,
                                                  out=out)
     arrays = {key: read.result() for key, read in reads.items()}

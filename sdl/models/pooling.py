@@ -22,9 +22,10 @@ dilated, padded cotangent, which XLA:CPU runs slowly. The window sum is separabl
 its transpose is too: along each axis, tap `t` of a stride-`s` window sends `g[o]` to
 position `s o + t`, i.e. `g` padded by `t` with `s - 1` zeros between elements; summing
 the `k` shifted pads per axis gives the input gradient (the lbann CosmoFlow step went from
-6.97 to 4.44 s with it; `experiments.cosmoflow_step_bench`, docs/benchmarks.md). Under a partitioner the op runs per
-shard in `shard_map` with halos from the neighbours (`sdl.models.conv.per_shard`), as the
-folded convolution does, so a depth split costs no all-gather.
+6.97 to 4.44 s with it; `experiments.cosmoflow_step_bench`, docs/benchmarks.md). Under a
+partitioner the op runs per shard in `shard_map` with halos from the neighbours
+(`sdl.models.conv.per_shard`), as the folded convolution does, so a depth split costs no
+all-gather.
 """
 import functools
 import itertools

@@ -1,0 +1,45 @@
+"""The one place that sets how many threads the LAPACK under XLA:CPU uses.
+
+On CPU, jaxlib runs Cholesky, triangular solves and eigh as calls into scipy's LAPACK
+(`scipy.linalg.cython_lapack`, an OpenBLAS with its own thread pool). XLA runs independent
+operations of a step at the same time on its own threads, so in a K-FAC inversion step
+(16 Cholesky factorisations and 32 triangular solves next to the statistics GEMMs)
+OpenBLAS's threads and XLA's compete for the same cores. On the 2-core EPYC VM (jax 0.10.2)
+the digits_autoencoder inversion step took 43 ms with OpenBLAS's default 2 threads and
+26 ms with one; CosmoFlow's 1,006 and 942 ms: one thread per call, with XLA running the
+calls side by side, is never slower there (measured with `OPENBLAS_NUM_THREADS=1`; the
+profile with this module is `experiments.kfac_profile`, docs/benchmarks.md).
+
+`import sdl` calls `limit()`. It changes only the BLAS libraries that scipy loads itself
+(`scipy.libs`, `scipy/.dylibs`): NumPy's BLAS, which `experiments.layer_bench` compares
+against, keeps its threads, and a scipy sharing a system BLAS with NumPy is left alone.
+`SDL_LAPACK_THREADS=N` sets another count; an `OPENBLAS_NUM_THREADS` or `OMP_NUM_THREADS`
+of your own opts out. GPU and TPU backends do not call this LAPACK.
+"""
+import os
+
+USER_SETTINGS = ("SDL_LAPACK_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def scipy_blas_controllers():
+  """threadpoolctl controllers of the BLAS libraries shipped inside scipy (loaded now)."""
+  import scipy
+  import scipy.linalg.cython_lapack  # noqa: F401  (loads the library jaxlib calls)
+  import threadpoolctl
+  root = os.path.realpath(os.path.dirname(scipy.__file__))
+  homes = (root + os.sep, root + ".libs" + os.sep)
+  return [c for c in threadpoolctl.ThreadpoolController().lib_controllers
+          if c.user_api == "blas" and os.path.realpath(c.filepath).startswith(homes)]
+
+
+def limit(environ=os.environ) -> list[str]:
+  """Set scipy's own BLAS to `SDL_LAPACK_THREADS` (default 1) threads; returns the files
+  changed (none where the user set a thread count, or scipy shares NumPy's BLAS)."""
+  if any(environ.get(name) for name in USER_SETTINGS[1:]):
+    return []
+  threads = int(environ.get("SDL_LAPACK_THREADS") or 1)
+  changed = []
+  for controller in scipy_blas_controllers():
+    controller.set_num_threads(threads)
+    changed.append(controller.filepath)
+  return changed

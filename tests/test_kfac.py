@@ -289,6 +289,24 @@ def test_refresh_counts_follow_stats_every_inverse_every_and_stale_fisher():
   assert all(1 <= int(v) <= 8 for v in s.inversions.values())
 
 
+def test_factors_average_uniformly_until_the_ema_weighs_more():
+  """Weights of the successive estimates: 1, 1/2, 1/3, then 1 - decay = 0.3 (not 1/4)."""
+  model, shape = Net(None), (16, 5)
+  layers = kfac.find_layers(model, jnp.zeros(shape))
+  tx = optax.chain(kfac.kfac(layers, factor_decay=0.7), optax.sgd(0.0))
+  state = state_for(model, jnp.zeros(shape), tx)
+  step = jax.jit(kfac.make_train_step(model, layers, mse, tx))
+  expected = None
+  for i, weight in enumerate((1.0, 1 / 2, 1 / 3, 0.3)):
+    batch = batch_for(shape, seed=10 + i)
+    state, _ = step(state, batch)
+    a = np.concatenate([np.asarray(batch["x"], np.float64), np.ones((shape[0], 1))], 1)
+    estimate = a.T @ a / shape[0]  # the first dense layer's input factor, bias row added
+    expected = estimate if expected is None else (1 - weight) * expected + weight * estimate
+    np.testing.assert_allclose(state.opt_state[0].factors["Dense_0"][0], expected,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_chained_with_momentum_and_schedule_compiles_once():
   model, batch = Net(nn.Conv(2, (3, 3), padding="SAME")), batch_for((4, 5, 5, 2))
   layers = kfac.find_layers(model, batch["x"])

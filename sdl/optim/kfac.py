@@ -23,8 +23,11 @@ scales, embeddings, layers called twice) gets the fallback: the identity, or a d
 Fisher `g / (EMA(g²) + λ)`.
 
 What the options do (all periodic work is a pure function of the step count):
-  stats_every      factors are re-estimated every T_stats updates (EMA with `factor_decay`;
-                   the first estimate replaces the identity);
+  stats_every      factors are re-estimated every T_stats updates: a running mean of the
+                   estimates (the first replaces the identity) until the k-th would count
+                   less than `1 - factor_decay`, an EMA with `factor_decay` from then on.
+                   With small batches the plain EMA let the first batch dominate for
+                   dozens of estimates (0.95^10 = 0.6 of the weight after ten);
   inverse_every    damped inverses every T_inv updates, by `eigh` or `cholesky`;
   stale_tolerance  stale Fisher (Osawa et al., SP-NGD): at an inverse step a layer is only
                    re-inverted if one of its factors moved by more than this (relative
@@ -385,14 +388,15 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
       sa, sg, nt, n = layer_factors(spec, stats.inputs[name], grads_out[name])
       sums[name] = (sa, sg, jnp.float32(nt), jnp.float32(n))
     sums = all_reduce_sum(sums, axis_names, comm_dtype)
-    first = state.stats_updates == 0
+    # A running mean until it would weigh a new estimate less than the EMA does: the
+    # first estimate replaces the identity, the k-th counts 1/k, then 1 - factor_decay.
+    weight = jnp.maximum(1 - factor_decay, 1 / (state.stats_updates + 1).astype(jnp.float32))
     out = {}
     for name, (sa, sg, nt, n) in sums.items():
       old_a, old_g = state.factors[name]
       batch = (sa / nt, sg / n)
-      out[name] = tuple(jnp.where(first, new, factor_decay * old.astype(jnp.float32)
-                                  + (1 - factor_decay) * new).astype(factor_dtype)
-                        for old, new in zip((old_a, old_g), batch))
+      out[name] = tuple(((1 - weight) * old.astype(jnp.float32) + weight * new
+                         ).astype(factor_dtype) for old, new in zip((old_a, old_g), batch))
     return out
 
   def refresh(state, factors):

@@ -82,7 +82,8 @@ def make_problem(config) -> Problem:
     return Problem(model, mse, "gaussian",
                    array_batches(train, config.train.batch_size, config.seed),
                    {k: v[:n_eval] for k, v in train.items()},
-                   model_kwargs=lambda rng: {"train": True, "rngs": {"dropout": rng}})
+                   model_kwargs=lambda rng: {"train": config.model.dropout,
+                                             "rngs": {"dropout": rng}})
   if name == "resnet50_imagenet":
     from sdl.data.image_folder import ImageFolder
     from sdl.models.resnet import ResNet
@@ -157,9 +158,11 @@ def train_one(config, problem: Problem, name: str, lr: float, *, progress=True) 
   step = jit_step(problem, name, tx, layers, config)
 
   @jax.jit
-  def evaluate(params):
-    out = problem.model.apply({"params": params}, problem.eval_batch["x"])
-    return problem.loss_fn(out, problem.eval_batch)[0]
+  def loss_on(params, batch):  # the batch is an argument: a closed-over one is constant-folded
+    return problem.loss_fn(problem.model.apply({"params": params}, batch["x"]), batch)[0]
+
+  eval_batch = {k: jnp.asarray(v) for k, v in problem.eval_batch.items()}
+  evaluate = lambda params: loss_on(params, eval_batch)
 
   steps = config.train.steps
   history, seconds, step_times, compile_s = [], 0.0, [], 0.0

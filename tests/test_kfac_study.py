@@ -155,3 +155,25 @@ def test_profile_whole_steps_by_kind_and_inversion_exponent():
   widths = [64, 128, 256, 512]
   assert kfac_profile.fit_exponent(widths, [3e-9 * w ** 2.5 for w in widths]) == (
       pytest.approx(2.5))
+
+
+def test_jit_step_compiles_every_phase_ahead_so_timed_steps_never_trace():
+  traces = []
+
+  def fn(state, batch, phase=None):
+    traces.append(phase)
+    add = 1.0 + (2.0 if phase.stats else 0.0) + (4.0 if phase.inverse else 0.0)
+    return state + add * batch, {"loss": state.sum()}
+
+  step = kfac_study.JitStep(fn, (2, 3))
+  state, batch = jnp.zeros(3), jnp.ones(3)
+  step.compile(state, batch)
+  assert sorted(traces) == sorted({kfac.phase_at(i, 2, 3) for i in range(6)})  # 4 phases
+  n = len(traces)
+  expected = 0.0
+  for i in range(12):
+    state, _ = step(state, batch, i)
+    phase = kfac.phase_at(i, 2, 3)
+    expected += 1.0 + 2.0 * phase.stats + 4.0 * phase.inverse
+  assert len(traces) == n  # no step traced or compiled again
+  np.testing.assert_allclose(state, expected)

@@ -78,7 +78,7 @@ def np_patches(x, kernel, strides, padding):
   return np.asarray(rows)
 
 
-def reference_update(model_conv, params, batch, damping, pi_damping=True):
+def reference_update(model_conv, params, batch, damping, pi_damping=True, relative=False):
   """Forward written with lax directly (not Flax), output gradients by perturbations, and
   the K-FAC algebra in float64 numpy."""
   conv_params = params.get("conv")
@@ -147,6 +147,9 @@ def reference_update(model_conv, params, batch, damping, pi_damping=True):
     else:
       pi = 1.0
     la, lg = math.sqrt(damping) * pi, math.sqrt(damping) / pi
+    if relative:  # λ_A λ_G = λ (tr A / dim A)(tr G / dim G)
+      scale = math.sqrt(np.trace(big_a) / len(big_a) * np.trace(big_g) / len(big_g))
+      la, lg = la * scale, lg * scale
     u = (np.linalg.inv(big_a + la * np.eye(len(big_a))) @ grad
          @ np.linalg.inv(big_g + lg * np.eye(len(big_g))))
     k_rows = p["kernel"].size // p["kernel"].shape[-1]
@@ -189,6 +192,23 @@ def test_update_matches_numpy_reference(net, inversion, pi_damping):
     for leaf, want in leaves.items():
       have = got[name][leaf]
       err = np.linalg.norm(have - want) / np.linalg.norm(want)
+      assert err < 1e-5, (net, name, leaf, err)
+
+
+@pytest.mark.parametrize("pi_damping", [True, False])
+@pytest.mark.parametrize("net", ["dense", "conv3d_sdl_strided"])
+def test_relative_damping_matches_numpy_reference(net, pi_damping):
+  conv, shape = NETS[net]
+  model, batch = Net(conv), batch_for(shape)
+  layers = kfac.find_layers(model, batch["x"])
+  tx = kfac.kfac(layers, damping=0.05, inversion="cholesky", pi_damping=pi_damping,
+                 relative_damping=True)
+  params, update = one_update(model, layers, tx, batch)
+  expected = reference_update(conv, rename_conv(params), batch, 0.05, pi_damping, True)
+  got = rename_conv(update)
+  for name, leaves in expected.items():
+    for leaf, want in leaves.items():
+      err = np.linalg.norm(got[name][leaf] - want) / np.linalg.norm(want)
       assert err < 1e-5, (net, name, leaf, err)
 
 

@@ -11,9 +11,10 @@ Variants (`:arg`, optionally `,smoke` for a seconds-long version used by the tes
                       batch 1024, 300 steps per run. Runs every optimiser and learning rate of
                       `sweep` (10 runs, ~1.5 min on a 2-core CPU).
   digits_cnn          conv-conv-dense-dense classifier on the same digits, cross-entropy.
-  cosmoflow           the MLPerf CosmoFlow network at 32³ on generated universes, MSE on the
-                      four cosmological parameters (one device; Cholesky inverses; conv4 and
-                      conv5, whose input factors are 3,457 and 6,913 wide, take the fallback).
+  cosmoflow           the MLPerf CosmoFlow network at 32³ on generated universes (64 crops),
+                      MSE on the four cosmological parameters, dropout off, 300 steps (one
+                      device; Cholesky inverses; conv4 and conv5, whose input factors are
+                      3,457 and 6,913 wide, take the fallback).
   resnet50_imagenet   ResNet-50 (GroupNorm) on an ImageNet-style folder, for real hardware:
                       --config.data.path=DIR with DIR/train/<class>/*.jpg.
 
@@ -39,9 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sweep = dict(sgd=(0.01, 0.03, 0.1, 0.3), adam=(1e-3, 3e-3, 1e-2), kfac=(0.1, 0.3, 1.0))
   c.momentum = 0.9
   c.kfac = dict(
-      damping=1e-3, pi_damping=True, factor_decay=0.95, stats_every=1, inverse_every=20,
-      inversion="eigh", stale_tolerance=0.0, factor_dtype="float32", comm_dtype="float32",
-      fallback="identity", fisher="sampled", kl_clip=1e-3, norm_clip=0.0, max_factor_dim=0)
+      damping=1e-3, pi_damping=True, relative_damping=False, factor_decay=0.95, stats_every=1,
+      inverse_every=20, inversion="eigh", stale_tolerance=0.0, factor_dtype="float32",
+      comm_dtype="float32", fallback="identity", fisher="sampled", kl_clip=1e-3, norm_clip=0.0,
+      max_factor_dim=0)
   c.train = dict(steps=300, batch_size=256, eval_every=10, target_loss=0.0)
   c.data = ml_collections.ConfigDict()
 
@@ -65,8 +67,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = base.data
     c.data.update(train_universes=32, val_universes=8, crops_per_universe=2)
     c.model = base.model
-    c.model.dropout = True  # the MLPerf net's dropout (0.5 after each hidden dense layer)
-    c.train.update(steps=120, batch_size=4, eval_every=10, target_loss=0.33)
+    # Dropout off: with the MLPerf net's 0.5 dropout no optimiser got clearly below the
+    # mean predictor (≈ 0.36) in 300 steps, so the comparison measured noise; without it
+    # Adam fits the 64 crops to ~0.02 in 200 steps (docs/benchmarks.md, CosmoFlow).
+    c.model.dropout = False
+    c.train.update(steps=300, batch_size=4, eval_every=20, target_loss=0.05)
     # conv5's input factor is 6,913 wide: preconditioning it would cost more than the
     # whole 32³ forward/backward pass, so it and conv4 (3,457) take the identity fallback.
     # Statistics every 10 steps: conv2's and conv3's patch factors (865 and 1,729 wide over
@@ -74,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # λ = 0.1: with 1e-2 K-FAC oscillated and saturated the tanh output at every lr in a
     # 300-step sweep; with 0.1 it was stable at 0.03 and 0.1 (docs/benchmarks.md, CosmoFlow).
     c.kfac.update(inversion="cholesky", damping=0.1, max_factor_dim=2048, stats_every=10)
-    c.sweep = dict(sgd=(0.01, 0.03), adam=(1e-3, 3e-3), kfac=(0.1, 0.3))
+    c.sweep = dict(sgd=(0.01, 0.03), adam=(1e-4, 3e-4), kfac=(0.1, 0.3))
   elif variant == "resnet50_imagenet":
     c.data.update(path="", image_size=224, eval_images=256)
     c.model = dict(stage_sizes=(3, 4, 6, 3), width=64)

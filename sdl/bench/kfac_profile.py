@@ -80,7 +80,7 @@ def step_parts(config, problem: Problem | None = None, runs: int = 10) -> dict:
   def inversion(factors):
     out = {}
     for name, (a, g) in factors.items():
-      da, dg = kfac.factored_damping(a, g, k.damping, k.pi_damping)
+      da, dg = kfac.factored_damping(a, g, k.damping, k.pi_damping, k.relative_damping)
       out[name] = (kfac._damped_inverse(a, da, k.inversion),
                    kfac._damped_inverse(g, dg, k.inversion))
     return out

@@ -23,6 +23,9 @@ scales, embeddings, layers called twice) gets the fallback: the identity, or a d
 Fisher `g / (EMA(g²) + λ)`.
 
 What the options do (all periodic work is a pure function of the step count):
+  relative_damping λ_A λ_G = λ · (tr A / dim A)(tr G / dim G): each layer damped in
+                   proportion to its own mean curvature (on CosmoFlow it saturated the
+                   tanh output where absolute λ = 0.1 did not; docs/benchmarks.md);
   stats_every      factors are re-estimated every T_stats updates: a running mean of the
                    estimates (the first replaces the identity) until the k-th would count
                    less than `1 - factor_decay`, an EMA with `factor_decay` from then on.
@@ -314,19 +317,25 @@ def _damped_inverse(m, damping, method):
   return jax.scipy.linalg.cho_solve(chol, eye)
 
 
-def factored_damping(a, g, damping, pi_damping):
-  """(λ_A, λ_G) with λ_A λ_G = λ and, with π-damping, λ_A / λ_G = π²."""
+def factored_damping(a, g, damping, pi_damping, relative=False):
+  """(λ_A, λ_G) with λ_A λ_G = λ and, with π-damping, λ_A / λ_G = π².
+
+  `relative`: λ_A λ_G = λ · (tr A / dim A)(tr G / dim G), so each layer is damped in
+  proportion to its own mean curvature (with π-damping: λ_A = √λ tr A / dim A).
+  """
   root = jnp.sqrt(jnp.asarray(damping, jnp.float32))
+  ta = jnp.maximum(jnp.trace(a.astype(jnp.float32)) / a.shape[0], 1e-30)
+  tg = jnp.maximum(jnp.trace(g.astype(jnp.float32)) / g.shape[0], 1e-30)
+  scale = jnp.sqrt(ta * tg) if relative else 1.0
   if not pi_damping:
-    return root, root
-  ta = jnp.trace(a.astype(jnp.float32)) / a.shape[0]
-  tg = jnp.trace(g.astype(jnp.float32)) / g.shape[0]
-  pi = jnp.sqrt(jnp.maximum(ta, 1e-30) / jnp.maximum(tg, 1e-30))
-  return root * pi, root / pi
+    return root * scale, root * scale
+  pi = jnp.sqrt(ta / tg)
+  return root * pi * scale, root / pi * scale
 
 
 def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: bool = True,
-         factor_decay: float = 0.95, stats_every: int = 1, inverse_every: int = 1,
+         relative_damping: bool = False, factor_decay: float = 0.95, stats_every: int = 1,
+         inverse_every: int = 1,
          inversion: str = "eigh", stale_tolerance: float = 0.0, factor_dtype=jnp.float32,
          comm_dtype=jnp.float32, fallback: str = "identity", kl_clip: float = 0.0,
          learning_rate: float | Callable | None = None, norm_clip: float = 0.0,
@@ -409,7 +418,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
       a, g = factors[name]
 
       def invert(a=a, g=g):
-        da, dg = factored_damping(a, g, damping, pi_damping)
+        da, dg = factored_damping(a, g, damping, pi_damping, relative_damping)
         return _damped_inverse(a, da, inversion), _damped_inverse(g, dg, inversion)
 
       if stale_tolerance:

@@ -109,6 +109,7 @@ def make_tx(name: str, lr: float, config, layers):
   if name == "kfac":
     k = config.kfac
     pre = kfac.kfac(layers, damping=k.damping, pi_damping=k.pi_damping,
+                    relative_damping=k.relative_damping,
                     factor_decay=k.factor_decay, stats_every=k.stats_every,
                     inverse_every=k.inverse_every, inversion=k.inversion,
                     stale_tolerance=k.stale_tolerance, factor_dtype=DTYPES[k.factor_dtype],

@@ -365,11 +365,13 @@ def test_phased_steps_equal_the_counter_driven_step(on_mesh):
     data = batch_for((8, 5, 5, 2), seed=i)
     a, _ = counter(a, data)
     b, _ = phased(b, data, phase=kfac.phase_at(i, 2, 3))
-  # Same arithmetic, differently fused: compare each leaf relative to its norm.
+  # Same arithmetic, differently fused: compare each leaf relative to its norm. Rounding
+  # grows over 7 steps at lr 0.1 (jax 0.12 on 8 devices: 1.2e-5 in one factor); a phase
+  # that skipped or repeated statistics or an inversion moves leaves by far more.
   for x, y in zip(jax.tree.leaves((a.params, a.opt_state)),
                   jax.tree.leaves((b.params, b.opt_state))):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    assert np.linalg.norm(y - x) <= 1e-5 * max(np.linalg.norm(x), 1e-6), (x.shape, y.shape)
+    assert np.linalg.norm(y - x) <= 5e-5 * max(np.linalg.norm(x), 1e-6), (x.shape, y.shape)
   assert int(b.opt_state[0].stats_updates) == 4  # steps 0, 2, 4, 6
   assert {int(v) for v in b.opt_state[0].inversions.values()} <= {1, 2, 3}  # steps 0, 3, 6
   # A plain step neither inverts nor tags: no Cholesky, no statistics GEMMs in it.

@@ -4,11 +4,12 @@ On CPU, jaxlib runs Cholesky, triangular solves and eigh as calls into scipy's L
 (`scipy.linalg.cython_lapack`, an OpenBLAS with its own thread pool). XLA runs independent
 operations of a step at the same time on its own threads, so in a K-FAC inversion step
 (16 Cholesky factorisations and 32 triangular solves next to the statistics GEMMs)
-OpenBLAS's threads and XLA's compete for the same cores. On the 2-core EPYC VM (jax 0.10.2)
-the digits_autoencoder inversion step took 43 ms with OpenBLAS's default 2 threads and
-26 ms with one; CosmoFlow's 1,006 and 942 ms: one thread per call, with XLA running the
-calls side by side, is never slower there (measured with `OPENBLAS_NUM_THREADS=1`; the
-profile with this module is `experiments.kfac_profile`, docs/benchmarks.md).
+OpenBLAS's threads and XLA's compete for the same cores. On the 2-core EPYC VM (jax 0.10.2,
+`experiments.kfac_profile`, docs/benchmarks.md) the digits_autoencoder's inversion step took
+50-66 ms with OpenBLAS's default 2 threads and 25-28 ms with one, CosmoFlow's 1,031-1,047
+and 957 ms. A single large factor inverted alone is slower on one thread (Cholesky of
+2,048: 0.30-0.37 s against 0.19 s), but inside a step, where XLA runs several at once, one
+thread won on both problems.
 
 `import sdl` calls `limit()`. It changes only the BLAS libraries that scipy loads itself
 (`scipy.libs`, `scipy/.dylibs`): NumPy's BLAS, which `experiments.layer_bench` compares

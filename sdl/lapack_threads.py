@@ -19,7 +19,7 @@ of your own opts out. GPU and TPU backends do not call this LAPACK.
 """
 import os
 
-USER_SETTINGS = ("SDL_LAPACK_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+OPT_OUT = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")  # a thread count of the user's own
 
 
 def scipy_blas_controllers():
@@ -36,7 +36,7 @@ def scipy_blas_controllers():
 def limit(environ=os.environ) -> list[str]:
   """Set scipy's own BLAS to `SDL_LAPACK_THREADS` (default 1) threads; returns the files
   changed (none where the user set a thread count, or scipy shares NumPy's BLAS)."""
-  if any(environ.get(name) for name in USER_SETTINGS[1:]):
+  if any(environ.get(name) for name in OPT_OUT):
     return []
   threads = int(environ.get("SDL_LAPACK_THREADS") or 1)
   changed = []

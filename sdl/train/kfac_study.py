@@ -156,20 +156,21 @@ class JitStep:
       return [None]
     return sorted({self.phase(i) for i in range(math.lcm(*self.kfac_every))})
 
+  def executable(self, phase, state, batch):
+    """The compiled step for `phase`, compiled on first use."""
+    if phase not in self.compiled:
+      kw = {} if phase is None else {"phase": phase}
+      self.compiled[phase] = self.jitted.lower(state, batch, **kw).compile()
+    return self.compiled[phase]
+
   def compile(self, state, batch) -> float:
     t0 = time.perf_counter()
     for phase in self.phases():
-      if phase not in self.compiled:
-        kw = {} if phase is None else {"phase": phase}
-        self.compiled[phase] = self.jitted.lower(state, batch, **kw).compile()
+      self.executable(phase, state, batch)
     return time.perf_counter() - t0
 
   def __call__(self, state, batch, i: int):
-    phase = self.phase(i)
-    if phase in self.compiled:
-      return self.compiled[phase](state, batch)
-    return self.jitted(state, batch) if phase is None else self.jitted(state, batch,
-                                                                       phase=phase)
+    return self.executable(self.phase(i), state, batch)(state, batch)
 
 
 def jit_step(problem: Problem, name: str, tx, layers, config) -> JitStep:

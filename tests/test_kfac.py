@@ -78,9 +78,12 @@ def np_patches(x, kernel, strides, padding):
   return np.asarray(rows)
 
 
-def reference_update(model_conv, params, batch, damping, pi_damping=True, relative=False):
+def reference_update(model_conv, params, batch, damping, pi_damping=True, relative=False,
+                     channels=False):
   """Forward written with lax directly (not Flax), output gradients by perturbations, and
-  the K-FAC algebra in float64 numpy."""
+  the K-FAC algebra in float64 numpy. `channels`: the conv layer's input factor is
+  I_taps ⊗ A_c (A_c: the mean of the patch factor's per-tap diagonal blocks), with the
+  bias on its own entry 1."""
   conv_params = params.get("conv")
   names = (["conv"] if conv_params is not None else []) + ["Dense_0", "Dense_1"]
 
@@ -141,6 +144,12 @@ def reference_update(model_conv, params, batch, damping, pi_damping=True, relati
       a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
     grad = a.T @ g  # ∇[W; b], computed independently of JAX's autodiff
     big_a = a.T @ a / a.shape[0]
+    c_in = p["kernel"].shape[-2]
+    taps = p["kernel"].size // p["kernel"].shape[-1] // c_in
+    if name == "conv" and channels:
+      blocks = [big_a[t * c_in:(t + 1) * c_in, t * c_in:(t + 1) * c_in] for t in range(taps)]
+      big_a = np.eye(c_in + ("bias" in p))
+      big_a[:c_in, :c_in] = np.mean(blocks, axis=0)
     big_g = (g * n).T @ (g * n) / n
     if pi_damping:
       pi = math.sqrt((np.trace(big_a) / big_a.shape[0]) / (np.trace(big_g) / big_g.shape[0]))
@@ -150,8 +159,13 @@ def reference_update(model_conv, params, batch, damping, pi_damping=True, relati
     if relative:  # λ_A λ_G = λ (tr A / dim A)(tr G / dim G)
       scale = math.sqrt(np.trace(big_a) / len(big_a) * np.trace(big_g) / len(big_g))
       la, lg = la * scale, lg * scale
-    u = (np.linalg.inv(big_a + la * np.eye(len(big_a))) @ grad
-         @ np.linalg.inv(big_g + lg * np.eye(len(big_g))))
+    a_inv = np.linalg.inv(big_a + la * np.eye(len(big_a)))
+    g_inv = np.linalg.inv(big_g + lg * np.eye(len(big_g)))
+    if name == "conv" and channels:  # the same A_c⁻¹ on every tap's rows
+      a_inv = np.kron(np.eye(taps), a_inv[:c_in, :c_in]) if "bias" not in p else (
+          np.block([[np.kron(np.eye(taps), a_inv[:c_in, :c_in]), np.zeros((taps * c_in, 1))],
+                    [np.zeros((1, taps * c_in)), a_inv[c_in:, c_in:]]]))
+    u = a_inv @ grad @ g_inv
     k_rows = p["kernel"].size // p["kernel"].shape[-1]
     updates[name] = {"kernel": u[:k_rows].reshape(p["kernel"].shape)}
     if "bias" in p:
@@ -205,6 +219,31 @@ def test_relative_damping_matches_numpy_reference(net, pi_damping):
                  relative_damping=True)
   params, update = one_update(model, layers, tx, batch)
   expected = reference_update(conv, rename_conv(params), batch, 0.05, pi_damping, True)
+  got = rename_conv(update)
+  for name, leaves in expected.items():
+    for leaf, want in leaves.items():
+      err = np.linalg.norm(got[name][leaf] - want) / np.linalg.norm(want)
+      assert err < 1e-5, (net, name, leaf, err)
+
+
+@pytest.mark.parametrize("net", ["conv2d_asymmetric", "conv3d_valid_no_bias",
+                                 "conv3d_sdl_strided"])
+def test_channel_factor_matches_numpy_reference(net):
+  conv, shape = NETS[net]
+  model, batch = Net(conv), batch_for(shape)
+  found = kfac.find_layers(model, batch["x"])
+  conv_name, = (n for n, s in found.items() if s.kind == "conv")
+  spec = found[conv_name]
+  # select_layers: a bound below the patch factor drops the conv or, with
+  # wide_conv="channels", keeps it with the channel factor (c_in + bias wide).
+  assert kfac.select_layers({conv_name: spec}, spec.in_dim - 1) == {}
+  wide = kfac.select_layers({conv_name: spec}, spec.in_dim - 1, wide_conv="channels")
+  assert wide[conv_name].factor == "channels"
+  assert wide[conv_name].in_dim == shape[-1] + spec.has_bias
+  layers = {**found, **wide}
+  tx = kfac.kfac(layers, damping=0.05, inversion="cholesky")
+  params, update = one_update(model, layers, tx, batch)
+  expected = reference_update(conv, rename_conv(params), batch, 0.05, channels=True)
   got = rename_conv(update)
   for name, leaves in expected.items():
     for leaf, want in leaves.items():

@@ -43,7 +43,7 @@ def step_parts(config, problem: Problem | None = None, runs: int = 10) -> dict:
   batch = {key: jnp.asarray(v) for key, v in problem.batch(0).items()}
   kw = problem.model_kwargs(jax.random.key(1))
   layers = kfac.select_layers(kfac.find_layers(problem.model, batch["x"][:1]),
-                             k.max_factor_dim)
+                             k.max_factor_dim, k.wide_conv)
   params = problem.model.init(jax.random.key(0), batch["x"][:1])["params"]
   model = problem.model
 
@@ -140,7 +140,7 @@ def whole_steps(config, problem: Problem | None = None, lr: float = 0.01,
   problem = problem or make_problem(config)
   k = config.kfac
   x0 = problem.example
-  layers = kfac.select_layers(kfac.find_layers(problem.model, x0), k.max_factor_dim)
+  layers = kfac.select_layers(kfac.find_layers(problem.model, x0), k.max_factor_dim, k.wide_conv)
   params = problem.model.init(jax.random.key(0), x0)["params"]
   batch = {key: jnp.asarray(v) for key, v in problem.batch(0).items()}
   runners = {}

@@ -42,7 +42,10 @@ What the options do (all periodic work is a pure function of the step count):
   max_factor_dim   layers with a factor wider than this go to the fallback: preconditioning
                    costs 2(d_in² d_out + d_in d_out²) flops per step whatever the batch, so
                    one wide layer (CosmoFlow's conv5: 6,913 x 512) can cost more than the
-                   whole forward/backward pass of a small batch.
+                   whole forward/backward pass of a small batch;
+  wide_conv        "channels": a conv layer whose patch factor is wider than
+                   `max_factor_dim` keeps K-FAC with the channel factor I_taps ⊗ A_c
+                   (`LayerSpec.factor`; c_in wide, not taps x c_in) instead of the fallback.
 
 Distributed: with `axis_names` (inside `shard_map`, which `make_train_step` sets up)
 factor statistics are summed over those mesh axes; with two axes `("node", "local")` the
@@ -72,6 +75,8 @@ from sdl.train.state import global_norm
 INPUTS = "kfac_inputs"    # collection the interceptor sows layer inputs into
 OUTPUTS = "kfac_outputs"  # collection of the zero perturbations on layer outputs
 INVERSIONS = ("eigh", "cholesky")
+FACTORS = ("patches", "channels")      # a conv layer's input factor (LayerSpec.factor)
+WIDE_CONVS = ("fallback", "channels")  # what a conv too wide for max_factor_dim gets
 FALLBACKS = ("identity", "diagonal")
 FISHERS = ("empirical", "sampled")
 
@@ -85,6 +90,10 @@ class LayerSpec:
   has_bias: bool
   strides: tuple[int, ...] = ()
   padding: tuple[tuple[int, int], ...] = ()  # explicit (low, high) per spatial dim
+  # A conv layer's input factor: "patches", A over whole input patches [taps x channels];
+  # "channels", A ≈ I_taps ⊗ A_c with A_c the patch factor's diagonal blocks averaged over
+  # the taps (the bias, if any, gets its own diagonal entry 1, no cross terms).
+  factor: str = "patches"
 
   @property
   def name(self) -> str:
@@ -92,6 +101,8 @@ class LayerSpec:
 
   @property
   def in_dim(self) -> int:
+    if self.factor == "channels":
+      return self.kernel_shape[-2] + self.has_bias
     return math.prod(self.kernel_shape[:-1]) + self.has_bias
 
   @property
@@ -156,11 +167,23 @@ def find_layers(model: nn.Module, *args, **kwargs) -> dict[str, LayerSpec]:
   return {name: spec for name, spec in found.items() if calls[name] == 1}
 
 
-def select_layers(layers: dict[str, LayerSpec], max_factor_dim: int = 0):
-  """The layers whose factors are at most `max_factor_dim` wide (all of them for 0)."""
-  if not max_factor_dim:
-    return dict(layers)
-  return {n: s for n, s in layers.items() if max(s.in_dim, s.out_dim) <= max_factor_dim}
+def select_layers(layers: dict[str, LayerSpec], max_factor_dim: int = 0,
+                  wide_conv: str = "fallback") -> dict[str, LayerSpec]:
+  """The layers whose factors are at most `max_factor_dim` wide (all of them for 0).
+
+  `wide_conv="channels"` keeps a conv layer whose patch factor is too wide with the channel
+  factor (`LayerSpec.factor`) when that one fits; "fallback" leaves it to the fallback.
+  """
+  if wide_conv not in WIDE_CONVS:
+    raise ValueError(f"kfac wide_conv={wide_conv!r}: choose one of {WIDE_CONVS}")
+  fits = lambda s: not max_factor_dim or max(s.in_dim, s.out_dim) <= max_factor_dim
+  out = {}
+  for name, spec in layers.items():
+    if not fits(spec) and spec.kind == "conv" and wide_conv == "channels":
+      spec = dataclasses.replace(spec, factor="channels")
+    if fits(spec):
+      out[name] = spec
+  return out
 
 
 def _tagger(layers: dict[str, LayerSpec]):
@@ -223,13 +246,20 @@ def layer_factors(spec: LayerSpec, x, g):
 
   x: the layer input; g: per-example gradients of the loss w.r.t. the layer output.
   """
+  hi = lax.Precision.HIGHEST
+  g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
+  sg = jnp.matmul(g.T, g, precision=hi)
+  if spec.factor == "channels":  # every tap of every patch is one sample of the channels
+    a = patches(x, spec).reshape(-1, spec.kernel_shape[-2]).astype(jnp.float32)
+    sa = jnp.matmul(a.T, a, precision=hi)
+    if spec.has_bias:  # block diagonal: the bias's entry is the mean of 1 · 1
+      sa = jnp.pad(sa, ((0, 1), (0, 1))).at[-1, -1].set(a.shape[0])
+    return sa, sg, a.shape[0], x.shape[0]
   a = patches(x, spec) if spec.kind == "conv" else x.reshape(x.shape[0], -1, x.shape[-1])
   a = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
   if spec.has_bias:
     a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
-  g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
-  hi = lax.Precision.HIGHEST
-  return jnp.matmul(a.T, a, precision=hi), jnp.matmul(g.T, g, precision=hi), a.shape[0], x.shape[0]
+  return jnp.matmul(a.T, a, precision=hi), sg, a.shape[0], x.shape[0]
 
 
 class LayerStats(NamedTuple):
@@ -339,7 +369,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
          inversion: str = "eigh", stale_tolerance: float = 0.0, factor_dtype=jnp.float32,
          comm_dtype=jnp.float32, fallback: str = "identity", kl_clip: float = 0.0,
          learning_rate: float | Callable | None = None, norm_clip: float = 0.0,
-         max_factor_dim: int = 0,
+         max_factor_dim: int = 0, wide_conv: str = "fallback",
          axis_names: Sequence[str] = ()) -> optax.GradientTransformationExtraArgs:
   """The K-FAC preconditioner (module docstring). Chain it before momentum / lr scaling:
   `optax.chain(kfac(layers, ...), optax.sgd(schedule, momentum=0.9))`.
@@ -358,7 +388,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
   if min(stats_every, inverse_every) < 1:
     raise ValueError(f"kfac stats_every={stats_every}, inverse_every={inverse_every}: both ≥ 1")
   axis_names = tuple(axis_names)
-  layers = select_layers(layers, max_factor_dim)
+  layers = select_layers(layers, max_factor_dim, wide_conv)
   lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def split_params(tree):
@@ -469,11 +499,21 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
     updates = {}
     for name, spec in layers.items():
       kernel, bias = covered[name]
+      a_inv, g_inv = inverses[name]
+      hi = lax.Precision.HIGHEST
+      if spec.factor == "channels":  # (I_taps ⊗ A_c)⁻¹: the same A_c⁻¹ on every tap
+        c = spec.kernel_shape[-2]
+        mat = kernel.reshape(-1, c, spec.out_dim).astype(jnp.float32)
+        u = jnp.matmul(jnp.einsum("cd,tdo->tco", a_inv[:c, :c], mat, precision=hi), g_inv,
+                       precision=hi)
+        updates[(*spec.path, "kernel")] = u.reshape(kernel.shape).astype(kernel.dtype)
+        if bias is not None:
+          u_b = a_inv[c, c] * jnp.matmul(bias.astype(jnp.float32), g_inv, precision=hi)
+          updates[(*spec.path, "bias")] = u_b.astype(bias.dtype)
+        continue
       mat = kernel.reshape(-1, spec.out_dim).astype(jnp.float32)
       if bias is not None:
         mat = jnp.concatenate([mat, bias.reshape(1, -1).astype(jnp.float32)], axis=0)
-      a_inv, g_inv = inverses[name]
-      hi = lax.Precision.HIGHEST
       u = jnp.matmul(jnp.matmul(a_inv, mat, precision=hi), g_inv, precision=hi)
       updates[(*spec.path, "kernel")] = u[:kernel.size // spec.out_dim].reshape(
           kernel.shape).astype(kernel.dtype)

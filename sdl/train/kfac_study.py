@@ -114,7 +114,8 @@ def make_tx(name: str, lr: float, config, layers):
                     inverse_every=k.inverse_every, inversion=k.inversion,
                     stale_tolerance=k.stale_tolerance, factor_dtype=DTYPES[k.factor_dtype],
                     comm_dtype=DTYPES[k.comm_dtype], fallback=k.fallback, kl_clip=k.kl_clip,
-                    learning_rate=lr, norm_clip=k.norm_clip, max_factor_dim=k.max_factor_dim)
+                    learning_rate=lr, norm_clip=k.norm_clip, max_factor_dim=k.max_factor_dim,
+                    wide_conv=k.wide_conv)
     return optax.chain(pre, optax.sgd(lr, momentum=k.momentum))
   raise ValueError(f"optimiser {name!r}: choose kfac, sgd or adam")
 
@@ -184,7 +185,7 @@ def train_one(config, problem: Problem, name: str, lr: float, *, progress=True) 
   """One optimiser at one learning rate; returns its history and step times."""
   x0 = problem.example
   layers = kfac.select_layers(kfac.find_layers(problem.model, x0),
-                             config.kfac.max_factor_dim)
+                             config.kfac.max_factor_dim, config.kfac.wide_conv)
   params = problem.model.init(jax.random.key(config.seed), x0)["params"]
   tx = make_tx(name, lr, config, layers)
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),

@@ -89,14 +89,10 @@ def step_parts(config, problem: Problem | None = None, runs: int = 10) -> dict:
 
   def precondition(inverses, grads):
     flat = kfac._flat(grads)
-    out = []
-    for name, spec in layers.items():
-      mat = flat[(*spec.path, "kernel")].reshape(-1, spec.out_dim)
-      if spec.has_bias:
-        mat = jnp.concatenate([mat, flat[(*spec.path, "bias")][None]], axis=0)
-      a_inv, g_inv = inverses[name]
-      out.append(a_inv @ mat @ g_inv)
-    return out
+    return [kfac.precondition(spec, flat[(*spec.path, "kernel")],
+                              flat.get((*spec.path, "bias")) if spec.has_bias else None,
+                              *inverses[name])
+            for name, spec in layers.items()]
 
   parts = {
       "forward/backward (plain)": _timed(plain, params, batch, runs=runs),
@@ -140,7 +136,8 @@ def whole_steps(config, problem: Problem | None = None, lr: float = 0.01,
   problem = problem or make_problem(config)
   k = config.kfac
   x0 = problem.example
-  layers = kfac.select_layers(kfac.find_layers(problem.model, x0), k.max_factor_dim, k.wide_conv)
+  layers = kfac.select_layers(kfac.find_layers(problem.model, x0), k.max_factor_dim,
+                              k.wide_conv)
   params = problem.model.init(jax.random.key(0), x0)["params"]
   batch = {key: jnp.asarray(v) for key, v in problem.batch(0).items()}
   runners = {}

@@ -363,6 +363,27 @@ def factored_damping(a, g, damping, pi_damping, relative=False):
   return root * pi * scale, root / pi * scale
 
 
+def precondition(spec: LayerSpec, kernel, bias, a_inv, g_inv):
+  """`A⁻¹ ∇[W; b] G⁻¹` for one layer, as (kernel update, bias update or None)."""
+  hi = lax.Precision.HIGHEST
+  if spec.factor == "channels":  # (I_taps ⊗ A_c)⁻¹: the same A_c⁻¹ on every tap
+    c = spec.kernel_shape[-2]
+    mat = kernel.reshape(-1, c, spec.out_dim).astype(jnp.float32)
+    u = jnp.matmul(jnp.einsum("cd,tdo->tco", a_inv[:c, :c], mat, precision=hi), g_inv,
+                   precision=hi)
+    u_bias = None if bias is None else (
+        a_inv[c, c] * jnp.matmul(bias.astype(jnp.float32), g_inv, precision=hi))
+  else:
+    mat = kernel.reshape(-1, spec.out_dim).astype(jnp.float32)
+    if bias is not None:
+      mat = jnp.concatenate([mat, bias.reshape(1, -1).astype(jnp.float32)], axis=0)
+    u = jnp.matmul(jnp.matmul(a_inv, mat, precision=hi), g_inv, precision=hi)
+    u_bias = None if bias is None else u[-1]
+    u = u[:kernel.size // spec.out_dim]
+  return (u.reshape(kernel.shape).astype(kernel.dtype),
+          None if bias is None else u_bias.astype(bias.dtype))
+
+
 def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: bool = True,
          relative_damping: bool = False, factor_decay: float = 0.95, stats_every: int = 1,
          inverse_every: int = 1,
@@ -499,26 +520,10 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
     updates = {}
     for name, spec in layers.items():
       kernel, bias = covered[name]
-      a_inv, g_inv = inverses[name]
-      hi = lax.Precision.HIGHEST
-      if spec.factor == "channels":  # (I_taps ⊗ A_c)⁻¹: the same A_c⁻¹ on every tap
-        c = spec.kernel_shape[-2]
-        mat = kernel.reshape(-1, c, spec.out_dim).astype(jnp.float32)
-        u = jnp.matmul(jnp.einsum("cd,tdo->tco", a_inv[:c, :c], mat, precision=hi), g_inv,
-                       precision=hi)
-        updates[(*spec.path, "kernel")] = u.reshape(kernel.shape).astype(kernel.dtype)
-        if bias is not None:
-          u_b = a_inv[c, c] * jnp.matmul(bias.astype(jnp.float32), g_inv, precision=hi)
-          updates[(*spec.path, "bias")] = u_b.astype(bias.dtype)
-        continue
-      mat = kernel.reshape(-1, spec.out_dim).astype(jnp.float32)
+      u_kernel, u_bias = precondition(spec, kernel, bias, *inverses[name])
+      updates[(*spec.path, "kernel")] = u_kernel
       if bias is not None:
-        mat = jnp.concatenate([mat, bias.reshape(1, -1).astype(jnp.float32)], axis=0)
-      u = jnp.matmul(jnp.matmul(a_inv, mat, precision=hi), g_inv, precision=hi)
-      updates[(*spec.path, "kernel")] = u[:kernel.size // spec.out_dim].reshape(
-          kernel.shape).astype(kernel.dtype)
-      if bias is not None:
-        updates[(*spec.path, "bias")] = u[-1].astype(bias.dtype)
+        updates[(*spec.path, "bias")] = u_bias
 
     diagonal = state.diagonal
     if fallback == "diagonal":

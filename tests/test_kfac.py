@@ -1,4 +1,5 @@
 """K-FAC against an independent numpy computation, closed forms, counts and one device."""
+import dataclasses
 import itertools
 import math
 import re
@@ -445,12 +446,15 @@ def mesh_of(shape, axes, axis_type):
   return Mesh(devices, axes, axis_types=(axis_type,) * len(axes))
 
 
-@pytest.mark.parametrize("axes,shape", [(("data",), (8,)), (("node", "local"), (2, 4))])
+@pytest.mark.parametrize("axes,shape,factor", [(("data",), (8,), "patches"),
+                                               (("node", "local"), (2, 4), "patches"),
+                                               (("node", "local"), (2, 4), "channels")])
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
-def test_distributed_update_equals_one_device(axes, shape, axis_type):
+def test_distributed_update_equals_one_device(axes, shape, factor, axis_type):
   model = Net(Conv3D(3, (3, 3, 3), strides=(2, 1, 1)))
   batch = batch_for((16, 4, 4, 4, 2))
-  layers = kfac.find_layers(model, batch["x"])
+  layers = {name: dataclasses.replace(spec, factor=factor) if spec.kind == "conv" else spec
+            for name, spec in kfac.find_layers(model, batch["x"]).items()}
   kw = dict(damping=0.02, stats_every=1, inverse_every=1, stale_tolerance=1e-9)
   steps = 3
 

@@ -242,6 +242,11 @@ def test_channel_factor_matches_numpy_reference(net):
   assert wide[conv_name].factor == "channels"
   assert wide[conv_name].in_dim == shape[-1] + spec.has_bias
   layers = {**found, **wide}
+  with pytest.raises(ValueError, match="choose one of"):
+    dataclasses.replace(spec, factor="channel")
+  dense = next(s for s in found.values() if s.kind == "dense")
+  with pytest.raises(ValueError, match="for conv layers"):
+    dataclasses.replace(dense, factor="channels")
   tx = kfac.kfac(layers, damping=0.05, inversion="cholesky")
   params, update = one_update(model, layers, tx, batch)
   expected = reference_update(conv, rename_conv(params), batch, 0.05, channels=True)

@@ -95,6 +95,14 @@ class LayerSpec:
   # the taps (the bias, if any, gets its own diagonal entry 1, no cross terms).
   factor: str = "patches"
 
+  def __post_init__(self):
+    if self.factor not in FACTORS:
+      raise ValueError(f"kfac LayerSpec {self.name}: factor={self.factor!r}, choose one of "
+                       f"{FACTORS}")
+    if self.factor == "channels" and self.kind != "conv":
+      raise ValueError(f"kfac LayerSpec {self.name}: the channel factor is for conv layers, "
+                       f"not {self.kind}")
+
   @property
   def name(self) -> str:
     return "/".join(self.path)

@@ -257,6 +257,55 @@ def test_channel_factor_matches_numpy_reference(net):
       assert err < 1e-5, (net, name, leaf, err)
 
 
+def test_adaptive_step_minimises_the_exact_quadratic_model():
+  """Two adaptive steps against numpy: the explicit Jacobian gives the Gauss-Newton matrix
+  C, and (α, μ) minimise gᵀs + ½ sᵀ(C + λI)s over s = α Δ + μ (previous step)."""
+  from jax.flatten_util import ravel_pytree
+  model, damping = Net(None), 0.05
+  batches = [batch_for((64, 7)), batch_for((64, 7), seed=1)]
+  layers = kfac.find_layers(model, batches[0]["x"])
+  # Inverses only at step 0, so the second step's Δ uses the same (A⁻¹, G⁻¹).
+  tx = optax.chain(kfac.kfac(layers, damping=damping, adaptive=True, stats_every=100,
+                             inverse_every=100, inversion="cholesky"), optax.sgd(1.0))
+  state = state_for(model, batches[0]["x"], tx)
+  step = jax.jit(kfac.make_train_step(model, layers, mse, tx))
+  params = [state.params]
+  for b in batches:
+    state, _ = step(state, b)
+    params.append(state.params)
+  inverses = {k: [np.asarray(m, np.float64) for m in v]
+              for k, v in state.opt_state[0].inverses.items()}
+  _, unravel = ravel_pytree(params[0])
+  previous = None
+  for k, b in enumerate(batches):
+    theta = np.asarray(ravel_pytree(params[k])[0], np.float64)
+    f = lambda th: model.apply({"params": unravel(th)}, b["x"])
+    jac = np.asarray(jax.jacfwd(f)(jnp.asarray(theta, jnp.float32)), np.float64)
+    jac = jac.reshape(-1, theta.size)                       # [N * outputs, P]
+    resid = (np.asarray(f(jnp.asarray(theta, jnp.float32)), np.float64)
+             - np.asarray(b["y"], np.float64)).reshape(-1)
+    n = b["x"].shape[0]
+    grad, curv = jac.T @ resid / n, jac.T @ jac / n         # of ½ mean_n ‖f - y‖²
+    g = jax.tree.map(np.asarray, unravel(jnp.asarray(grad, jnp.float32)))
+    direction = {}
+    for name, p in g.items():
+      mat = p["kernel"] if "bias" not in p else np.vstack([p["kernel"], p["bias"][None]])
+      u = inverses[name][0] @ mat @ inverses[name][1]
+      direction[name] = {"kernel": u[:p["kernel"].shape[0]]}
+      if "bias" in p:
+        direction[name]["bias"] = u[-1]
+    delta = np.asarray(ravel_pytree(direction)[0], np.float64)
+    vecs = [delta] if previous is None else [delta, previous]
+    m = np.array([[a @ (curv + damping * np.eye(len(a))) @ c for c in vecs] for a in vecs])
+    coef = -np.linalg.solve(m, np.array([grad @ v for v in vecs]))
+    want = sum(c * v for c, v in zip(coef, vecs))
+    have = np.asarray(ravel_pytree(params[k + 1])[0], np.float64) - theta
+    err = np.linalg.norm(have - want) / np.linalg.norm(want)
+    assert err < 1e-4, (k, coef, err)
+    previous = have
+  assert len(coef) == 2 and abs(coef[1]) > 1e-3  # the second step did use momentum
+
+
 def test_sampled_fisher_matches_closed_forms():
   """Dense output layer: G = E[εεᵀ] = I for a unit Gaussian, and
   G = E_x[diag(p) - p pᵀ] for softmax logits (Monte Carlo over 20k examples)."""

@@ -39,6 +39,14 @@ What the options do (all periodic work is a pure function of the step count):
   comm_dtype       dtype of the factor all-reduce;
   kl_clip          scale updates so that lr² Σ ⟨update, grad⟩ ≤ kl_clip (Ba et al. 2017);
   norm_clip        cap the preconditioned update's global norm;
+  adaptive         step size and momentum from the exact quadratic model (Martens & Grosse
+                   §7): the step is α Δ + μ δ, with Δ the preconditioned gradient and δ the
+                   previous step, (α, μ) minimising gᵀs + ½ sᵀ(C + λ I)s where C is the
+                   loss's Gauss-Newton matrix on this batch (`make_train_step` hands the
+                   transform its 2 x 2 products, two Jacobian-vector products a step).
+                   The transform then returns -(the step): chain it with `optax.sgd(1.0)`
+                   (or another lr as a multiplier, which it needs as `learning_rate`), no
+                   momentum, no KL clip;
   max_factor_dim   layers with a factor wider than this go to the fallback: preconditioning
                    costs 2(d_in² d_out + d_in d_out²) flops per step whatever the batch, so
                    one wide layer (CosmoFlow's conv5: 6,913 x 512) can cost more than the
@@ -343,6 +351,7 @@ class KfacState(NamedTuple):
   inverted_factors: dict              # name -> (A, G) at the last inversion (stale Fisher)
   inversions: dict                    # name -> int32 inversions of this layer
   diagonal: Any                       # fallback: EMA of g² per parameter (or None)
+  previous: Any = None                # adaptive: the last step taken (or None)
 
 
 def _damped_inverse(m, damping, method):
@@ -398,7 +407,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
          inversion: str = "eigh", stale_tolerance: float = 0.0, factor_dtype=jnp.float32,
          comm_dtype=jnp.float32, fallback: str = "identity", kl_clip: float = 0.0,
          learning_rate: float | Callable | None = None, norm_clip: float = 0.0,
-         max_factor_dim: int = 0, wide_conv: str = "fallback",
+         max_factor_dim: int = 0, wide_conv: str = "fallback", adaptive: bool = False,
          axis_names: Sequence[str] = ()) -> optax.GradientTransformationExtraArgs:
   """The K-FAC preconditioner (module docstring). Chain it before momentum / lr scaling:
   `optax.chain(kfac(layers, ...), optax.sgd(schedule, momentum=0.9))`.
@@ -412,12 +421,16 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
     raise ValueError(f"kfac inversion={inversion!r}: choose one of {INVERSIONS}")
   if fallback not in FALLBACKS:
     raise ValueError(f"kfac fallback={fallback!r}: choose one of {FALLBACKS}")
+  if adaptive and kl_clip:
+    raise ValueError("kfac adaptive=True chooses the step size itself: set kl_clip=0")
   if kl_clip and learning_rate is None:
     raise ValueError("kfac kl_clip needs learning_rate (the lr the update will be scaled by)")
   if min(stats_every, inverse_every) < 1:
     raise ValueError(f"kfac stats_every={stats_every}, inverse_every={inverse_every}: both ≥ 1")
   axis_names = tuple(axis_names)
   layers = select_layers(layers, max_factor_dim, wide_conv)
+  if adaptive and learning_rate is None:
+    learning_rate = 1.0
   lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def split_params(tree):
@@ -447,7 +460,9 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
         inverted_factors=jax.tree.map(jnp.copy, factors) if stale_tolerance else {},
         inversions={n: jnp.zeros((), jnp.int32) for n in layers},
         diagonal=(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-                  if fallback == "diagonal" else None))
+                  if fallback == "diagonal" else None),
+        previous=(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+                  if adaptive else None))
 
   def new_factors(state, stats: LayerStats):
     grads_out = stats.output_grads()
@@ -503,8 +518,11 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
     return inverses, inversions, inverted
 
   def update(grads, state: KfacState, params=None, *, kfac_stats: LayerStats | None = None,
-             kfac_phase: Phase | None = None, **unused):
+             kfac_phase: Phase | None = None, kfac_curvature: Callable | None = None,
+             **unused):
     del params, unused
+    if adaptive and kfac_curvature is None:
+      raise ValueError("kfac adaptive=True needs kfac_curvature (from make_train_step)")
     if kfac_stats is None and (kfac_phase is None or kfac_phase.stats):
       raise ValueError("kfac.update needs kfac_stats=LayerStats(...); use "
                        "sdl.optim.kfac.make_train_step, or pass it as an optax extra argument")
@@ -553,10 +571,35 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
     if norm_clip:
       scale = jnp.minimum(scale, norm_clip / jnp.maximum(global_norm(out), 1e-30))
     out = jax.tree.map(lambda u: (u * scale).astype(u.dtype), out)
+    previous = state.previous
+    if adaptive:
+      step = quadratic_model_step(out, state.previous, grads, kfac_curvature, damping)
+      previous = jax.tree.map(lambda s: s * jnp.asarray(lr(state.count), jnp.float32), step)
+      out = jax.tree.map(lambda s, g: (-s).astype(g.dtype), step, grads)
     return out, KfacState(state.count + 1, stats_updates, factors, inverses, inverted,
-                          inversions, diagonal)
+                          inversions, diagonal, previous)
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def quadratic_model_step(direction, previous, grads, curvature: Callable, damping):
+  """α Δ + μ δ minimising m(s) = gᵀs + ½ sᵀ(C + λ I)s (Martens & Grosse §7).
+
+  `curvature([v1, v2])` is the 2 x 2 matrix of vᵢᵀ C vⱼ. With no previous step (all zero,
+  the first update) μ is 0 and α = -gᵀΔ / Δᵀ(C + λ I)Δ.
+  """
+  f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+  vecs = [f32(direction), f32(previous)]
+  dot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a),
+                                                        jax.tree.leaves(b)))
+  m = curvature(vecs) + damping * jnp.stack([jnp.stack([dot(a, b) for b in vecs])
+                                             for a in vecs])
+  b = jnp.stack([dot(f32(grads), v) for v in vecs])
+  first = m[1, 1] <= 0  # no previous step: solve [[m00, 0], [0, 1]] (α, μ) = -(b0, 0)
+  m = jnp.where(first, jnp.diag(jnp.stack([m[0, 0], jnp.float32(1)])), m)
+  b = jnp.where(first, b * jnp.array([1.0, 0.0], jnp.float32), b)
+  coef = -jnp.linalg.solve(m, b)
+  return jax.tree.map(lambda d, p: coef[0] * d + coef[1] * p, *vecs)
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -641,6 +684,27 @@ def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Cal
       return _by_layer(pullback(sampled.astype(outputs.dtype))[1])
     return loss, metrics, grads, LayerStats(inputs, output_grads)
 
+  def curvature(state, batch, rng):
+    """`vectors -> [vᵢᵀ C vⱼ]`, C the loss's Gauss-Newton matrix on this (global) batch;
+    only traced if the transform asks for it (`kfac(adaptive=True)`)."""
+    args, kwargs = model_inputs(batch), model_kwargs(rng)
+
+    def gram(vectors):
+      # J v as the transpose of the pullback v ↦ Jᵀv: reverse mode only, since models
+      # may hold custom_vjp functions (sdl's CPU convolutions and pooling), which forward
+      # mode cannot differentiate.
+      outputs, pullback = jax.vjp(lambda p: model.apply({"params": p}, *args, **kwargs),
+                                  state.params)
+      jvp = jax.linear_transpose(pullback, outputs)
+      d_loss = jax.grad(lambda o: loss_fn(o, batch)[0])
+      jv = [jvp((jax.tree.map(lambda v, p: v.astype(p.dtype), v, state.params),))[0]
+            for v in vectors]
+      hjv = [jax.jvp(d_loss, (outputs,), (t,))[1] for t in jv]
+      f32 = lambda x: x.astype(jnp.float32)
+      m = jnp.stack([jnp.stack([jnp.vdot(f32(a), f32(b)) for b in hjv]) for a in jv])
+      return lax.pmean(m, axis_names) if axis_names else m
+    return gram
+
   def local_step(state, batch, phase: Phase | None = None):
     rng = jax.random.fold_in(state.rng, state.step)
     tagged = phase is None or phase.stats
@@ -651,7 +715,8 @@ def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Cal
       loss = lax.pmean(loss, axis_names)
       metrics = lax.pmean(metrics, axis_names)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, kfac_stats=stats,
-                                   kfac_phase=phase)
+                                   kfac_phase=phase,
+                                   kfac_curvature=curvature(state, batch, rng))
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": global_norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

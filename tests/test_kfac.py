@@ -500,16 +500,21 @@ def mesh_of(shape, axes, axis_type):
   return Mesh(devices, axes, axis_types=(axis_type,) * len(axes))
 
 
-@pytest.mark.parametrize("axes,shape,factor", [(("data",), (8,), "patches"),
+@pytest.mark.parametrize("axes,shape,option", [(("data",), (8,), "patches"),
                                                (("node", "local"), (2, 4), "patches"),
-                                               (("node", "local"), (2, 4), "channels")])
+                                               (("node", "local"), (2, 4), "channels"),
+                                               (("data",), (8,), "adaptive")])
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
-def test_distributed_update_equals_one_device(axes, shape, factor, axis_type):
+def test_distributed_update_equals_one_device(axes, shape, option, axis_type):
+  """option: the conv's factor ("patches", "channels"), or "adaptive" (patches, with the
+  quadratic-model step, whose Gauss-Newton products are averaged over the devices)."""
   model = Net(Conv3D(3, (3, 3, 3), strides=(2, 1, 1)))
   batch = batch_for((16, 4, 4, 4, 2))
+  factor = "channels" if option == "channels" else "patches"
   layers = {name: dataclasses.replace(spec, factor=factor) if spec.kind == "conv" else spec
             for name, spec in kfac.find_layers(model, batch["x"]).items()}
-  kw = dict(damping=0.02, stats_every=1, inverse_every=1, stale_tolerance=1e-9)
+  kw = dict(damping=0.02, stats_every=1, inverse_every=1, stale_tolerance=1e-9,
+            adaptive=option == "adaptive", learning_rate=0.1)
   steps = 3
 
   def train(tx, **step_kw):

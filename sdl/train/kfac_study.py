@@ -108,6 +108,9 @@ def make_tx(name: str, lr: float, config, layers):
     return optax.adam(lr)
   if name == "kfac":
     k = config.kfac
+    if k.adaptive and k.momentum:  # (kfac() itself rejects adaptive with a KL clip)
+      raise ValueError("kfac.adaptive=True chooses the momentum itself: set kfac.momentum=0 "
+                       "(the lr stays a multiplier of the step)")
     pre = kfac.kfac(layers, damping=k.damping, pi_damping=k.pi_damping,
                     relative_damping=k.relative_damping,
                     factor_decay=k.factor_decay, stats_every=k.stats_every,
@@ -116,9 +119,6 @@ def make_tx(name: str, lr: float, config, layers):
                     comm_dtype=DTYPES[k.comm_dtype], fallback=k.fallback, kl_clip=k.kl_clip,
                     learning_rate=lr, norm_clip=k.norm_clip, max_factor_dim=k.max_factor_dim,
                     wide_conv=k.wide_conv, adaptive=k.adaptive)
-    if k.adaptive and (k.momentum or k.kl_clip):
-      raise ValueError("kfac.adaptive=True chooses the step size and momentum itself: set "
-                       "kfac.momentum=0 and kfac.kl_clip=0 (the lr stays a multiplier)")
     return optax.chain(pre, optax.sgd(lr, momentum=k.momentum))
   raise ValueError(f"optimiser {name!r}: choose kfac, sgd or adam")
 

@@ -2,6 +2,7 @@
 import csv
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,6 +55,10 @@ def test_implementations_agree_numerically():
   g = problems.Gemm(96, 40, 72, b_t=True)
   (fx, ax), (fn, an) = (layers.build(g, i, "highest", False) for i in ("xla", "numpy"))
   np.testing.assert_allclose(np.asarray(fx(*ax)), fn(*an), rtol=1e-4, atol=1e-4)
+  (fb, ab), (gx, _) = (layers.build(g, i, "highest", True) for i in ("xla-blas", "xla"))
+  for blas, xla in zip(jax.tree.leaves(fb(*ab)), jax.tree.leaves(gx(*ab))):
+    np.testing.assert_allclose(np.asarray(blas), np.asarray(xla), rtol=1e-4, atol=1e-4)
+  assert layers.build(g, "xla-blas", "bf16", False) is None
   c = problems.cosmoflow_convs("lbann", 16)[3]  # the strided conv
   (fx, ax), (ff, af) = (layers.build(c, i, "highest", False) for i in ("xla", "xla-folded"))
   np.testing.assert_allclose(np.asarray(fx(*ax)), np.asarray(ff(*af)), rtol=1e-4, atol=1e-4)
@@ -76,14 +81,14 @@ def test_roofline_prediction_is_the_binding_roof():
 
 def test_smoke_suite_writes_csv_markdown_and_roofline(tmp_path):
   config = configs.get_config("smoke")
-  config.impls = ("xla", "xla-folded", "numpy")
+  config.impls = ("xla", "xla-folded", "xla-blas", "numpy")
   config.precisions = ("highest",)  # bf16 cells are covered by the command, not the test
   markdown = suite.run(config, str(tmp_path))
   rows = list(csv.DictReader(open(tmp_path / "results.csv")))
   assert list(rows[0])[:8] == ["m", "n", "k", "a_t", "b_t", "precision", "time_usec", "tflops"]
   kinds = {r["kind"] for r in rows}
   assert kinds == {"gemm", "conv2d", "conv3d", "transformer", "attention"}
-  assert {r["impl"] for r in rows} == {"xla", "xla-folded", "numpy"}
+  assert {r["impl"] for r in rows} == {"xla", "xla-folded", "xla-blas", "numpy"}
   for r in rows:
     flops, seconds = float(r["flops"]), float(r["time_usec"]) * 1e-6
     assert math.isclose(float(r["tflops"]), flops / seconds / 1e12, rel_tol=1e-9)
@@ -92,3 +97,15 @@ def test_smoke_suite_writes_csv_markdown_and_roofline(tmp_path):
   png = (tmp_path / "roofline_cpu.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n"
   assert "A64FX" in markdown and "H100" in markdown and "% of peak" in markdown
+
+
+def test_large_gemm_summary_compares_the_best_jax_path_with_the_best_of_all():
+  host = roofline.Device("toy", 200e9, 10e9)
+  row = lambda layer, impl, gflops, flops=4e10: {  # noqa: E731
+      "kind": "gemm", "precision": "highest", "pass": "forward", "layer": layer,
+      "impl": impl, "tflops": gflops / 1e3, "flops": flops}
+  rows = [row("big", "xla", 100), row("big", "xla-blas", 150), row("big", "numpy", 160),
+          row("small", "xla", 90, flops=1e9)]
+  lines = suite.large_gemm_summary(rows, host)
+  assert len(lines) == 6 and "small" not in "".join(lines)
+  assert lines[-1] == "| big | xla-blas | 150.0 | 160.0 | numpy | 75 % | 94 % |"

@@ -5,7 +5,8 @@
 bf16 GEMM; the folded lowering is for 3D convolutions only; PyTorch not installed).
 
 Implementations: `xla` (jax.numpy / lax, the native ops), `xla-folded` (3D convolutions
-through sdl's depth-folded lowering, `sdl.models.conv`), `numpy` (NumPy's BLAS, GEMMs
+through sdl's depth-folded lowering, `sdl.models.conv`), `xla-blas` (fp32 GEMMs on CPU
+through sdl's BLAS custom call, `sdl.kernels.gemm`, forward and backward), `numpy` (NumPy's BLAS, GEMMs
 only, forward only), `torch` (PyTorch on CPU, fp32, when installed: a reference).
 Precisions: `highest` (fp32, `Precision.HIGHEST`), `default` (fp32 inputs at the
 backend's default precision: TF32 on recent NVIDIA GPUs, bf16 passes on TPUs, fp32 on
@@ -22,12 +23,13 @@ from jax import lax
 
 from sdl.bench.problems import Conv, Gemm, Transformer
 from sdl.bench.timing import measure
+from sdl.kernels import gemm as sdl_gemm
 from sdl.models import conv as sdl_conv
 
 PRECISIONS = {"highest": (jnp.float32, lax.Precision.HIGHEST),
               "default": (jnp.float32, lax.Precision.DEFAULT),
               "bf16": (jnp.bfloat16, lax.Precision.DEFAULT)}
-IMPLS = ("xla", "xla-folded", "numpy", "torch")
+IMPLS = ("xla", "xla-folded", "xla-blas", "numpy", "torch")
 
 
 def _random(shape, dtype, seed):
@@ -44,6 +46,10 @@ def _xla_gemm(g: Gemm, precision):
   def f(a, b):
     return jnp.matmul(a.T if g.a_t else a, b.T if g.b_t else b, precision=precision)
   return f
+
+
+def _blas_gemm(g: Gemm):
+  return lambda a, b: sdl_gemm.matmul(a, b, trans_a=g.a_t, trans_b=g.b_t, impl="blas")
 
 
 def _conv_operands(c: Conv, dtype):
@@ -126,6 +132,12 @@ def build(problem, impl: str, precision: str, backward: bool):
       return None
     a, b = (np.asarray(x) for x in _gemm_operands(problem, np.float32))
     return (lambda a, b: (a.T if problem.a_t else a) @ (b.T if problem.b_t else b)), (a, b)
+  if impl == "xla-blas":
+    if (not isinstance(problem, Gemm) or precision != "highest"
+        or jax.default_backend() != "cpu" or not sdl_gemm.available()):
+      return None
+    f, args = _blas_gemm(problem), _gemm_operands(problem, dtype)
+    return _jitted(f, args, backward)
   folded = impl == "xla-folded"
   if isinstance(problem, Gemm) and not folded:
     f, args = _xla_gemm(problem, prec), _gemm_operands(problem, dtype)
@@ -137,6 +149,10 @@ def build(problem, impl: str, precision: str, backward: bool):
     args = (x, transformer_params(problem, dtype))
   else:
     return None
+  return _jitted(f, args, backward)
+
+
+def _jitted(f, args, backward: bool):
   if backward:
     g = jax.value_and_grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1))
     return jax.jit(g), args

@@ -1,0 +1,60 @@
+"""Compile a C++ source of `sdl/kernels/` into a shared library, once per machine.
+
+The library lands in `$SDL_KERNEL_CACHE` (default `~/.cache/sdl/kernels`), named by a
+hash of the source, jaxlib's version, the compiler and its flags, so a new jaxlib or an
+edited source builds afresh and every other process reuses the file. It is written under
+a temporary name and renamed into place, so processes building at the same time never
+load half a file. The compiler is `$CXX`, else `c++`, `g++` or `clang++` on the PATH.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import jax.ffi
+
+HERE = Path(__file__).parent
+FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+class KernelBuildError(RuntimeError):
+  """A native kernel could not be compiled (no compiler, or the compiler failed)."""
+
+
+def compiler() -> str:
+  for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if candidate and shutil.which(candidate):
+      return shutil.which(candidate)
+  raise KernelBuildError(
+      "no C++ compiler for sdl's native kernels: install one (Debian: `apt-get install "
+      "g++`) or point $CXX at it")
+
+
+def cache_dir() -> Path:
+  root = os.environ.get("SDL_KERNEL_CACHE") or Path.home() / ".cache" / "sdl" / "kernels"
+  return Path(root)
+
+
+def library(source: str) -> Path:
+  """The compiled shared library of `sdl/kernels/<source>`, building it if needed."""
+  path = HERE / source
+  cxx = compiler()
+  include = jax.ffi.include_dir()
+  key = hashlib.sha256(b"\0".join([
+      path.read_bytes(), metadata.version("jaxlib").encode(), cxx.encode(),
+      " ".join(FLAGS).encode()])).hexdigest()[:16]
+  out = cache_dir() / f"lib{path.stem}-{key}.so"
+  if out.exists():
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+  command = [cxx, *FLAGS, "-I", include, str(path), "-o", str(tmp)]
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode != 0:
+    tmp.unlink(missing_ok=True)
+    raise KernelBuildError(f"compiling {path} failed ({' '.join(command)}):\n"
+                           f"{result.stderr[-2000:]}")
+  os.replace(tmp, out)
+  return out

@@ -1,0 +1,125 @@
+"""sdl.kernels.gemm: fp32 GEMMs through BLAS, against numpy in float64 and XLA's dot."""
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sdl.kernels import build, gemm
+
+TRANSPOSES = [(False, False), (True, False), (False, True), (True, True)]
+
+
+def operands(m, n, k, trans_a, trans_b, seed=0):
+  rng = np.random.default_rng(seed)
+  a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+  b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+  return a, b
+
+
+def op(x, transposed):
+  return x.T if transposed else x
+
+
+@pytest.mark.parametrize("trans_a,trans_b", TRANSPOSES)
+def test_matmul_and_gradients_match_float64_numpy(trans_a, trans_b):
+  m, n, k = 37, 23, 51
+  a, b = operands(m, n, k, trans_a, trans_b)
+  a64, b64 = a.astype(np.float64), b.astype(np.float64)
+  c64 = op(a64, trans_a) @ op(b64, trans_b)
+
+  def loss(a, b):
+    return jnp.sum(jnp.sin(gemm.matmul(a, b, trans_a=trans_a, trans_b=trans_b, impl="blas")))
+  c = jax.jit(lambda a, b: gemm.matmul(a, b, trans_a=trans_a, trans_b=trans_b,
+                                       impl="blas"))(a, b)
+  np.testing.assert_allclose(np.asarray(c), c64, rtol=1e-5, atol=1e-5)
+  # d op(A) = G op(B)ᵀ, d op(B) = op(A)ᵀ G with G = cos(C), then undo the transposes
+  g = np.cos(c64)
+  da, db = g @ op(b64, trans_b).T, op(a64, trans_a).T @ g
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, b)
+  np.testing.assert_allclose(np.asarray(grads[0]), op(da, trans_a), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(grads[1]), op(db, trans_b), rtol=1e-4, atol=1e-4)
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(a, b).as_text()
+  assert hlo.count(gemm.TARGET) == 3  # forward and both gradients went to BLAS
+
+
+def test_dense_layer_with_blas_dot_general_equals_xla(monkeypatch):
+  monkeypatch.setattr(gemm, "MIN_MACS", 0)  # send even this small layer to BLAS
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 16))
+  plain, blas = nn.Dense(8), nn.Dense(8, dot_general=gemm.dot_general)
+  params = plain.init(jax.random.PRNGKey(1), x)
+
+  def loss(module, params, x):
+    return jnp.sum(jnp.tanh(module.apply(params, x)))
+  with jax.default_matmul_precision("highest"):
+    want = jax.value_and_grad(loss, argnums=(1, 2))(plain, params, x)
+  got = jax.jit(jax.value_and_grad(loss, argnums=(1, 2)), static_argnums=0)(blas, params, x)
+  for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+  assert gemm.TARGET in jax.jit(lambda p, x: blas.apply(p, x)).lower(params, x).as_text()
+
+
+def test_dot_general_leaves_what_blas_cannot_do_to_xla(monkeypatch):
+  monkeypatch.setattr(gemm, "MIN_MACS", 0)
+  x = jnp.ones((2, 4, 6))
+  batched = (((2,), (1,)), ((0,), (0,)))  # a batch dimension: not a plain GEMM
+  f = lambda x, y: gemm.dot_general(x, y, batched)  # noqa: E731
+  assert gemm.TARGET not in jax.jit(f).lower(x, jnp.ones((2, 6, 3))).as_text()
+  bf16 = lambda x, y: gemm.dot_general(x, y, (((2,), (0,)), ((), ())))  # noqa: E731
+  lowered = jax.jit(bf16).lower(x.astype(jnp.bfloat16), jnp.ones((6, 3), jnp.bfloat16))
+  assert gemm.TARGET not in lowered.as_text()
+
+
+def test_use_blas_policy():
+  big = 1 << 10
+  assert gemm.use_blas(big, big, big, jnp.float32, backend="cpu")
+  assert not gemm.use_blas(big, big, big, jnp.float32, backend="gpu")
+  assert not gemm.use_blas(big, big, big, jnp.bfloat16, backend="cpu")
+  assert not gemm.use_blas(8, 8, 8, jnp.float32, backend="cpu")
+  with pytest.raises(ValueError, match="impl"):
+    gemm.matmul(jnp.ones((2, 2)), jnp.ones((2, 2)), impl="cublas")
+
+
+def test_sharded_matmul_equals_one_device():
+  """Inside shard_map on row blocks, and replicated by GSPMD: both equal one device."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  a, b = operands(64, 24, 40, False, False, seed=3)
+  one = np.asarray(jax.jit(lambda a, b: gemm.matmul(a, b, impl="blas"))(a, b))
+  sharded_a = jax.device_put(a, NamedSharding(mesh, P("data", None)))
+  local = jax.jit(jax.shard_map(lambda a, b: gemm.matmul(a, b, impl="blas"), mesh=mesh,
+                                in_specs=(P("data"), P()), out_specs=P("data")))
+  out = local(sharded_a, b)
+  assert out.sharding.spec == P("data", None)
+  np.testing.assert_allclose(np.asarray(out), one, rtol=1e-5, atol=1e-5)
+  replicated = jax.jit(lambda a, b: gemm.matmul(a, b, impl="blas"))(sharded_a, b)
+  np.testing.assert_allclose(np.asarray(replicated), one, rtol=1e-5, atol=1e-5)
+
+
+def test_sdl_blas_settings(tmp_path):
+  assert gemm.parse_blas("off") is None
+  with pytest.raises(gemm.BlasError, match="no file"):
+    gemm.parse_blas(str(tmp_path / "libnothing.so"))
+  numpy_lib = gemm.numpy_blas()
+  assert os.path.exists(numpy_lib.path)
+  with pytest.raises(gemm.BlasError, match="no symbol 'not_a_gemm'"):
+    gemm.parse_blas(f"{numpy_lib.path}:not_a_gemm")
+  with pytest.raises(gemm.BlasError, match="'ilp64' or 'lp64'"):
+    gemm.parse_blas(f"{numpy_lib.path}:{numpy_lib.symbol}:int128")
+  assert gemm.parse_blas(f"{numpy_lib.path}:{numpy_lib.symbol}") == numpy_lib
+
+
+def test_build_caches_the_library_and_names_compiler_failures(tmp_path, monkeypatch):
+  monkeypatch.setenv("SDL_KERNEL_CACHE", str(tmp_path))
+  first = build.library("gemm.cc")
+  assert first.parent == tmp_path and first.exists()
+  stamp = first.stat().st_mtime_ns
+  assert build.library("gemm.cc") == first and first.stat().st_mtime_ns == stamp
+  monkeypatch.setenv("SDL_KERNEL_CACHE", str(tmp_path / "other"))
+  monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+  with pytest.raises(build.KernelBuildError, match="gemm.cc failed"):
+    build.library("gemm.cc")
+  assert not list((tmp_path / "other").glob("*.tmp"))  # nothing half-written left

@@ -14,7 +14,11 @@ as is: `nn.Dense(features, dot_general=sdl.kernels.gemm.dot_general)`; what it c
 to BLAS (batch dimensions, other dtypes) goes to XLA unchanged.
 
 `use_blas` is the one place that decides which GEMMs go to BLAS: fp32, on the CPU
-backend, with enough work to pay the call (`MIN_MACS`). GPUs and TPUs always keep XLA.
+backend, with at least `MIN_MACS` multiply-adds. GPUs and TPUs always keep XLA. Measured
+on the 29 DeepBench training GEMMs (2-core EPYC VM, jax 0.10.2, `experiments.layer_bench`,
+docs/benchmarks.md): forward + backward through BLAS was faster on 27, by a median 1.33 x;
+forward alone it won 11 (median 0.90 x): the large and the small shapes, losing the thin
+ones (n ≤ 64 with m, k ≥ 2048) to YNNPACK.
 
 Which BLAS: `$SDL_BLAS` if set, else NumPy's own (the one `numpy.ndarray @` runs, with its
 own thread pool):
@@ -26,7 +30,8 @@ width fails there with the library named, not later with wrong numbers.
 
 Under a mesh XLA's partitioner cannot split a custom call, so it gathers the operands and
 runs the call replicated: the result is right, the traffic is not what sharding promised.
-Call `matmul` inside `jax.shard_map` (on local blocks) when the operands are sharded.
+Call `matmul` inside `jax.shard_map` (on local blocks) when the operands are sharded. For
+that reason sdl's models do not use it unless asked (`dot_general=` on a layer).
 """
 import ctypes
 import dataclasses
@@ -48,7 +53,7 @@ IMPLS = ("auto", "blas", "xla")
 # (NumPy's and scipy's wheels rename their OpenBLAS with a `scipy_` prefix).
 SYMBOLS = (("cblas_sgemm", False), ("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True),
            ("scipy_cblas_sgemm", False))
-MIN_MACS = 1 << 27  # m * n * k below this stays on XLA (see `use_blas`)
+MIN_MACS = 1 << 20  # m * n * k below this stays on XLA (see `use_blas`)
 
 
 class BlasError(RuntimeError):

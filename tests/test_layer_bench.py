@@ -59,6 +59,10 @@ def test_implementations_agree_numerically():
   for blas, xla in zip(jax.tree.leaves(fb(*ab)), jax.tree.leaves(gx(*ab))):
     np.testing.assert_allclose(np.asarray(blas), np.asarray(xla), rtol=1e-4, atol=1e-4)
   assert layers.build(g, "xla-blas", "bf16", False) is None
+  t = problems.Transformer(1, 64, 64, 4, 256)
+  (fx, ax), (fb, ab) = (layers.build(t, i, "highest", False) for i in ("xla", "xla-blas"))
+  np.testing.assert_allclose(np.asarray(fb(*ab)), np.asarray(fx(*ax)), rtol=1e-4, atol=1e-4)
+  assert "sdl_gemm_f32" in fb.lower(*ab).as_text()  # 64 x 64 x 256 projections: to BLAS
   c = problems.cosmoflow_convs("lbann", 16)[3]  # the strided conv
   (fx, ax), (ff, af) = (layers.build(c, i, "highest", False) for i in ("xla", "xla-folded"))
   np.testing.assert_allclose(np.asarray(fx(*ax)), np.asarray(ff(*af)), rtol=1e-4, atol=1e-4)

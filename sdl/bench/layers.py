@@ -5,8 +5,8 @@
 bf16 GEMM; the folded lowering is for 3D convolutions only; PyTorch not installed).
 
 Implementations: `xla` (jax.numpy / lax, the native ops), `xla-folded` (3D convolutions
-through sdl's depth-folded lowering, `sdl.models.conv`), `xla-blas` (fp32 GEMMs on CPU
-through sdl's BLAS custom call, `sdl.kernels.gemm`, forward and backward), `numpy` (NumPy's BLAS, GEMMs
+through sdl's depth-folded lowering, `sdl.models.conv`), `xla-blas` (fp32 GEMMs, and the
+transformer's projections, on CPU through sdl's BLAS custom call, `sdl.kernels.gemm`), `numpy` (NumPy's BLAS, GEMMs
 only, forward only), `torch` (PyTorch on CPU, fp32, when installed: a reference).
 Precisions: `highest` (fp32, `Precision.HIGHEST`), `default` (fp32 inputs at the
 backend's default precision: TF32 on recent NVIDIA GPUs, bf16 passes on TPUs, fp32 on
@@ -52,6 +52,11 @@ def _blas_gemm(g: Gemm):
   return lambda a, b: sdl_gemm.matmul(a, b, trans_a=g.a_t, trans_b=g.b_t, impl="blas")
 
 
+def _blas_dense(v, w):
+  """A projection through `sdl.kernels.gemm.dot_general` (BLAS where `use_blas` says)."""
+  return sdl_gemm.dot_general(v, w, (((v.ndim - 1,), (0,)), ((), ())))
+
+
 def _conv_operands(c: Conv, dtype):
   return (_random((c.batch, *c.spatial, c.c_in), dtype, 0),
           _random((*c.kernel, c.c_in, c.c_out), dtype, 1) / math.sqrt(
@@ -74,9 +79,13 @@ def transformer_params(t: Transformer, dtype):
   return {k: _random(v, dtype, i) / math.sqrt(v[0]) for i, (k, v) in enumerate(shapes.items())}
 
 
-def transformer_block(t: Transformer, precision, x, params):
-  """Pre-LN block: x + attn(LN(x)), then + MLP(LN(.)) (GELU); `[batch, seq, width]`."""
+def transformer_block(t: Transformer, precision, x, params, dense=None):
+  """Pre-LN block: x + attn(LN(x)), then + MLP(LN(.)) (GELU); `[batch, seq, width]`.
+
+  `dense(v, w)` runs the four projections (default: `jnp.matmul` at `precision`).
+  """
   mm = functools.partial(jnp.matmul, precision=precision)
+  dense = dense or mm
   b, s, d = x.shape
   heads = t.heads
 
@@ -84,15 +93,15 @@ def transformer_block(t: Transformer, precision, x, params):
     v32 = v.astype(jnp.float32)
     return ((v32 - v32.mean(-1, keepdims=True)) * lax.rsqrt(v32.var(-1, keepdims=True) + 1e-6)
             ).astype(v.dtype)
-  q, k, v = jnp.split(mm(norm(x), params["qkv"]), 3, axis=-1)
+  q, k, v = jnp.split(dense(norm(x), params["qkv"]), 3, axis=-1)
   split = lambda z: z.reshape(b, s, heads, d // heads).transpose(0, 2, 1, 3)
   q, k, v = split(q), split(k), split(v)
   scores = mm(q, k.transpose(0, 1, 3, 2)) / math.sqrt(d // heads)
   attn = mm(jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype), v)
-  x = x + mm(attn.transpose(0, 2, 1, 3).reshape(b, s, d), params["out"])
+  x = x + dense(attn.transpose(0, 2, 1, 3).reshape(b, s, d), params["out"])
   if t.attention_only:
     return x
-  return x + mm(jax.nn.gelu(mm(norm(x), params["up"])), params["down"])
+  return x + dense(jax.nn.gelu(dense(norm(x), params["up"])), params["down"])
 
 
 def _torch(problem, backward: bool):
@@ -133,10 +142,15 @@ def build(problem, impl: str, precision: str, backward: bool):
     a, b = (np.asarray(x) for x in _gemm_operands(problem, np.float32))
     return (lambda a, b: (a.T if problem.a_t else a) @ (b.T if problem.b_t else b)), (a, b)
   if impl == "xla-blas":
-    if (not isinstance(problem, Gemm) or precision != "highest"
+    if (isinstance(problem, Conv) or precision != "highest"
         or jax.default_backend() != "cpu" or not sdl_gemm.available()):
       return None
-    f, args = _blas_gemm(problem), _gemm_operands(problem, dtype)
+    if isinstance(problem, Gemm):
+      f, args = _blas_gemm(problem), _gemm_operands(problem, dtype)
+    else:
+      x = _random((problem.batch, problem.seq, problem.width), dtype, 2)
+      f = lambda x, params: transformer_block(problem, prec, x, params, _blas_dense)  # noqa: E731
+      args = (x, transformer_params(problem, dtype))
     return _jitted(f, args, backward)
   folded = impl == "xla-folded"
   if isinstance(problem, Gemm) and not folded:

@@ -9,7 +9,7 @@ import pytest
 
 from experiments.configs import layer_bench as configs
 from sdl.bench import layers, problems, roofline, suite
-from sdl.bench.timing import measure
+from sdl.bench.timing import measure, measure_interleaved
 
 
 def test_problem_lists_cover_the_issue():
@@ -74,6 +74,14 @@ def test_timing_blocks_and_reports_spread():
   x = jnp.ones((256, 256))
   t = measure(lambda x: x @ x, x, warmup=1, runs=5)
   assert t.runs == 5 and 0 < t.p10_s <= t.median_s <= t.p90_s and t.spread >= 0
+
+
+def test_interleaved_timing_warms_up_each_then_runs_in_turns():
+  calls = []
+  record = lambda name: (lambda: calls.append(name)) # noqa: E731
+  timings = measure_interleaved([(record("a"), ()), (record("b"), ())], warmup=2, runs=3)
+  assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+  assert [t.runs for t in timings] == [3, 3]
 
 
 def test_roofline_prediction_is_the_binding_roof():

@@ -1,6 +1,7 @@
 """The per-layer benchmark run: every problem x implementation x precision x pass.
 
-`run(config, workdir)` times each cell (`sdl.bench.timing`), counts its FLOPs and bytes by
+`run(config, workdir)` times each cell (`sdl.bench.timing`; the implementations of one
+problem, precision and pass in turns, so their ratios are side by side), counts its FLOPs and bytes by
 hand (`sdl.bench.problems`) and cross-checks them against XLA's cost analysis, measures
 the host's roofs (peak: a large square GEMM; bandwidth: a large copy), and writes
 `results.csv`, `results.md` and a roofline PNG. Returns the markdown.
@@ -14,7 +15,7 @@ import time
 import jax
 
 from sdl.bench import layers, problems, roofline
-from sdl.bench.timing import measure
+from sdl.bench.timing import measure_interleaved
 
 CSV_COLUMNS = ["m", "n", "k", "a_t", "b_t", "precision", "time_usec", "tflops",
                "layer", "kind", "impl", "pass", "backend", "device", "flops", "bytes",
@@ -54,14 +55,12 @@ def measure_roofs(config) -> roofline.Device:
   """Peak: the fastest JAX path (`xla`, and `xla-blas` where configured and available)
   on a large square fp32 GEMM. Bandwidth: a large copy."""
   peak = problems.peak_gemm(config.peak_gemm)
-  rates = {}
-  for impl in [i for i in ("xla", "xla-blas") if i == "xla" or i in config.impls]:
-    built = layers.build(peak, impl, "highest", backward=False)
-    if built is not None:
-      fn, args = built
-      seconds = measure(fn, *args, warmup=config.warmup,
-                        runs=max(5, config.runs // 2)).median_s
-      rates[impl] = peak.flops() / seconds
+  impls = [i for i in JAX_IMPLS if i == "xla" or i in config.impls]
+  built = {impl: b for impl in impls
+           if (b := layers.build(peak, impl, "highest", backward=False)) is not None}
+  timings = measure_interleaved([(fn, args) for fn, args in built.values()],
+                                warmup=config.warmup, runs=max(5, config.runs // 2))
+  rates = {impl: peak.flops() / t.median_s for impl, t in zip(built, timings)}
   best = max(rates, key=rates.get)
   bandwidth = layers.copy_bandwidth(config.copy_mib << 20)
   device = jax.devices()[0]
@@ -84,34 +83,9 @@ def run(config, workdir: str) -> str:
   todo = problem_list(config.problems)
   start = time.perf_counter()
   for i, problem in enumerate(todo, 1):
-    for impl in config.impls:
-      for precision in precisions:
-        for pass_ in config.passes:
-          backward = pass_ == "forward+backward"
-          built = layers.build(problem, impl, precision, backward)
-          if built is None:
-            continue
-          fn, args = built
-          timing = measure(fn, *args, warmup=config.warmup, runs=config.runs)
-          itemsize = 2 if precision == "bf16" else 4
-          flops = problem.flops() * (BACKWARD_FACTOR if backward else 1)
-          nbytes = problem.bytes(itemsize) * (BACKWARD_FACTOR if backward else 1)
-          # XLA cannot count inside sdl's BLAS custom call: no cross-check there
-          cost = layers.xla_cost(fn, args) if impl in ("xla", "xla-folded") else {}
-          xla_flops = cost.get("flops")
-          g = problem if isinstance(problem, problems.Gemm) else None
-          rows.append({
-              "m": g.m if g else "", "n": g.n if g else "", "k": g.k if g else "",
-              "a_t": int(g.a_t) if g else "", "b_t": int(g.b_t) if g else "",
-              "precision": precision, "time_usec": timing.median_s * 1e6,
-              "tflops": flops / timing.median_s / 1e12, "layer": problem.name,
-              "kind": kind_of(problem), "impl": impl, "pass": pass_, "backend": backend,
-              "device": device, "flops": flops, "bytes": nbytes,
-              "intensity": flops / nbytes, "gbytes_per_s": nbytes / timing.median_s / 1e9,
-              "spread": timing.spread, "runs": timing.runs,
-              "xla_flops": xla_flops if xla_flops is not None else "",
-              "flops_diff_pct": (100 * (xla_flops - flops) / flops) if xla_flops else "",
-              "xla_bytes": cost.get("bytes accessed", "")})
+    for precision in precisions:
+      for pass_ in config.passes:
+        rows += measure_cell_group(problem, precision, pass_, config, backend, device)
     elapsed = time.perf_counter() - start
     print(f"\r[{i}/{len(todo)}] {problem.name} ({elapsed:.0f} s)", end="", file=sys.stderr,
           flush=True)
@@ -126,6 +100,38 @@ def run(config, workdir: str) -> str:
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(markdown)
   return markdown
+
+
+def measure_cell_group(problem, precision: str, pass_: str, config, backend: str,
+                       device: str) -> list[dict]:
+  """Rows for every implementation of one (problem, precision, pass), timed in turns
+  (`measure_interleaved`), so that their ratios are side by side."""
+  backward = pass_ == "forward+backward"
+  cells = {impl: b for impl in config.impls
+           if (b := layers.build(problem, impl, precision, backward)) is not None}
+  timings = measure_interleaved(list(cells.values()), warmup=config.warmup, runs=config.runs)
+  rows = []
+  for (impl, (fn, args)), timing in zip(cells.items(), timings):
+    itemsize = 2 if precision == "bf16" else 4
+    flops = problem.flops() * (BACKWARD_FACTOR if backward else 1)
+    nbytes = problem.bytes(itemsize) * (BACKWARD_FACTOR if backward else 1)
+    # XLA cannot count inside sdl's BLAS custom call: no cross-check there
+    cost = layers.xla_cost(fn, args) if impl in ("xla", "xla-folded") else {}
+    xla_flops = cost.get("flops")
+    g = problem if isinstance(problem, problems.Gemm) else None
+    rows.append({
+        "m": g.m if g else "", "n": g.n if g else "", "k": g.k if g else "",
+        "a_t": int(g.a_t) if g else "", "b_t": int(g.b_t) if g else "",
+        "precision": precision, "time_usec": timing.median_s * 1e6,
+        "tflops": flops / timing.median_s / 1e12, "layer": problem.name,
+        "kind": kind_of(problem), "impl": impl, "pass": pass_, "backend": backend,
+        "device": device, "flops": flops, "bytes": nbytes,
+        "intensity": flops / nbytes, "gbytes_per_s": nbytes / timing.median_s / 1e9,
+        "spread": timing.spread, "runs": timing.runs,
+        "xla_flops": xla_flops if xla_flops is not None else "",
+        "flops_diff_pct": (100 * (xla_flops - flops) / flops) if xla_flops else "",
+        "xla_bytes": cost.get("bytes accessed", "")})
+  return rows
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

@@ -3,10 +3,12 @@
 Warm-up calls (compilation, first-touch allocation) happen before the clock starts; every
 timed call is blocked on (`jax.block_until_ready`), so asynchronous dispatch cannot hide
 work; the median of `runs` calls is reported with its spread (10th-90th percentile).
+`measure_interleaved` times several callables in turns, so that a shared machine's slow
+minutes fall on all of them alike and their ratios hold.
 """
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -27,12 +29,24 @@ class Timing:
 
 def measure(fn: Callable, *args, warmup: int = 2, runs: int = 20) -> Timing:
   """Time `fn(*args)`: `warmup` untimed calls, then `runs` timed ones."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = np.empty(runs)
+  return measure_interleaved([(fn, args)], warmup=warmup, runs=runs)[0]
+
+
+def measure_interleaved(calls: Sequence[tuple[Callable, tuple]], warmup: int = 2,
+                        runs: int = 20) -> list[Timing]:
+  """Time each `fn(*args)` of `calls`: `warmup` untimed calls each, then `runs` rounds in
+  which every callable runs once, in order. One `Timing` per call."""
+  for fn, args in calls:
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args))
+  times = np.empty((len(calls), runs))
   for i in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times[i] = time.perf_counter() - start
-  p10, median, p90 = np.percentile(times, [10, 50, 90])
-  return Timing(float(median), float(p10), float(p90), runs)
+    for j, (fn, args) in enumerate(calls):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[j, i] = time.perf_counter() - start
+  timings = []
+  for row in times:
+    p10, median, p90 = np.percentile(row, [10, 50, 90])
+    timings.append(Timing(float(median), float(p10), float(p90), runs))
+  return timings

@@ -4,10 +4,12 @@ Subpackages: `sdl.parallel` (meshes, shardings, spatial partitioning), `sdl.mode
 Flax modules), `sdl.data` (synthetic universes, datasets), `sdl.optim` (optax transforms),
 `sdl.train` (the jitted step, checkpoints, metrics), `sdl.bench` (timing, memory).
 """
-from sdl import lapack_threads as _lapack_threads
+from sdl import blas_threads as _blas_threads
 from sdl import xla_flags as _xla_flags
 
 __version__ = "0.1.0"
 
+# before NumPy loads OpenBLAS: its idle threads sleep instead of spinning (sdl/blas_threads.py)
+BLAS_THREADS_QUIET = _blas_threads.quiet_idle_threads()
 _xla_flags.apply_defaults()  # before JAX starts a backend (see sdl/xla_flags.py)
-_lapack_threads.limit()  # XLA:CPU's LAPACK calls: one thread each (sdl/lapack_threads.py)
+_blas_threads.limit()  # XLA:CPU's LAPACK calls: one thread each (sdl/blas_threads.py)

@@ -4,7 +4,7 @@ XLA:CPU runs its own GEMM kernels (YNNPACK's with sdl's flags, `sdl/xla_flags.py
 2-core EPYC VM they reached 64-88 % of NumPy's OpenBLAS on DeepBench's large training
 shapes (`experiments.layer_bench`, docs/benchmarks.md), and on CPU nodes such as Fugaku's
 A64FX the vendor's BLAS is where the tuned kernels are. jaxlib already sends Cholesky and
-eigh on CPU to a LAPACK library the same way (`sdl/lapack_threads.py`).
+eigh on CPU to a LAPACK library the same way (`sdl/blas_threads.py`).
 
 `matmul(a, b)` computes `a @ b` for 2D fp32 operands, either transposed, by a custom call
 to `gemm.cc` (compiled on first use, `sdl.kernels.build`), which hands the operands to
@@ -146,7 +146,18 @@ def setup() -> Blas | None:
     _state["blas"] = blas
   if blas is not None:
     _self_check(blas)
+    _warn_if_spinning(blas)
   return blas
+
+
+def _warn_if_spinning(blas: Blas) -> None:
+  import sdl  # noqa: PLC0415
+  if "openblas" in os.path.basename(blas.path).lower() and not sdl.BLAS_THREADS_QUIET:
+    warnings.warn(
+        "NumPy loaded OpenBLAS before `import sdl` could set OPENBLAS_THREAD_TIMEOUT: its "
+        "idle threads spin for about 0.1 s after each GEMM and slow the XLA ops that "
+        "follow (sdl/blas_threads.py). Import sdl before numpy and jax, or export "
+        "OPENBLAS_THREAD_TIMEOUT=4.", stacklevel=3)
 
 
 def _self_check(blas: Blas) -> None:

@@ -1,5 +1,6 @@
 """sdl sets scipy's own BLAS (the LAPACK jaxlib calls on CPU) to one thread, leaves NumPy's
-BLAS alone, and leaves both alone where the user set a thread count."""
+BLAS alone, and leaves both alone where the user set a thread count; OpenBLAS's idle
+threads sleep at once when sdl is imported before NumPy."""
 import json
 import os
 import subprocess
@@ -14,11 +15,11 @@ blas = lambda: {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpoo
                 if i["user_api"] == "blas"}
 before = blas()
 import sdl, jax.numpy as jnp, jax.scipy.linalg as sl
-from sdl import lapack_threads
+from sdl import blas_threads
 m = jnp.eye(3) * 4.0
 inverse = sl.cho_solve(sl.cho_factor(m, lower=True), jnp.eye(3))
 print(json.dumps({"before": before, "after": blas(), "inverse": inverse[0, :2].tolist(),
-                  "scipy_owned": [c.filepath for c in lapack_threads.scipy_blas_controllers()]}))
+                  "scipy_owned": [c.filepath for c in blas_threads.scipy_blas_controllers()]}))
 """
 
 
@@ -42,9 +43,32 @@ def test_scipy_blas_gets_one_thread_and_numpy_keeps_its_own():
 
 
 def test_user_settings_win():
-  from sdl import lapack_threads
+  from sdl import blas_threads
   r = report(SDL_LAPACK_THREADS="2")
   assert {r["after"][p] for p in r["scipy_owned"]} <= {2}
   r = report(OPENBLAS_NUM_THREADS="2")
   assert r["after"] == r["before"]
-  assert lapack_threads.limit({"OMP_NUM_THREADS": "3"}) == []
+  assert blas_threads.limit({"OMP_NUM_THREADS": "3"}) == []
+
+
+def test_idle_threads_quieted_only_before_numpy_loads_and_never_over_the_user():
+  from sdl import blas_threads
+  env = {}
+  assert blas_threads.quiet_idle_threads(env, modules={}) and env == {
+      "OPENBLAS_THREAD_TIMEOUT": "4"}
+  env = {}
+  assert not blas_threads.quiet_idle_threads(env, modules={"numpy": None}) and env == {}
+  env = {"OPENBLAS_THREAD_TIMEOUT": "10"}
+  assert blas_threads.quiet_idle_threads(env, modules={"numpy": None})
+  assert env == {"OPENBLAS_THREAD_TIMEOUT": "10"}
+
+
+def test_entry_points_import_sdl_before_numpy():
+  """`python -m experiments.X` imports the experiments package first, which imports sdl
+  before anything loads NumPy's OpenBLAS."""
+  code = ("import sys, experiments, os; "
+          "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), sys.modules['sdl'].BLAS_THREADS_QUIET)")
+  clean = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=clean, timeout=120, check=True)
+  assert out.stdout.split() == ["4", "True"]

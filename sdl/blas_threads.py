@@ -1,4 +1,18 @@
-"""The one place that sets how many threads the LAPACK under XLA:CPU uses.
+"""The one place that sets how the BLAS libraries in an sdl process use threads.
+
+Two settings, both applied by `import sdl`:
+
+1. **OpenBLAS's idle threads sleep at once** (`quiet_idle_threads`). After a call,
+   OpenBLAS's worker threads spin for 2^28 cycles (about 0.1 s) before sleeping. Next to
+   XLA:CPU, whose own threads run the ops that follow, they steal the cores: on the 2-core
+   EPYC VM, XLA's GEMMs timed in turns with NumPy's ran at 62-77 GFLOP/s against 104-113
+   alone (2048x64x2048, 4096x16x4096, 1760x128x1760; jax 0.10.2), and at 99-161 with
+   `OPENBLAS_THREAD_TIMEOUT=4` (2^4 cycles). OpenBLAS reads that variable once, when it
+   loads, so `import sdl` sets it only if NumPy (and with it OpenBLAS) is not loaded yet,
+   and `quiet_idle_threads` says whether it was in time: import sdl first (the
+   `experiments` package does), or export the variable yourself, which wins.
+
+2. **One thread for the LAPACK under XLA:CPU** (`limit`).
 
 On CPU, jaxlib runs Cholesky, triangular solves and eigh as calls into scipy's LAPACK
 (`scipy.linalg.cython_lapack`, an OpenBLAS with its own thread pool). XLA runs independent
@@ -18,7 +32,9 @@ against, keeps its threads, and a scipy sharing a system BLAS with NumPy is left
 of your own opts out. GPU and TPU backends do not call this LAPACK.
 """
 import os
+import sys
 
+IDLE_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")  # OpenBLAS's minimum: spin 2^4 cycles
 OPT_OUT = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")  # a thread count of the user's own
 
 
@@ -44,3 +60,15 @@ def limit(environ=os.environ) -> list[str]:
     controller.set_num_threads(threads)
     changed.append(controller.filepath)
   return changed
+
+
+def quiet_idle_threads(environ=os.environ, modules=sys.modules) -> bool:
+  """Set `OPENBLAS_THREAD_TIMEOUT=4` unless the user set it; True if it is in effect for
+  the OpenBLAS libraries of this process (set before NumPy loaded, or by the user)."""
+  name, value = IDLE_TIMEOUT
+  if environ.get(name):
+    return True
+  if "numpy" in modules:
+    return False
+  environ[name] = value
+  return True

@@ -15,10 +15,13 @@ to BLAS (batch dimensions, other dtypes) goes to XLA unchanged.
 
 `use_blas` is the one place that decides which GEMMs go to BLAS: fp32, on the CPU
 backend, with at least `MIN_MACS` multiply-adds. GPUs and TPUs always keep XLA. Measured
-on the 29 DeepBench training GEMMs (2-core EPYC VM, jax 0.10.2, `experiments.layer_bench`,
-docs/benchmarks.md): forward + backward through BLAS was faster on 27, by a median 1.33 x;
-forward alone it won 11 (median 0.90 x): the large and the small shapes, losing the thin
-ones (n ≤ 64 with m, k ≥ 2048) to YNNPACK.
+on the 29 DeepBench training GEMMs (2-core EPYC VM, jax 0.10.2, `experiments.layer_bench`
+with implementations timed in turns, docs/benchmarks.md): forward + backward through BLAS
+was faster on 25, by a median 1.16 x; forward alone it won 10 (median 0.90 x), the large
+and small shapes, losing the thin ones (n ≤ 64, m and k ≥ 2048) to YNNPACK. In the
+BERT-base block, its four projections through BLAS made the block 7 % slower forward +
+backward (why was not measured; a custom call does end XLA's fusions around it). So sdl's
+models do not use it unless asked (and see sharding, below).
 
 Which BLAS: `$SDL_BLAS` if set, else NumPy's own (the one `numpy.ndarray @` runs, with its
 own thread pool):
@@ -30,8 +33,7 @@ width fails there with the library named, not later with wrong numbers.
 
 Under a mesh XLA's partitioner cannot split a custom call, so it gathers the operands and
 runs the call replicated: the result is right, the traffic is not what sharding promised.
-Call `matmul` inside `jax.shard_map` (on local blocks) when the operands are sharded. For
-that reason sdl's models do not use it unless asked (`dot_general=` on a layer).
+Call `matmul` inside `jax.shard_map` (on local blocks) when the operands are sharded.
 """
 import ctypes
 import dataclasses

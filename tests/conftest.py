@@ -4,6 +4,8 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 
+import sdl  # noqa: E402, F401  (first, as in the entry points: sdl/blas_threads.py)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

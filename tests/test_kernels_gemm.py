@@ -1,5 +1,9 @@
 """sdl.kernels.gemm: fp32 GEMMs through BLAS, against numpy in float64 and XLA's dot."""
+import glob
+import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -123,3 +127,35 @@ def test_build_caches_the_library_and_names_compiler_failures(tmp_path, monkeypa
   with pytest.raises(build.KernelBuildError, match="gemm.cc failed"):
     build.library("gemm.cc")
   assert not list((tmp_path / "other").glob("*.tmp"))  # nothing half-written left
+
+
+LP64_CHECK = """
+import glob, json, os, numpy as np, scipy, jax
+from sdl.kernels import gemm
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((12, 9), np.float32), rng.standard_normal((9, 5), np.float32)
+f = jax.jit(lambda a, b: (gemm.matmul(a, b, impl="blas"),
+                          gemm.matmul(b, a, trans_a=True, trans_b=True, impl="blas")))
+ab, ba = (np.asarray(x) for x in f(a, b))
+a64, b64 = a.astype(np.float64), b.astype(np.float64)
+blas = gemm.setup()
+print(json.dumps({"symbol": blas.symbol, "ilp64": blas.ilp64,
+                  "error": max(float(np.abs(ab - a64 @ b64).max()),
+                               float(np.abs(ba - b64.T @ a64.T).max()))}))
+"""
+
+
+def test_a_32_bit_integer_blas_chosen_by_sdl_blas():
+  """NumPy's OpenBLAS takes 64-bit integers; scipy's wheel ships one with 32-bit integers
+  (`scipy_cblas_sgemm`), which exercises the kernel's other calling convention."""
+  import scipy  # noqa: PLC0415
+  libs = sorted(glob.glob(os.path.join(os.path.dirname(scipy.__file__) + ".libs",
+                                       "libscipy_openblas*.so")))
+  found = [b for b in map(gemm._find_symbol, libs) if b and not b.ilp64]
+  assert found, f"no 32-bit-integer cblas_sgemm among {libs}"
+  out = subprocess.run([sys.executable, "-c", LP64_CHECK], capture_output=True, text=True,
+                       env={**os.environ, "SDL_BLAS": found[0].path}, timeout=300,
+                       check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["ilp64"] is False and result["symbol"] == found[0].symbol
+  assert result["error"] < 1e-4

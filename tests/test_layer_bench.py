@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import cosmoflow_step_bench as step_bench
 from experiments.configs import layer_bench as configs
 from sdl.bench import layers, problems, roofline, suite
 from sdl.bench.timing import measure, measure_interleaved
+from sdl.models.cosmoflow import CosmoFlow
 
 
 def test_problem_lists_cover_the_issue():
@@ -121,3 +123,29 @@ def test_large_gemm_summary_compares_the_best_jax_path_with_the_best_of_all():
   lines = suite.large_gemm_summary(rows, host)
   assert len(lines) == 6 and "small" not in "".join(lines)
   assert lines[-1] == "| big | xla-blas | 150.0 | 160.0 | numpy | 75 % | 94 % |"
+
+
+@pytest.mark.parametrize("variant", ["mlperf", "lbann"])
+def test_cosmoflow_step_flops_against_xla_cost_analysis(variant):
+  """XLA counts the same convolution taps and dense products, plus the elementwise work
+  (activations, pooling, log1p) that model FLOPs leave out: a little more, never less."""
+  size, batch = 32, 2
+  model = CosmoFlow(variant, size, conv_lowering="native")
+  x = jnp.ones((batch, size, size, size, 4), jnp.int16)
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply({"params": p}, x))))
+  xla = layers.xla_cost(grad, (params, x))["flops"]
+  ours = problems.cosmoflow_step_flops(variant, size, batch)
+  assert ours <= xla <= 1.05 * ours
+
+
+def test_nominal_peaks_and_the_utilisation_table():
+  assert roofline.nominal("NVIDIA H100 80GB HBM3", "bf16").peak_flops == 989.4e12
+  assert roofline.nominal("NVIDIA H100 PCIe", "highest").peak_flops == 51e12
+  assert roofline.nominal("NVIDIA H200", "default").bandwidth == 4.8e12
+  assert roofline.nominal("cpu", "highest") is None
+  rows = [("mlperf", {"sdl folded": [2.0, 1.0, 3.0], "torch": [4.0]})]
+  lines = step_bench.utilisation_table(rows, {"mlperf": 100e9}, {"xla": 50e9, "xla-blas": 100e9},
+                                       roofline.Device("card", 1e12, 1e12))
+  assert lines[-2] == "| mlperf | 100.0 | sdl folded | 50.0 | 50 % | 5.0 % |"
+  assert lines[-1] == "| mlperf | 100.0 | torch | 25.0 | 25 % | 2.5 % |"

@@ -22,7 +22,7 @@ and convolutions (the data and weight gradients each cost one forward).
 import dataclasses
 import math
 
-from sdl.models.cosmoflow import feature_layers
+from sdl.models.cosmoflow import HEAD, feature_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +162,25 @@ def cosmoflow_convs(variant: str, size: int = 128, batch: int = 2) -> list[Conv]
       channels = layer.features
     side = w.out_size(side)
   return out
+
+
+def cosmoflow_step_flops(variant: str, size: int = 128, batch: int = 2) -> float:
+  """Model FLOPs of one CosmoFlow training step (forward and backward), for MFU.
+
+  Counted: every convolution tap that lands on real input (`Conv.valid_flops`, what XLA
+  counts; the taps on zero padding are not model work) and the dense layers. Backward is
+  two more products per layer (input and weight gradients), except the first convolution,
+  whose input needs no gradient. Pooling, activations and the update are left out, as MFU
+  conventions do.
+  """
+  convs = cosmoflow_convs(variant, size, batch)
+  conv_fwd = [c.valid_flops() for c in convs]
+  side = size
+  for layer in feature_layers(variant, size):
+    side = layer.window.out_size(side)
+  widths = (convs[-1].c_out * side ** 3, *HEAD[variant][0], 4)
+  dense_fwd = sum(2.0 * batch * a * b for a, b in zip(widths, widths[1:]))
+  return 3 * (sum(conv_fwd) + dense_fwd) - conv_fwd[0]
 
 
 def unet3d_convs(size: int = 64, batch: int = 1, base: int = 32) -> list[Conv]:

@@ -36,6 +36,27 @@ H100_FP32 = Device("H100 SXM (fp32)", 67e12, 3.35e12, "fp32 67 TF, HBM3 3.35 TB/
 H100_BF16 = Device("H100 SXM (bf16)", 989e12, 3.35e12, "bf16 tensor 989 TF, HBM3 3.35 TB/s")
 
 
+# Dense peaks of accelerators by the names JAX gives them (`device_kind`), per precision
+# as sdl.bench.layers names them: fp32 `highest`, `default` (TF32 on NVIDIA since Ampere,
+# what JAX uses for fp32 there unless asked otherwise) and `bf16`. Vendor datasheets;
+# first match wins, so the more specific names come first.
+NOMINAL_PEAKS = (
+    ("H100 PCIe", {"highest": 51e12, "default": 378e12, "bf16": 756e12}, 2.0e12),
+    ("H100", {"highest": 67e12, "default": 494.7e12, "bf16": 989.4e12}, 3.35e12),
+    ("H200", {"highest": 67e12, "default": 494.7e12, "bf16": 989.4e12}, 4.8e12),
+    ("A100", {"highest": 19.5e12, "default": 156e12, "bf16": 312e12}, 2.0e12),
+)
+
+
+def nominal(device_kind: str, precision: str) -> Device | None:
+  """The vendor's dense peak for a device JAX names `device_kind`, None if unknown."""
+  for name, peaks, bandwidth in NOMINAL_PEAKS:
+    if name.lower() in device_kind.lower():
+      return Device(f"{device_kind} ({precision})", peaks[precision], bandwidth,
+                    "vendor datasheet, dense")
+  return None
+
+
 def plot(path: str, device: Device, points: list[tuple[str, float, float]], title: str) -> str:
   """Roofline PNG: `points` are (label, FLOP/byte, achieved FLOP/s)."""
   fig, ax = plt.subplots(figsize=(8, 5.5))

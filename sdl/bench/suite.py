@@ -51,20 +51,28 @@ def kind_of(problem) -> str:
   return "attention" if problem.attention_only else "transformer"
 
 
+def measure_peak(size: int, precision: str = "highest", impls=JAX_IMPLS, warmup: int = 2,
+                 runs: int = 10) -> dict[str, float]:
+  """FLOP/s of a `size`³ GEMM through each JAX path in `impls` that exists here ("xla",
+  and "xla-blas" on CPU in fp32), timed in turns."""
+  peak = problems.peak_gemm(size)
+  built = {impl: b for impl in impls
+           if (b := layers.build(peak, impl, precision, backward=False)) is not None}
+  timings = measure_interleaved(list(built.values()), warmup=warmup, runs=runs)
+  return {impl: peak.flops() / t.median_s for impl, t in zip(built, timings)}
+
+
 def measure_roofs(config) -> roofline.Device:
   """Peak: the fastest JAX path (`xla`, and `xla-blas` where configured and available)
   on a large square fp32 GEMM. Bandwidth: a large copy."""
-  peak = problems.peak_gemm(config.peak_gemm)
   impls = [i for i in JAX_IMPLS if i == "xla" or i in config.impls]
-  built = {impl: b for impl in impls
-           if (b := layers.build(peak, impl, "highest", backward=False)) is not None}
-  timings = measure_interleaved([(fn, args) for fn, args in built.values()],
-                                warmup=config.warmup, runs=max(5, config.runs // 2))
-  rates = {impl: peak.flops() / t.median_s for impl, t in zip(built, timings)}
+  rates = measure_peak(config.peak_gemm, "highest", impls, config.warmup,
+                       max(5, config.runs // 2))
   best = max(rates, key=rates.get)
   bandwidth = layers.copy_bandwidth(config.copy_mib << 20)
   device = jax.devices()[0]
   each = ", ".join(f"{impl} {rate / 1e9:.1f}" for impl, rate in rates.items())
+  peak = problems.peak_gemm(config.peak_gemm)
   return roofline.Device(f"this host ({device.device_kind}, {os.cpu_count()} cores)",
                          rates[best], bandwidth,
                          f"measured: {peak.name} fp32 through JAX, best of {each} GFLOP/s; "

@@ -55,6 +55,10 @@ def _conv(i, features, stride=1, use_bias=True):
   return Layer("conv", Window(f"conv{i} k3 s{stride}", 3, stride, (1, 1)), features, use_bias)
 
 
+# The dense head after the conv/pool layers: hidden widths and their dropout rate.
+HEAD = {"mlperf": ((128, 64), 0.5), "lbann": ((2048, 256), 0.2)}
+
+
 def feature_layers(variant: str, input_size: int) -> tuple[Layer, ...]:
   """The conv/pool layers of `variant` for a cubic input of side `input_size`."""
   if variant == "mlperf":
@@ -129,7 +133,7 @@ class CosmoFlow(nn.Module):
                        logical)
     x = self._constrain(x, DATA_PARALLEL)
     x = x.reshape((x.shape[0], -1))
-    hidden, rate = ((128, 64), 0.5) if self.variant == "mlperf" else ((2048, 256), 0.2)
+    hidden, rate = HEAD[self.variant]
     for width in hidden:
       x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32)(x)
       x = nn.leaky_relu(x, slope)

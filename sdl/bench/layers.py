@@ -6,8 +6,9 @@ bf16 GEMM; the folded lowering is for 3D convolutions only; PyTorch not installe
 
 Implementations: `xla` (jax.numpy / lax, the native ops), `xla-folded` (3D convolutions
 through sdl's depth-folded lowering, `sdl.models.conv`), `xla-blas` (fp32 GEMMs, and the
-transformer's projections, on CPU through sdl's BLAS custom call, `sdl.kernels.gemm`), `numpy` (NumPy's BLAS, GEMMs
-only, forward only), `torch` (PyTorch on CPU, fp32, when installed: a reference).
+transformer's projections, on CPU through sdl's BLAS custom call, `sdl.kernels.gemm`),
+`numpy` (NumPy's BLAS, GEMMs only, forward only), `torch` (PyTorch on CPU, fp32, when
+installed: a reference).
 Precisions: `highest` (fp32, `Precision.HIGHEST`), `default` (fp32 inputs at the
 backend's default precision: TF32 on recent NVIDIA GPUs, bf16 passes on TPUs, fp32 on
 CPUs) and `bf16` (bf16 inputs and outputs).

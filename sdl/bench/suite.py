@@ -1,10 +1,11 @@
 """The per-layer benchmark run: every problem x implementation x precision x pass.
 
 `run(config, workdir)` times each cell (`sdl.bench.timing`; the implementations of one
-problem, precision and pass in turns, so their ratios are side by side), counts its FLOPs and bytes by
-hand (`sdl.bench.problems`) and cross-checks them against XLA's cost analysis, measures
-the host's roofs (peak: a large square GEMM; bandwidth: a large copy), and writes
-`results.csv`, `results.md` and a roofline PNG. Returns the markdown.
+problem, precision and pass in turns, so their ratios are side by side), counts its FLOPs
+and bytes by hand (`sdl.bench.problems`) and cross-checks them against XLA's cost
+analysis, measures the host's roofs (peak: the fastest JAX path on a large square GEMM;
+bandwidth: a large copy), and writes `results.csv`, `results.md` (with a summary of the
+large GEMMs) and a roofline PNG. Returns the markdown.
 """
 import csv
 import os

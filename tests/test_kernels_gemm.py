@@ -159,3 +159,38 @@ def test_a_32_bit_integer_blas_chosen_by_sdl_blas():
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["ilp64"] is False and result["symbol"] == found[0].symbol
   assert result["error"] < 1e-4
+
+
+WRONG_BLAS = """
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C"
+#endif
+void cblas_sgemm(int order, int ta, int tb, int32_t m, int32_t n, int32_t k, float alpha,
+                 const float *a, int32_t lda, const float *b, int32_t ldb, float beta,
+                 float *c, int32_t ldc) {
+  for (int32_t i = 0; i < m; ++i)
+    for (int32_t j = 0; j < n; ++j) c[i * ldc + j] = 1.0f;  /* not a product */
+}
+"""
+SETUP = """
+from sdl.kernels import gemm
+try:
+  gemm.setup()
+except gemm.BlasError as error:
+  print("BlasError:", error)
+print("available:", gemm.available())
+"""
+
+
+def test_setup_checks_the_blas_before_using_it(tmp_path):
+  """A library whose cblas_sgemm gives wrong numbers is refused at set-up, by name."""
+  source = tmp_path / "wrong.c"
+  source.write_text(WRONG_BLAS)
+  library = tmp_path / "libwrong.so"
+  subprocess.run([build.compiler(), "-shared", "-fPIC", str(source), "-o", str(library)],
+                 check=True)
+  out = subprocess.run([sys.executable, "-c", SETUP], capture_output=True, text=True,
+                       env={**os.environ, "SDL_BLAS": str(library)}, timeout=300, check=True)
+  assert f"BlasError: cblas_sgemm in {library} gave wrong results" in out.stdout
+  assert "available: False" in out.stdout

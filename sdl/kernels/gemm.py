@@ -142,12 +142,12 @@ def setup() -> Blas | None:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(kernel.SdlGemmF32),
                                     platform="cpu")
         _state["kernel"] = kernel  # keep the library loaded
+        _self_check(blas)
     except Exception as error:
       _state["error"] = error
       raise
     _state["blas"] = blas
   if blas is not None:
-    _self_check(blas)
     _warn_if_spinning(blas)
   return blas
 
@@ -163,18 +163,17 @@ def _warn_if_spinning(blas: Blas) -> None:
 
 
 def _self_check(blas: Blas) -> None:
+  """A small GEMM through the kernel against NumPy: a wrong integer width shows here."""
   rng = np.random.default_rng(0)
-  a, b = rng.standard_normal((7, 5), np.float32), rng.standard_normal((3, 5), np.float32)
+  a, b = rng.standard_normal((7, 5), np.float32), rng.standard_normal((5, 3), np.float32)
   # set-up may run while a caller's function is being traced: compute this one now
   with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
-    out = np.asarray(jax.jit(functools.partial(_call, trans_a=False, trans_b=True))(a, b))
-  if not np.allclose(out, a @ b.T, rtol=1e-5, atol=1e-5):
-    _state.pop("blas")
-    _state["error"] = BlasError(
+    out = np.asarray(jax.jit(functools.partial(_call, trans_a=False, trans_b=False))(a, b))
+  if not np.allclose(out, a @ b, rtol=1e-5, atol=1e-5):
+    raise BlasError(
         f"{blas.symbol} in {blas.path} gave wrong results with "
         f"{'64' if blas.ilp64 else '32'}-bit integers; set SDL_BLAS={blas.path}:"
         f"{blas.symbol}:{'lp64' if blas.ilp64 else 'ilp64'}, or SDL_BLAS=off")
-    raise _state["error"]
 
 
 def available() -> bool:

@@ -127,6 +127,11 @@ def test_build_caches_the_library_and_names_compiler_failures(tmp_path, monkeypa
   with pytest.raises(build.KernelBuildError, match="gemm.cc failed"):
     build.library("gemm.cc")
   assert not list((tmp_path / "other").glob("*.tmp"))  # nothing half-written left
+  (tmp_path / "a_file").write_text("")
+  monkeypatch.setenv("SDL_KERNEL_CACHE", str(tmp_path / "a_file" / "cache"))
+  monkeypatch.delenv("CXX")
+  with pytest.raises(build.KernelBuildError, match="SDL_KERNEL_CACHE"):
+    build.library("gemm.cc")
 
 
 LP64_CHECK = """

@@ -48,7 +48,11 @@ def library(source: str) -> Path:
   out = cache_dir() / f"lib{path.stem}-{key}.so"
   if out.exists():
     return out
-  out.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise KernelBuildError(f"cannot create the kernel cache {out.parent} ({error}); point "
+                           f"$SDL_KERNEL_CACHE at a writable folder") from error
   tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
   command = [cxx, *FLAGS, "-I", include, str(path), "-o", str(tmp)]
   result = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -86,7 +86,7 @@ INVERSIONS = ("eigh", "cholesky")
 FACTORS = ("patches", "channels")      # a conv layer's input factor (LayerSpec.factor)
 WIDE_CONVS = ("fallback", "channels")  # what a conv too wide for max_factor_dim gets
 FALLBACKS = ("identity", "diagonal")
-FISHERS = ("empirical", "sampled")
+FISHERS = ("empirical", "sampled", "exact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -655,6 +655,9 @@ def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Cal
     raise ValueError(f"kfac fisher={fisher!r}: choose one of {FISHERS}")
   if fisher == "sampled" and likelihood not in LIKELIHOODS:
     raise ValueError(f"kfac fisher='sampled' needs likelihood in {LIKELIHOODS}")
+  if fisher == "exact" and likelihood != "gaussian":
+    raise ValueError("kfac fisher='exact' is the Gauss-Newton matrix of a unit-variance "
+                     f"gaussian likelihood: set likelihood='gaussian', not {likelihood!r}")
   axis_names = tuple(axis_names)
 
   def plain_grads(state, batch, rng):
@@ -680,6 +683,15 @@ def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Cal
     def output_grads():
       if fisher == "empirical":  # gradients of the mean loss, rescaled to one example's
         return jax.tree.map(lambda g: g * n, _by_layer(d_layer_outputs))
+      if fisher == "exact":
+        # G = Σ_o E[g_o g_oᵀ], g_o pulled back from output o: the Gauss-Newton matrix
+        # with H_f = I, exactly, with one pullback per output (no sampling noise). Rows of
+        # all outputs stacked along the batch: `layer_factors` divides by the batch size.
+        width = outputs.shape[-1]
+        units = jnp.eye(width, dtype=outputs.dtype)
+        per_output = [_by_layer(pullback(jnp.broadcast_to(units[o], outputs.shape))[1])
+                      for o in range(width)]
+        return jax.tree.map(lambda *gs: jnp.concatenate(gs, axis=0), *per_output)
       sampled = sample_output_grads(likelihood, outputs, jax.random.fold_in(rng, 1))
       return _by_layer(pullback(sampled.astype(outputs.dtype))[1])
     return loss, metrics, grads, LayerStats(inputs, output_grads)

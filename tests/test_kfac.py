@@ -521,6 +521,34 @@ def test_kl_clip_bounds_the_quadratic_model_change():
   assert lr ** 2 * nu ** 2 * vg == pytest.approx(clip, rel=1e-3)
 
 
+def test_per_layer_kl_clip_gives_each_module_an_equal_share():
+  """kl_clip_per_layer: each module's update is scaled by its own ν_m = min(1, sqrt((κ/M) /
+  (lr² v_mᵀg_m))), M modules, so a module whose step is large no longer shrinks the others."""
+  model, batch = Net(nn.Conv(3, (3,))), batch_for((16, 6, 2))
+  layers = kfac.find_layers(model, batch["x"])
+  lr, clip = 0.5, 1e-4
+  params, free = one_update(model, layers, kfac.kfac(layers, damping=0.05), batch)
+  _, clipped = one_update(model, layers, kfac.kfac(layers, damping=0.05, kl_clip=clip,
+                                                   learning_rate=lr, kl_clip_per_layer=True),
+                          batch)
+  grads = jax.grad(lambda p: mse(model.apply({"params": p}, batch["x"]), batch)[0])(params)
+  modules = list(free)
+  assert len(modules) == 3
+  nus = []
+  for m in modules:
+    vg = sum(float(jnp.vdot(u, g)) for u, g in zip(jax.tree.leaves(free[m]),
+                                                    jax.tree.leaves(grads[m])))
+    nu = float(optax.tree.norm(clipped[m]) / optax.tree.norm(free[m]))
+    want = min(1.0, math.sqrt(clip / len(modules) / (lr ** 2 * abs(vg))))
+    assert nu == pytest.approx(want, rel=1e-3), m
+    for u, c in zip(jax.tree.leaves(free[m]), jax.tree.leaves(clipped[m])):
+      # updates recovered as new - old params: float32 cancellation against |params| ~ 1
+      np.testing.assert_allclose(np.asarray(c), nu * np.asarray(u), rtol=1e-3,
+                                 atol=1e-3 * np.abs(np.asarray(c)).max())
+    nus.append(nu)
+  assert len({round(n, 4) for n in nus}) == 3  # the modules were scaled differently
+
+
 # ---- distributed -------------------------------------------------------------------------
 
 

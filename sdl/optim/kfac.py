@@ -38,6 +38,11 @@ What the options do (all periodic work is a pure function of the step count):
   factor_dtype     storage of the factors (bf16 halves their memory); inversion is fp32;
   comm_dtype       dtype of the factor all-reduce;
   kl_clip          scale updates so that lr² Σ ⟨update, grad⟩ ≤ kl_clip (Ba et al. 2017);
+  kl_clip_per_layer  give each module (a parameter's path without its leaf) its own scale,
+                   so that its lr² ⟨update, grad⟩ ≤ kl_clip / modules: one module's large
+                   step (the identity fallback's raw gradient, a head layer's) no longer
+                   shrinks every other module's. On the CosmoFlow probes it brought the end
+                   of the plateau forward (docs/benchmarks.md, session 9);
   norm_clip        cap the preconditioned update's global norm;
   adaptive         step size and momentum from the exact quadratic model (Martens & Grosse
                    §7): the step is α Δ + μ δ, with Δ the preconditioned gradient and δ the
@@ -408,7 +413,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
          comm_dtype=jnp.float32, fallback: str = "identity", kl_clip: float = 0.0,
          learning_rate: float | Callable | None = None, norm_clip: float = 0.0,
          max_factor_dim: int = 0, wide_conv: str = "fallback", adaptive: bool = False,
-         axis_names: Sequence[str] = ()) -> optax.GradientTransformationExtraArgs:
+         kl_clip_per_layer: bool = False, axis_names: Sequence[str] = ()) -> optax.GradientTransformationExtraArgs:
   """The K-FAC preconditioner (module docstring). Chain it before momentum / lr scaling:
   `optax.chain(kfac(layers, ...), optax.sgd(schedule, momentum=0.9))`.
 
@@ -423,6 +428,8 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
     raise ValueError(f"kfac fallback={fallback!r}: choose one of {FALLBACKS}")
   if adaptive and kl_clip:
     raise ValueError("kfac adaptive=True chooses the step size itself: set kl_clip=0")
+  if kl_clip_per_layer and not kl_clip:
+    raise ValueError("kfac kl_clip_per_layer=True splits kl_clip between modules: set kl_clip")
   if kl_clip and learning_rate is None:
     raise ValueError("kfac kl_clip needs learning_rate (the lr the update will be scaled by)")
   if min(stats_every, inverse_every) < 1:
@@ -562,7 +569,22 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
         lambda path, g: updates.get(_keys(path), g) if is_layer_leaf(_keys(path)) else g, rest)
 
     scale = jnp.float32(1.0)
-    if kl_clip:
+    if kl_clip and kl_clip_per_layer:
+      step_lr = jnp.asarray(lr(state.count), jnp.float32)
+      flat_out, flat_g = _flat(out), _flat(grads)
+      groups = {}
+      for key in flat_out:
+        groups.setdefault(key[:-1], []).append(key)
+      budget = kl_clip / len(groups)
+      scales = {}
+      for module, keys in groups.items():
+        vg = sum(jnp.vdot(flat_out[k].astype(jnp.float32), flat_g[k].astype(jnp.float32))
+                 for k in keys)
+        s_m = jnp.minimum(1.0, jnp.sqrt(budget / jnp.maximum(jnp.abs(vg) * step_lr ** 2, 1e-30)))
+        scales.update({k: s_m for k in keys})
+      out = jax.tree_util.tree_map_with_path(
+          lambda path, u: (u * scales[_keys(path)]).astype(u.dtype), out)
+    elif kl_clip:
       vg = sum(jnp.vdot(u.astype(jnp.float32), g.astype(jnp.float32))
                for u, g in zip(jax.tree.leaves(out), jax.tree.leaves(grads)))
       step_lr = jnp.asarray(lr(state.count), jnp.float32)
@@ -650,6 +672,12 @@ def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Cal
   `mesh`, the step runs in `shard_map` with the batch split over `axis_names` and
   everything else replicated; gradients are averaged in `grad_dtype` (bf16 halves the
   traffic) and `tx` must have been built with the same `axis_names`. The caller jits it.
+
+  `fisher` sets where the output-gradient factors G come from: "empirical" (the loss's own
+  gradients), "sampled" (one target drawn from the model's `likelihood`, the true Fisher)
+  or "exact" (gaussian likelihood: one pullback per output, the Gauss-Newton factor with
+  no sampling noise, for models with few outputs; CosmoFlow's 4 cost 3 more backward
+  passes on statistics steps).
   """
   if fisher not in FISHERS:
     raise ValueError(f"kfac fisher={fisher!r}: choose one of {FISHERS}")

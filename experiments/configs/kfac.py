@@ -14,7 +14,7 @@ Variants (`:arg`, optionally `,smoke` for a seconds-long version used by the tes
   cosmoflow           the MLPerf CosmoFlow network at 32³ on generated universes (64 crops),
                       MSE on the four cosmological parameters, dropout off, 300 steps (one
                       device; Cholesky inverses; conv4 and conv5, whose patch factors are
-                      3,457 and 6,913 wide, take the fallback).
+                      3,457 and 6,913 wide, take the channel factor; a KL clip per module).
   resnet50_imagenet   ResNet-50 (GroupNorm) on an ImageNet-style folder, for real hardware:
                       --config.data.path=DIR with DIR/train/<class>/*.jpg.
 
@@ -74,20 +74,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Adam fits the 64 crops to ~0.02 in 200 steps (docs/benchmarks.md, CosmoFlow).
     c.model.dropout = False
     c.train.update(steps=300, batch_size=4, eval_every=10, target_loss=0.05)
-    # conv5's patch factor is 6,913 wide (conv4's 3,457): inverting and applying it would
-    # cost more than the whole 32³ forward/backward pass, so both take the identity
-    # fallback. They hold 93 % of the weights; the channel factor I_taps ⊗ A_c
-    # (`wide_conv="channels"`) preconditions them for 5.4 GFLOP a step, which took the
-    # amortised K-FAC step from 1.25 to 1.47-1.55 x SGD's for 10 fewer steps to the target
-    # at best (docs/benchmarks.md, CosmoFlow, session 8).
+    # conv5's patch factor is 6,913 wide (conv4's 3,457): too wide to invert and apply,
+    # and the two hold 93 % of the weights. They keep K-FAC with the channel factor
+    # I_taps ⊗ A_c (`wide_conv="channels"`, 5.4 GFLOP a step to precondition conv5), and
+    # each module gets its own share of the KL budget (`kl_clip_per_layer`): with one
+    # global clip, the largest module's step shrank every other's. Together: 0.56 x
+    # Adam's steps to the target and 0.80 x its seconds, at 1.50 x an SGD step
+    # (docs/benchmarks.md, CosmoFlow, session 9); with the identity fallback and one clip,
+    # 0.78 x, 0.95 x and 1.30 x (session 8).
     # Statistics every 10 steps: conv2's and conv3's patch factors (865 and 1,729 wide over
     # 16³ and 8³ positions) cost more than the step itself.
     # λ = 0.1: with 1e-2 K-FAC oscillated and saturated the tanh output at every lr in a
-    # 300-step sweep; with 0.1 it was stable at 0.03 and 0.1 (docs/benchmarks.md, CosmoFlow).
+    # 300-step sweep; with 0.1 it was stable at 0.03 and 0.1; 0.03 and 0.3 were slower
+    # with the per-layer clip (docs/benchmarks.md, CosmoFlow).
     # No momentum and KL clip 1e-2 (with momentum 0.9 and 1e-3 K-FAC took 1.56 x Adam's
     # steps to the target; 200-step probes of both, docs/benchmarks.md, CosmoFlow).
     c.kfac.update(inversion="cholesky", damping=0.1, max_factor_dim=2048, stats_every=10,
-                  momentum=0.0, kl_clip=1e-2)
+                  momentum=0.0, kl_clip=1e-2, wide_conv="channels", kl_clip_per_layer=True)
     c.sweep = dict(sgd=(0.01, 0.03), adam=(1e-4, 3e-4, 1e-3), kfac=(1.0, 3.0))
   elif variant == "resnet50_imagenet":
     c.data.update(path="", image_size=224, eval_images=256)

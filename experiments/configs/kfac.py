@@ -79,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # I_taps ⊗ A_c (`wide_conv="channels"`, 5.4 GFLOP a step to precondition conv5), and
     # each module gets its own share of the KL budget (`kl_clip_per_layer`): with one
     # global clip, the largest module's step shrank every other's. Together: 0.56 x
-    # Adam's steps to the target and 0.80 x its seconds, at 1.50 x an SGD step
+    # Adam's steps to the target and 0.80-0.81 x its seconds, at 1.50 x an SGD step
     # (docs/benchmarks.md, CosmoFlow, session 9); with the identity fallback and one clip,
     # 0.78 x, 0.95 x and 1.30 x (session 8).
     # Statistics every 10 steps: conv2's and conv3's patch factors (865 and 1,729 wide over

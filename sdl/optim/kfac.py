@@ -413,7 +413,8 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
          comm_dtype=jnp.float32, fallback: str = "identity", kl_clip: float = 0.0,
          learning_rate: float | Callable | None = None, norm_clip: float = 0.0,
          max_factor_dim: int = 0, wide_conv: str = "fallback", adaptive: bool = False,
-         kl_clip_per_layer: bool = False, axis_names: Sequence[str] = ()) -> optax.GradientTransformationExtraArgs:
+         kl_clip_per_layer: bool = False,
+         axis_names: Sequence[str] = ()) -> optax.GradientTransformationExtraArgs:
   """The K-FAC preconditioner (module docstring). Chain it before momentum / lr scaling:
   `optax.chain(kfac(layers, ...), optax.sgd(schedule, momentum=0.9))`.
 
@@ -569,27 +570,25 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
         lambda path, g: updates.get(_keys(path), g) if is_layer_leaf(_keys(path)) else g, rest)
 
     scale = jnp.float32(1.0)
-    if kl_clip and kl_clip_per_layer:
+    if kl_clip:
       step_lr = jnp.asarray(lr(state.count), jnp.float32)
-      flat_out, flat_g = _flat(out), _flat(grads)
-      groups = {}
-      for key in flat_out:
-        groups.setdefault(key[:-1], []).append(key)
-      budget = kl_clip / len(groups)
-      scales = {}
-      for module, keys in groups.items():
+
+      def kl_scale(keys, budget):  # ν = min(1, sqrt(budget / (lr² vᵀg))) over these leaves
         vg = sum(jnp.vdot(flat_out[k].astype(jnp.float32), flat_g[k].astype(jnp.float32))
                  for k in keys)
-        s_m = jnp.minimum(1.0, jnp.sqrt(budget / jnp.maximum(jnp.abs(vg) * step_lr ** 2, 1e-30)))
-        scales.update({k: s_m for k in keys})
-      out = jax.tree_util.tree_map_with_path(
-          lambda path, u: (u * scales[_keys(path)]).astype(u.dtype), out)
-    elif kl_clip:
-      vg = sum(jnp.vdot(u.astype(jnp.float32), g.astype(jnp.float32))
-               for u, g in zip(jax.tree.leaves(out), jax.tree.leaves(grads)))
-      step_lr = jnp.asarray(lr(state.count), jnp.float32)
-      scale = jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.maximum(jnp.abs(vg) * step_lr ** 2,
-                                                              1e-30)))
+        return jnp.minimum(1.0, jnp.sqrt(budget / jnp.maximum(jnp.abs(vg) * step_lr ** 2,
+                                                               1e-30)))
+      flat_out, flat_g = _flat(out), _flat(grads)
+      if kl_clip_per_layer:  # one share of the budget per module (path without its leaf)
+        modules = {}
+        for key in flat_out:
+          modules.setdefault(key[:-1], []).append(key)
+        scales = {k: nu for keys in modules.values()
+                  for nu in [kl_scale(keys, kl_clip / len(modules))] for k in keys}
+        out = jax.tree_util.tree_map_with_path(
+            lambda path, u: (u * scales[_keys(path)]).astype(u.dtype), out)
+      else:
+        scale = kl_scale(list(flat_out), kl_clip)
     if norm_clip:
       scale = jnp.minimum(scale, norm_clip / jnp.maximum(global_norm(out), 1e-30))
     out = jax.tree.map(lambda u: (u * scale).astype(u.dtype), out)

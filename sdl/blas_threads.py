@@ -38,15 +38,21 @@ IDLE_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")  # OpenBLAS's minimum: spin 2^4 
 OPT_OUT = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")  # a thread count of the user's own
 
 
-def scipy_blas_controllers():
-  """threadpoolctl controllers of the BLAS libraries shipped inside scipy (loaded now)."""
-  import scipy
-  import scipy.linalg.cython_lapack  # noqa: F401  (loads the library jaxlib calls)
-  import threadpoolctl
-  root = os.path.realpath(os.path.dirname(scipy.__file__))
+def owned_blas_controllers(package) -> list:
+  """threadpoolctl controllers of the loaded BLAS libraries that `package` (a module)
+  ships itself: inside it, or in the `<package>.libs` folder its wheel puts them in."""
+  import threadpoolctl  # noqa: PLC0415
+  root = os.path.realpath(os.path.dirname(package.__file__))
   homes = (root + os.sep, root + ".libs" + os.sep)
   return [c for c in threadpoolctl.ThreadpoolController().lib_controllers
           if c.user_api == "blas" and os.path.realpath(c.filepath).startswith(homes)]
+
+
+def scipy_blas_controllers():
+  """threadpoolctl controllers of the BLAS libraries shipped inside scipy (loaded now)."""
+  import scipy  # noqa: PLC0415
+  import scipy.linalg.cython_lapack  # noqa: F401, PLC0415  (loads the library jaxlib calls)
+  return owned_blas_controllers(scipy)
 
 
 def limit(environ=os.environ) -> list[str]:

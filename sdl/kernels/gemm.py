@@ -80,12 +80,12 @@ def _find_symbol(path: str, symbols=SYMBOLS) -> Blas | None:
 def numpy_blas() -> Blas:
   """The BLAS library NumPy itself runs `@` with (loaded into this process)."""
   import threadpoolctl  # noqa: PLC0415
+
+  from sdl.blas_threads import owned_blas_controllers  # noqa: PLC0415
   np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)  # make sure it is loaded
-  root = os.path.realpath(os.path.dirname(np.__file__))
-  homes = (root + os.sep, root + ".libs" + os.sep)
   paths = [c.filepath for c in threadpoolctl.ThreadpoolController().lib_controllers
            if c.user_api == "blas"]
-  owned = [p for p in paths if os.path.realpath(p).startswith(homes)]
+  owned = [c.filepath for c in owned_blas_controllers(np)]
   for path in owned + [p for p in paths if p not in owned and "scipy" not in p]:
     found = _find_symbol(path)
     if found:

@@ -257,6 +257,39 @@ def test_channel_factor_matches_numpy_reference(net):
       assert err < 1e-5, (net, name, leaf, err)
 
 
+@pytest.mark.parametrize("factor", kfac.FACTORS)
+def test_preconditioning_from_the_batch_factors_matches_numpy_reference(factor):
+  """Batch 2: each layer's gradient `Xᵀ Γ` has few rows (16 conv positions, 2 examples),
+  so `grad_factors` preconditions it as `(X A⁻¹)ᵀ (Γ G⁻¹)`; the numbers must not change."""
+  conv = Conv3D(64, (3, 3, 3), strides=(2, 2, 2))
+  model, batch = Net(conv), batch_for((2, 4, 4, 4, 4))
+  layers = {name: dataclasses.replace(spec, factor=factor) if spec.kind == "conv" else spec
+            for name, spec in kfac.find_layers(model, batch["x"]).items()}
+  positions = {"conv": 16, "Dense_0": 2, "Dense_1": 2}
+  cheaper = {name for name, spec in layers.items()
+             if 2 * kfac.precondition_flops(spec, positions[name]) < kfac.precondition_flops(spec)}
+  assert cheaper == {"conv", "Dense_0"}  # Dense_1 (5 -> 3) is cheaper as it is
+  expected, errors = None, {}
+  for grad_factors in (True, False):
+    tx = kfac.kfac(layers, damping=0.05, inversion="cholesky", grad_factors=grad_factors)
+    params, update = one_update(model, layers, tx, batch)
+    if expected is None:
+      expected = reference_update(conv, rename_conv(params), batch, 0.05,
+                                  channels=factor == "channels")
+    got = rename_conv(update)
+    errors[grad_factors] = {(name, leaf): np.linalg.norm(got[name][leaf] - want)
+                            / np.linalg.norm(want)
+                            for name, leaves in expected.items() for leaf, want in leaves.items()}
+  for key, err in errors[True].items():
+    if key[0] == "Dense_0":
+      # A is 513 wide from 2 examples: fp32 rounding outside its range, amplified by the
+      # damped inverse, is ~1e-4 of the update whichever way the gradient is multiplied
+      # (forming it was 3 x further from float64); a wrong product would be O(1) off.
+      assert err < 1e-3 and err <= errors[False][key], (key, err, errors[False][key])
+    else:
+      assert err < 1e-5 and errors[False][key] < 1e-5, (key, err, errors[False][key])
+
+
 def test_adaptive_step_minimises_the_exact_quadratic_model():
   """Two adaptive steps against numpy: the explicit Jacobian gives the Gauss-Newton matrix
   C, and (α, μ) minimise gᵀs + ½ sᵀ(C + λI)s over s = α Δ + μ (previous step)."""
@@ -468,11 +501,18 @@ def test_chained_with_momentum_and_schedule_compiles_once():
   assert int(state.opt_state[1].count) == 6
 
 
-@pytest.mark.parametrize("on_mesh", [False, True])
-def test_phased_steps_equal_the_counter_driven_step(on_mesh):
-  """One compiled step per phase (`kfac_phase`) does what `lax.cond` on the counter does."""
-  model, batch = Net(nn.Conv(3, (3, 3), padding="SAME")), batch_for((8, 5, 5, 2))
+@pytest.mark.parametrize("on_mesh,factored", [(False, False), (True, False), (True, True)])
+def test_phased_steps_equal_the_counter_driven_step(on_mesh, factored):
+  """One compiled step per phase (`kfac_phase`) does what `lax.cond` on the counter does.
+  `factored`: a conv with one output position an example, whose gradient `grad_factors`
+  preconditions from X and Γ, so steps without statistics tag that layer alone."""
+  shape = (8, 2, 2, 2, 4) if factored else (8, 5, 5, 2)
+  conv = (Conv3D(64, (3, 3, 3), strides=(2, 2, 2)) if factored
+          else nn.Conv(3, (3, 3), padding="SAME"))
+  model, batch = Net(conv), batch_for(shape)
   layers = kfac.find_layers(model, batch["x"])
+  assert kfac.prefers_grad_factors(layers["conv"], 8) == factored
+  chex.clear_trace_counter()  # counted by the step's code, shared across the cases
   axes = ("data",) if on_mesh else ()
   step_kw = dict(mesh=mesh_of((8,), axes, AxisType.Auto), axis_names=axes) if on_mesh else {}
   kw = dict(damping=0.02, stats_every=2, inverse_every=3, stale_tolerance=1e-9,
@@ -485,7 +525,7 @@ def test_phased_steps_equal_the_counter_driven_step(on_mesh):
   if on_mesh:  # laid out as the step returns it: a retrace would count against the 4
     a = b = jax.device_put(a, NamedSharding(step_kw["mesh"], P()))
   for i in range(7):  # phases (stats, inverse): TT FF TF FT TF FF TT
-    data = batch_for((8, 5, 5, 2), seed=i)
+    data = batch_for(shape, seed=i)
     a, _ = counter(a, data)
     b, _ = phased(b, data, phase=kfac.phase_at(i, 2, 3))
   # Same arithmetic, differently fused: compare each leaf relative to its norm. Rounding
@@ -560,16 +600,24 @@ def mesh_of(shape, axes, axis_type):
 @pytest.mark.parametrize("axes,shape,option", [(("data",), (8,), "patches"),
                                                (("node", "local"), (2, 4), "patches"),
                                                (("node", "local"), (2, 4), "channels"),
-                                               (("data",), (8,), "adaptive")])
+                                               (("data",), (8,), "adaptive"),
+                                               (("node", "local"), (2, 4), "factored")])
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
 def test_distributed_update_equals_one_device(axes, shape, option, axis_type):
-  """option: the conv's factor ("patches", "channels"), or "adaptive" (patches, with the
-  quadratic-model step, whose Gauss-Newton products are averaged over the devices)."""
-  model = Net(Conv3D(3, (3, 3, 3), strides=(2, 1, 1)))
-  batch = batch_for((16, 4, 4, 4, 2))
+  """option: the conv's factor ("patches", "channels"), "adaptive" (patches, with the
+  quadratic-model step, whose Gauss-Newton products are averaged over the devices), or
+  "factored" (a conv whose 8 output positions, one an example, make `grad_factors`
+  gather X and Γ from the devices and precondition from them)."""
+  model = Net(Conv3D(64 if option == "factored" else 3, (3, 3, 3),
+                     strides=(2, 2, 2) if option == "factored" else (2, 1, 1)))
+  batch_shape = (8, 2, 2, 2, 4) if option == "factored" else (16, 4, 4, 4, 2)
+  batch = batch_for(batch_shape)
   factor = "channels" if option == "channels" else "patches"
   layers = {name: dataclasses.replace(spec, factor=factor) if spec.kind == "conv" else spec
             for name, spec in kfac.find_layers(model, batch["x"]).items()}
+  if option == "factored":
+    assert 2 * kfac.precondition_flops(layers["conv"], 8) < kfac.precondition_flops(
+        layers["conv"])
   kw = dict(damping=0.02, stats_every=1, inverse_every=1, stale_tolerance=1e-9,
             adaptive=option == "adaptive", learning_rate=0.1)
   steps = 3
@@ -578,7 +626,7 @@ def test_distributed_update_equals_one_device(axes, shape, option, axis_type):
     state = state_for(model, batch["x"], tx)
     step = jax.jit(kfac.make_train_step(model, layers, mse, tx, **step_kw))
     for i in range(steps):
-      state, _ = step(state, batch_for((16, 4, 4, 4, 2), seed=i))
+      state, _ = step(state, batch_for(batch_shape, seed=i))
     return state
 
   ref = train(optax.chain(kfac.kfac(layers, **kw), optax.sgd(0.1)))

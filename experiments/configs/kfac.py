@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       stats_every=1, inverse_every=20, inversion="eigh", stale_tolerance=0.0,
       factor_dtype="float32", comm_dtype="float32", fallback="identity", fisher="sampled",
       kl_clip=1e-3, norm_clip=0.0, max_factor_dim=0, wide_conv="fallback",
-      adaptive=False, kl_clip_per_layer=False)
+      adaptive=False, kl_clip_per_layer=False, grad_factors=True)
   c.train = dict(steps=300, batch_size=256, eval_every=10, target_loss=0.0)
   c.data = ml_collections.ConfigDict()
 

@@ -9,7 +9,8 @@ outside the timing, `block_until_ready`, median of the runs):
   fisher backward      the extra backward pass of the sampled Fisher
   statistics           the factor sums Σ a aᵀ, Σ g gᵀ of every layer
   inversion            every layer's damped inverses
-  preconditioning      A⁻¹ ∇W G⁻¹ for every layer
+  preconditioning      A⁻¹ ∇W G⁻¹ for every layer (from the batch's factors X, Γ where
+                       those are cheaper and `kfac.grad_factors` is on, as in the step)
   communication        bytes a data-parallel step all-reduces (gradients every step,
                        factors every `stats_every` steps, fp32 and bf16); the time of that
                        all-reduce is measured on the local devices, which on a CPU host are
@@ -87,12 +88,19 @@ def step_parts(config, problem: Problem | None = None, runs: int = 10) -> dict:
 
   inverses = jax.jit(inversion)(factors)
 
-  def precondition(inverses, grads):
-    flat = kfac._flat(grads)
-    return [kfac.precondition(spec, flat[(*spec.path, "kernel")],
-                              flat.get((*spec.path, "bias")) if spec.has_bias else None,
-                              *inverses[name])
-            for name, spec in layers.items()]
+  def precondition(inverses, grads, inputs, d_layers):
+    flat, out = kfac._flat(grads), []
+    for name, spec in layers.items():
+      kernel = flat[(*spec.path, "kernel")]
+      bias = flat.get((*spec.path, "bias")) if spec.has_bias else None
+      g = d_layers[name]
+      if k.grad_factors and kfac.prefers_grad_factors(spec, g.size // g.shape[-1]):
+        out.append(kfac.precondition_factored(
+            spec, kernel, bias, *kfac.gradient_factors(spec, inputs[name], g),
+            *inverses[name]))
+      else:
+        out.append(kfac.precondition(spec, kernel, bias, *inverses[name]))
+    return out
 
   parts = {
       "forward/backward (plain)": _timed(plain, params, batch, runs=runs),
@@ -100,7 +108,8 @@ def step_parts(config, problem: Problem | None = None, runs: int = 10) -> dict:
       "forward/backward + fisher backward": _timed(with_fisher, params, batch, runs=runs),
       "statistics": _timed(statistics, inputs, out_grads, runs=runs),
       "inversion": _timed(inversion, factors, runs=max(3, runs // 3)),
-      "preconditioning": _timed(precondition, inverses, grads, runs=runs),
+      "preconditioning": _timed(precondition, inverses, grads, inputs,
+                                kfac._by_layer(d_layers), runs=runs),
   }
   parts["fisher backward"] = max(parts.pop("forward/backward + fisher backward")
                                  - parts["forward/backward (tagged)"], 0.0)

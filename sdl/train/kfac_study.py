@@ -119,7 +119,7 @@ def make_tx(name: str, lr: float, config, layers):
                     comm_dtype=DTYPES[k.comm_dtype], fallback=k.fallback, kl_clip=k.kl_clip,
                     learning_rate=lr, norm_clip=k.norm_clip, max_factor_dim=k.max_factor_dim,
                     wide_conv=k.wide_conv, adaptive=k.adaptive,
-                    kl_clip_per_layer=k.kl_clip_per_layer)
+                    kl_clip_per_layer=k.kl_clip_per_layer, grad_factors=k.grad_factors)
     return optax.chain(pre, optax.sgd(lr, momentum=k.momentum))
   raise ValueError(f"optimiser {name!r}: choose kfac, sgd or adam")
 

@@ -78,10 +78,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # and the two hold 93 % of the weights. They keep K-FAC with the channel factor
     # I_taps ⊗ A_c (`wide_conv="channels"`, 5.4 GFLOP a step to precondition conv5), and
     # each module gets its own share of the KL budget (`kl_clip_per_layer`): with one
-    # global clip, the largest module's step shrank every other's. Together: 0.56 x
-    # Adam's steps to the target and 0.80-0.81 x its seconds, at 1.50 x an SGD step
-    # (docs/benchmarks.md, CosmoFlow, session 9); with the identity fallback and one clip,
-    # 0.78 x, 0.95 x and 1.30 x (session 8).
+    # global clip, the largest module's step shrank every other's. Conv5's 32 positions
+    # make its gradient cheaper to precondition from the batch's factors (`grad_factors`,
+    # the default): 0.53 x Adam's steps to the target and 0.67 x its seconds, at 1.31 x
+    # an SGD step (docs/benchmarks.md, CosmoFlow, session 10); 0.56 x, 0.81 x and 1.50 x
+    # without it (session 9); with the identity fallback and one clip, 0.78 x, 0.95 x and
+    # 1.30 x (session 8).
     # Statistics every 10 steps: conv2's and conv3's patch factors (865 and 1,729 wide over
     # 16³ and 8³ positions) cost more than the step itself.
     # λ = 0.1: with 1e-2 K-FAC oscillated and saturated the tanh output at every lr in a

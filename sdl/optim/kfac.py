@@ -64,10 +64,10 @@ What the options do (all periodic work is a pure function of the step count):
                    `(X A⁻¹)ᵀ (Γ G⁻¹)` when its P rows make that cheaper than the product with
                    ∇W: `P (d_in² + d_in d_out + d_out²)` against `d_in² d_out + d_in d_out²`
                    multiply-adds (`prefers_grad_factors`). The same numbers; for CosmoFlow's
-                   conv5 at 32³, batch 4 (P = 32), 15 x fewer flops: preconditioning took
-                   13.8 ms a step where it had taken 69 (`experiments.kfac_profile`,
-                   docs/benchmarks.md, session 10). `make_train_step` tags those layers
-                   (only) on steps without statistics too.
+                   conv5 at 32³, batch 4 (P = 32), 15 x fewer flops, and the amortised
+                   K-FAC step 1.31 x SGD's where it had been 1.50 x (`experiments.
+                   kfac_profile`, docs/benchmarks.md, session 10). `make_train_step` tags
+                   those layers (only) on steps without statistics too.
 
 Distributed: with `axis_names` (inside `shard_map`, which `make_train_step` sets up)
 factor statistics are summed over those mesh axes; with two axes `("node", "local")` the

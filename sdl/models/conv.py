@@ -10,6 +10,12 @@ images with `kd * C` input channels,
 which XLA:CPU runs through its fast 2D path (Eigen/oneDNN GEMMs). GPUs and TPUs keep the
 native op. `default_lowering` is the one place that decides.
 
+Within the folded (CPU) lowering two kinds of layer take another route, each decided in
+one place: layers with at most 4 input channels (the first layer of CosmoFlow or a 3D
+U-Net), whose reduction is too shallow for a GEMM, run `sdl.kernels.conv3d`'s direct
+kernel (`sdl.kernels.conv3d.use_direct`, see `direct`); output planes of at most
+`GEMM_MAX_PLANE` positions run as one GEMM (`patches_gemm`).
+
 Under spatial partitioning the fold reshapes the depth axis into the batch, which the SPMD
 partitioner could only do by gathering whole activations. So with a `partitioner` the
 folded convolution runs per shard inside `jax.shard_map`: depth (and height) halos come
@@ -28,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from sdl.kernels import conv3d as direct_kernels
 from sdl.parallel.halo import exchange_halo
 from sdl.parallel.sharding import VOLUME_AXES, Partitioner
 
@@ -212,6 +219,39 @@ def per_shard(local, x, *replicated, partitioner: Partitioner | None = None,
                        out_specs=spec)(x, *replicated)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def direct(x, kernel, width_padding, reduce_axes=()):
+  """Stride-1 3D convolution, valid in depth and height, by `sdl.kernels.conv3d`.
+
+  For layers with few input channels (`sdl.kernels.conv3d.use_direct`): the mlperf
+  CosmoFlow conv1 (128³ x 4 → 32) ran at 40 GFLOP/s folded and at 80-90 direct, its kernel
+  gradient at 40 and 110-176 (docs/benchmarks.md, issue 5). The input gradient is the
+  folded lowering's; XLA drops it for a first layer, where nothing uses it.
+  """
+  x = jnp.pad(x, [(0, 0), (0, 0), (0, 0), width_padding, (0, 0)])
+  return direct_kernels.forward(x, kernel)
+
+
+def _direct_fwd(x, kernel, width_padding, reduce_axes):
+  return direct(x, kernel, width_padding, reduce_axes), (x, kernel)
+
+
+def _direct_bwd(width_padding, reduce_axes, residuals, dy):
+  x, kernel = residuals
+  dy = direct_kernels.varying_like(dy, x)  # a cotangent may arrive typed as invariant
+  padded = jnp.pad(x, [(0, 0), (0, 0), (0, 0), width_padding, (0, 0)])
+  dkernel = direct_kernels.kernel_grad(padded, dy, kernel.shape).astype(kernel.dtype)
+  # (reduce_axes: the folded vjp also forms a kernel gradient, summed over the shards to
+  # type-check, then dropped by XLA, as nothing uses it)
+  _, input_vjp = jax.vjp(
+      lambda x: fold_depth(x, kernel, (1, 1, 1), width_padding, reduce_axes), x)
+  (dx,) = input_vjp(dy)
+  return dx, lax.psum(dkernel, reduce_axes) if reduce_axes else dkernel
+
+
+direct.defvjp(_direct_fwd, _direct_bwd)
+
+
 def conv3d_folded(x, kernel, strides, padding, partitioner: Partitioner | None = None,
                   logical: Sequence[str | None] = VOLUME_AXES):
   """The folded lowering; per shard (with halo exchange) when a partitioner is given."""
@@ -222,6 +262,8 @@ def conv3d_folded(x, kernel, strides, padding, partitioner: Partitioner | None =
     x = extend(x, height_axis, 2, kh, strides[1], padding[1])
     if _plane_out(x, kernel, strides, padding[2]) <= GEMM_MAX_PLANE:
       return patches_gemm(x, kernel, strides, padding[2])  # autodiff sums over shards
+    if direct_kernels.use_direct(x.shape[-1], kernel.shape[-1], strides, x.dtype):
+      return direct(x, kernel, tuple(padding[2]), reduce_axes)
     return fold_depth(x, kernel, strides, padding[2], reduce_axes)
 
   return per_shard(local, x, kernel, partitioner=partitioner, logical=logical)

@@ -1,0 +1,287 @@
+// Direct 3D convolution for layers with few input channels, for XLA:CPU through its FFI.
+//
+// CosmoFlow's and 3D U-Net's first layers read 1-4 channels: as a GEMM their reduction is
+// only 27 x C deep and their output 16-32 wide, so im2col + GEMM (and XLA's own
+// convolution) run them at a third of the machine's GEMM rate (docs/benchmarks.md). Here
+// each output row `y[n, z, r, :, :]` is a register tile of W_BLOCK positions x O
+// channels, accumulated over every tap and input channel by broadcast-multiply-adds:
+// input and kernel are read from cache, the output is written once. The kernel gradient
+// does the same with a tile of `kw x C x O` accumulators over each row's positions.
+//
+// Layouts (what sdl/kernels/conv3d.py passes): x `[N, D, H, W, C]` already padded (a
+// valid convolution), kernel `[kd, kh, kw, C, O]`, y `[N, D - kd + 1, H - kh + 1,
+// W - kw + 1, O]`, stride 1, fp32, O a multiple of 16. Work is split over output rows on
+// XLA's intra-op thread pool; the calling thread takes its share, so a pool that is busy
+// (or absent) only makes it slower, never stuck.
+//
+// Vectors are GCC/Clang vector extensions of 16 floats: one AVX-512 or SVE-512 register,
+// two AVX2 registers, four NEON registers. The build compiles for the host CPU
+// (sdl/kernels/build.py).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+inline Vec splat(float a) { return Vec{} + a; }
+
+struct Dims {
+  int64_t n, d, h, w, c;      // padded input
+  int64_t kd, kh, kw, o;      // kernel
+  int64_t d_out, h_out, w_out;
+};
+
+// Runs body(chunk) for chunk in [0, chunks): chunks are claimed one by one, by the
+// calling thread and by up to num_threads pool tasks. The caller waits only for chunks
+// already claimed, so tasks the pool never starts cannot hold it up.
+template <typename Body>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, Body body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, chunks, &body]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
+      body(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  for (int64_t t = 0; t < helpers; ++t) {
+    // A task that starts after the caller returned finds no chunk left and exits without
+    // touching `body` (the claim fails first).
+    pool.Schedule([state, chunks, body_ptr = &body]() {
+      for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
+        (*body_ptr)(i);
+        state->done.fetch_add(1, std::memory_order_release);
+      }
+    });
+  }
+  work();
+  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: a tile of WB output positions x OV vectors of output channels.
+template <int OV, int WB>
+inline void forward_tile(const Dims& s, const float* const* rows, const float* kernel,
+                         float* y_row, int64_t w0, int64_t o0) {
+  Vec acc[WB][OV] = {};
+  const int64_t taps = s.kd * s.kh;
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* x_row = rows[t] + w0 * s.c;
+    const float* k_tap = kernel + t * s.kw * s.c * s.o + o0;
+    for (int64_t j = 0; j < s.kw; ++j) {
+      for (int64_t ci = 0; ci < s.c; ++ci) {
+        const float* kv = k_tap + (j * s.c + ci) * s.o;
+        Vec wv[OV];
+        for (int v = 0; v < OV; ++v) wv[v] = load(kv + v * kLanes);
+        const float* xp = x_row + j * s.c + ci;
+#pragma GCC unroll 16
+        for (int b = 0; b < WB; ++b) {
+          const Vec a = splat(xp[b * s.c]);
+          for (int v = 0; v < OV; ++v) acc[b][v] += a * wv[v];
+        }
+      }
+    }
+  }
+  for (int b = 0; b < WB; ++b)
+    for (int v = 0; v < OV; ++v) {
+      store(y_row + (w0 + b) * s.o + o0 + v * kLanes, acc[b][v]);
+    }
+}
+
+template <int OV, int WB>
+inline void forward_row(const Dims& s, const float* const* rows, const float* kernel,
+                        float* y_row, int64_t o0) {
+  int64_t w0 = 0;
+  for (; w0 + WB <= s.w_out; w0 += WB)
+    forward_tile<OV, WB>(s, rows, kernel, y_row, w0, o0);
+  for (; w0 + 4 <= s.w_out; w0 += 4) forward_tile<OV, 4>(s, rows, kernel, y_row, w0, o0);
+  for (; w0 < s.w_out; ++w0) forward_tile<OV, 1>(s, rows, kernel, y_row, w0, o0);
+}
+
+void forward_output_row(const Dims& s, const float* x, const float* kernel, float* y,
+                        int64_t n, int64_t z, int64_t r) {
+  std::vector<const float*> rows(s.kd * s.kh);
+  for (int64_t a = 0; a < s.kd; ++a)
+    for (int64_t b = 0; b < s.kh; ++b)
+      rows[a * s.kh + b] = x + (((n * s.d + z + a) * s.h + r + b) * s.w) * s.c;
+  float* y_row = y + (((n * s.d_out + z) * s.h_out + r) * s.w_out) * s.o;
+  int64_t o0 = 0;
+  for (; o0 + 64 <= s.o; o0 += 64) forward_row<4, 6>(s, rows.data(), kernel, y_row, o0);
+  for (; o0 + 32 <= s.o; o0 += 32) forward_row<2, 12>(s, rows.data(), kernel, y_row, o0);
+  for (; o0 < s.o; o0 += 16) forward_row<1, 16>(s, rows.data(), kernel, y_row, o0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernel gradient: dk[a, b, j, ci, o] = sum over n, z, r, w of
+// x[n, z + a, r + b, w + j, ci] * dy[n, z, r, w, o]. A tile holds KW x CB x OV
+// accumulators for one (a, b) tap pair, a block of CB input channels and OV vectors of
+// output channels, summed over one output row's positions, then added to `dk`.
+template <int KW, int CB, int OV>
+inline void kernel_grad_tile(const Dims& s, const float* x_row, const float* dy_row,
+                             float* dk_tap, int64_t c0, int64_t o0) {
+  Vec acc[KW][CB][OV] = {};
+  for (int64_t w = 0; w < s.w_out; ++w) {
+    Vec g[OV];
+    for (int v = 0; v < OV; ++v) g[v] = load(dy_row + w * s.o + o0 + v * kLanes);
+    const float* xp = x_row + w * s.c + c0;
+    for (int j = 0; j < KW; ++j)
+      for (int ci = 0; ci < CB; ++ci) {
+        const Vec a = splat(xp[j * s.c + ci]);
+        for (int v = 0; v < OV; ++v) acc[j][ci][v] += a * g[v];
+      }
+  }
+  for (int j = 0; j < KW; ++j)
+    for (int ci = 0; ci < CB; ++ci)
+      for (int v = 0; v < OV; ++v) {
+        float* p = dk_tap + (j * s.c + c0 + ci) * s.o + o0 + v * kLanes;
+        store(p, load(p) + acc[j][ci][v]);
+      }
+}
+
+template <int KW, int CB>
+inline void kernel_grad_channels(const Dims& s, const float* x_row, const float* dy_row,
+                                 float* dk_tap, int64_t c0) {
+  int64_t o0 = 0;
+  for (; o0 + 32 <= s.o; o0 += 32) kernel_grad_tile<KW, CB, 2>(s, x_row, dy_row, dk_tap, c0, o0);
+  for (; o0 < s.o; o0 += 16) kernel_grad_tile<KW, CB, 1>(s, x_row, dy_row, dk_tap, c0, o0);
+}
+
+template <int KW>
+void kernel_grad_row(const Dims& s, const float* x_row, const float* dy_row, float* dk_tap) {
+  int64_t c0 = 0;
+  for (; c0 + 4 <= s.c; c0 += 4) kernel_grad_channels<KW, 4>(s, x_row, dy_row, dk_tap, c0);
+  switch (s.c - c0) {
+    case 3: kernel_grad_channels<KW, 3>(s, x_row, dy_row, dk_tap, c0); break;
+    case 2: kernel_grad_channels<KW, 2>(s, x_row, dy_row, dk_tap, c0); break;
+    case 1: kernel_grad_channels<KW, 1>(s, x_row, dy_row, dk_tap, c0); break;
+    default: break;
+  }
+}
+
+// Width taps not given a tile of their own are done one at a time (KW = 1, offset x).
+void kernel_grad_output_row(const Dims& s, const float* x, const float* dy, float* dk,
+                            int64_t n, int64_t z, int64_t r) {
+  const float* dy_row = dy + (((n * s.d_out + z) * s.h_out + r) * s.w_out) * s.o;
+  for (int64_t a = 0; a < s.kd; ++a)
+    for (int64_t b = 0; b < s.kh; ++b) {
+      const float* x_row = x + (((n * s.d + z + a) * s.h + r + b) * s.w) * s.c;
+      float* dk_tap = dk + (a * s.kh + b) * s.kw * s.c * s.o;
+      int64_t j = 0;
+      for (; j + 3 <= s.kw; j += 3)
+        kernel_grad_row<3>(s, x_row + j * s.c, dy_row, dk_tap + j * s.c * s.o);
+      for (; j < s.kw; ++j)
+        kernel_grad_row<1>(s, x_row + j * s.c, dy_row, dk_tap + j * s.c * s.o);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+ffi::Error check(const Dims& s) {
+  if (s.o % kLanes != 0) {
+    return ffi::Error::InvalidArgument("sdl_conv3d: output channels must be a multiple of 16");
+  }
+  if (s.d_out <= 0 || s.h_out <= 0 || s.w_out <= 0) {
+    return ffi::Error::InvalidArgument("sdl_conv3d: the kernel is larger than the input");
+  }
+  return ffi::Error::Success();
+}
+
+Dims dims_of(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k) {
+  Dims s{x[0], x[1], x[2], x[3], x[4], k[0], k[1], k[2], k[4], 0, 0, 0};
+  s.d_out = s.d - s.kd + 1;
+  s.h_out = s.h - s.kh + 1;
+  s.w_out = s.w - s.kw + 1;
+  return s;
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  if (x.dimensions().size() != 5 || kernel.dimensions().size() != 5 ||
+      kernel.dimensions()[3] != x.dimensions()[4]) {
+    return ffi::Error::InvalidArgument(
+        "sdl_conv3d: x [N, D, H, W, C] and kernel [kd, kh, kw, C, O] expected");
+  }
+  const Dims s = dims_of(x.dimensions(), kernel.dimensions());
+  if (auto error = check(s); error.failure()) return error;
+  const float* xp = x.typed_data();
+  const float* kp = kernel.typed_data();
+  float* yp = y->typed_data();
+  const int64_t rows = s.n * s.d_out * s.h_out;
+  const int64_t per_chunk = s.h_out;  // one output plane per chunk
+  parallel_chunks(pool, rows / per_chunk, [&](int64_t chunk) {
+    for (int64_t i = chunk * per_chunk; i < (chunk + 1) * per_chunk; ++i) {
+      const int64_t r = i % s.h_out, nz = i / s.h_out;
+      forward_output_row(s, xp, kp, yp, nz / s.d_out, nz % s.d_out, r);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                      ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk) {
+  auto kd = dk->dimensions();
+  if (x.dimensions().size() != 5 || dy.dimensions().size() != 5 || kd.size() != 5) {
+    return ffi::Error::InvalidArgument("sdl_conv3d_kernel_grad: 5D operands expected");
+  }
+  const Dims s = dims_of(x.dimensions(), kd);
+  if (auto error = check(s); error.failure()) return error;
+  auto g = dy.dimensions();
+  if (g[0] != s.n || g[1] != s.d_out || g[2] != s.h_out || g[3] != s.w_out || g[4] != s.o) {
+    return ffi::Error::InvalidArgument("sdl_conv3d_kernel_grad: dy's shape does not match");
+  }
+  const float* xp = x.typed_data();
+  const float* gp = dy.typed_data();
+  const int64_t size = s.kd * s.kh * s.kw * s.c * s.o;
+  // Each chunk (a few output planes) sums into its own buffer; the buffers are added at
+  // the end in a fixed order, so the result does not depend on the thread schedule.
+  const int64_t planes = s.n * s.d_out;
+  const int64_t chunks = std::min<int64_t>(planes, 64);
+  std::vector<float> partial(chunks * size, 0.0f);
+  parallel_chunks(pool, chunks, [&](int64_t chunk) {
+    float* mine = partial.data() + chunk * size;
+    for (int64_t p = chunk * planes / chunks; p < (chunk + 1) * planes / chunks; ++p)
+      for (int64_t r = 0; r < s.h_out; ++r)
+        kernel_grad_output_row(s, xp, gp, mine, p / s.d_out, p % s.d_out, r);
+  });
+  float* out = dk->typed_data();
+  std::copy(partial.begin(), partial.begin() + size, out);
+  for (int64_t chunk = 1; chunk < chunks; ++chunk)
+    for (int64_t i = 0; i < size; ++i) out[i] += partial[chunk * size + i];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SdlConv3dF32, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SdlConv3dKernelGradF32, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,110 @@
+"""Direct 3D convolution on CPU for layers with few input channels (`conv3d.cc`).
+
+The first layers of CosmoFlow (4 channels → 16 or 32) and of a 3D U-Net (1 → 32) ran at
+24-40 GFLOP/s on the 2-core EPYC VM through every lowering tried, XLA's native op, the
+depth-folded 2D convolution and PyTorch/oneDNN alike, against a GEMM roof of 110-144
+(docs/benchmarks.md, issue 5): as a GEMM their reduction is only 27 x C deep. `conv3d.cc`
+computes them directly, one register tile of output positions x channels at a time, and
+their kernel gradient the same way. The input gradient (not needed for a first layer)
+stays with the caller's lowering, and XLA drops it when nothing uses it.
+
+`forward(x, kernel)`: a valid (already padded) stride-1 3D convolution, NDHWC / DHWIO;
+`kernel_grad(x, dy, kernel_shape)`: its kernel gradient. Neither has a gradient of its
+own: `sdl.models.conv.direct` puts them together with the input gradient. `use_direct`
+is the one place that decides which layers take them.
+"""
+import ctypes
+import os
+import threading
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sdl.kernels import build
+
+FORWARD, KERNEL_GRAD = "sdl_conv3d_f32", "sdl_conv3d_kernel_grad_f32"
+# Input channels up to which a layer goes direct. 1-4 is where im2col + GEMM is starved
+# (docs/benchmarks.md); from 16 on the folded GEMM lowering reaches the GEMM roof.
+MAX_CHANNELS = 4
+LANES = 16  # output channels come in vectors of 16 floats (conv3d.cc)
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def setup() -> None:
+  """Compile and register the kernels (once per process); raises `KernelBuildError`."""
+  with _lock:
+    if "error" in _state:
+      raise _state["error"]
+    if "lib" in _state:
+      return
+    try:
+      lib = ctypes.CDLL(str(build.library("conv3d.cc", host=True)))
+      for target, symbol in ((FORWARD, "SdlConv3dF32"), (KERNEL_GRAD, "SdlConv3dKernelGradF32")):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+    except Exception as error:
+      _state["error"] = error
+      raise
+    _state["lib"] = lib  # keep it loaded
+
+
+def available() -> bool:
+  """Whether the kernels could be built here (and `SDL_DIRECT_CONV` is not `off`)."""
+  if os.environ.get("SDL_DIRECT_CONV", "").strip().lower() == "off":
+    return False
+  try:
+    setup()
+    return True
+  except build.KernelBuildError as error:
+    if not _state.get("warned"):
+      _state["warned"] = True
+      warnings.warn(f"sdl.kernels.conv3d: first layers stay on XLA ({error})", stacklevel=3)
+    return False
+
+
+def use_direct(channels: int, features: int, strides, dtype, backend: str | None = None) -> bool:
+  """The one place that decides: does a 3D convolution layer go to `conv3d.cc`?
+
+  fp32 on the CPU backend, stride 1, at most `MAX_CHANNELS` input channels, output
+  channels a multiple of 16, and the kernel built. GPUs and TPUs keep XLA's convolution.
+  """
+  return ((backend or jax.default_backend()) == "cpu"
+          and jnp.dtype(dtype) == jnp.float32 and tuple(strides) == (1, 1, 1)
+          and channels <= MAX_CHANNELS and features % LANES == 0 and available())
+
+
+def _out_shape(x_shape, kernel_shape):
+  n, *spatial, _ = x_shape
+  return (n, *(s - k + 1 for s, k in zip(spatial, kernel_shape[:3])), kernel_shape[4])
+
+
+def varying_like(y, *operands):
+  """Inside `shard_map`, type `y` (a custom call's result, a cotangent) as varying over
+  the mesh axes its operands vary over (a custom call's result type names none), so
+  autodiff and the collectives after it see the right type; outside, `y` unchanged."""
+  def vma(v):  # jax 0.10-0.12 name it `manual_axis_type.varying` (before: `vma`)
+    t = jax.typeof(v)
+    manual = getattr(t, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(t, "vma", ()))
+  axes = frozenset().union(*map(vma, operands)) - vma(y)
+  return lax.pcast(y, tuple(sorted(axes)), to="varying") if axes else y
+
+
+def forward(x, kernel):
+  """Valid stride-1 convolution by `conv3d.cc` (no gradient of its own)."""
+  setup()
+  out = jax.ShapeDtypeStruct(_out_shape(x.shape, kernel.shape), jnp.float32)
+  y = jax.ffi.ffi_call(FORWARD, out, vmap_method="sequential")(x, kernel)
+  return varying_like(y, x, kernel)
+
+
+def kernel_grad(x, dy, kernel_shape):
+  """`dk[a, b, j, c, o] = Σ x[n, z + a, r + b, w + j, c] dy[n, z, r, w, o]` by `conv3d.cc`."""
+  setup()
+  out = jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)
+  dk = jax.ffi.ffi_call(KERNEL_GRAD, out, vmap_method="sequential")(x, dy)
+  return varying_like(dk, x, dy)

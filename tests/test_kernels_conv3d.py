@@ -1,0 +1,146 @@
+"""sdl.kernels.conv3d: the direct convolution for few input channels, against float64
+numpy sums, against XLA's native op inside a layer, and under spatial sharding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdl.kernels import build
+from sdl.kernels import conv3d as direct_kernels
+from sdl.models import conv
+from sdl.parallel import Partitioner, make_mesh
+from sdl.parallel.sharding import VOLUME_AXES
+
+
+def reference(x, kernel):
+  """Valid stride-1 convolution and its kernel gradient's tap sums, in float64."""
+  kd, kh, kw = kernel.shape[:3]
+  n, d, h, w, _ = x.shape
+  out = (d - kd + 1, h - kh + 1, w - kw + 1)
+  y = np.zeros((n, *out, kernel.shape[-1]))
+  for a in range(kd):
+    for b in range(kh):
+      for j in range(kw):
+        view = x[:, a:a + out[0], b:b + out[1], j:j + out[2]].astype(np.float64)
+        y += np.einsum("ndhwc,co->ndhwo", view, kernel[a, b, j].astype(np.float64))
+  return y
+
+
+def reference_kernel_grad(x, dy, kernel_shape):
+  kd, kh, kw = kernel_shape[:3]
+  out = dy.shape[1:4]
+  dk = np.zeros(kernel_shape)
+  for a in range(kd):
+    for b in range(kh):
+      for j in range(kw):
+        view = x[:, a:a + out[0], b:b + out[1], j:j + out[2]].astype(np.float64)
+        dk[a, b, j] = np.einsum("ndhwc,ndhwo->co", view, dy.astype(np.float64))
+  return dk
+
+
+# (input [N, D, H, W, C] already padded, kernel taps, O): tails of the width tiles (13
+# outputs = 12 + 1, 5 = 4 + 1, 20 = 16 + 4), every output-channel block (16, 32, 32 + 16,
+# 64), channel blocks of 1-4 and 4 + 2, and width taps other than 3 (1, 2, 5 = 3 + 1 + 1).
+CASES = [
+    ((2, 5, 4, 15, 4), (3, 3, 3), 32),
+    ((1, 4, 6, 7, 1), (3, 3, 3), 16),
+    ((1, 3, 3, 22, 3), (2, 1, 3), 48),
+    ((2, 4, 5, 6, 6), (3, 3, 2), 64),
+    ((1, 6, 4, 9, 2), (1, 2, 5), 16),
+    ((1, 3, 3, 4, 4), (1, 1, 1), 32),
+]
+
+
+@pytest.mark.parametrize("x_shape,taps,features", CASES)
+def test_forward_and_kernel_gradient_match_float64_numpy(x_shape, taps, features):
+  rng = np.random.default_rng(sum(x_shape) + features)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  kernel = rng.standard_normal((*taps, x_shape[-1], features)).astype(np.float32)
+  want = reference(x, kernel)
+  y = jax.jit(direct_kernels.forward)(x, kernel)
+  assert y.shape == want.shape
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  dy = rng.standard_normal(want.shape).astype(np.float32)
+  dk = jax.jit(lambda x, dy: direct_kernels.kernel_grad(x, dy, kernel.shape))(x, dy)
+  want_dk = reference_kernel_grad(x, dy, kernel.shape)
+  np.testing.assert_allclose(np.asarray(dk), want_dk, rtol=1e-5,
+                             atol=1e-5 * np.abs(want_dk).max())
+
+
+def test_use_direct_policy(monkeypatch):
+  f32 = jnp.float32
+  assert direct_kernels.use_direct(4, 32, (1, 1, 1), f32, "cpu")
+  assert direct_kernels.use_direct(1, 16, (1, 1, 1), f32, "cpu")
+  assert not direct_kernels.use_direct(4, 32, (1, 1, 1), f32, "gpu")  # XLA's on accelerators
+  assert not direct_kernels.use_direct(4, 32, (1, 1, 1), f32, "tpu")
+  assert not direct_kernels.use_direct(4, 32, (2, 2, 2), f32, "cpu")  # stride 1 only
+  assert not direct_kernels.use_direct(4, 24, (1, 1, 1), f32, "cpu")  # vectors of 16
+  assert not direct_kernels.use_direct(16, 32, (1, 1, 1), f32, "cpu")  # a GEMM's job
+  assert not direct_kernels.use_direct(4, 32, (1, 1, 1), jnp.bfloat16, "cpu")
+  monkeypatch.setenv("SDL_DIRECT_CONV", "off")
+  assert not direct_kernels.use_direct(4, 32, (1, 1, 1), f32, "cpu")
+
+
+def rel_err(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def loss_and_grads(fn, x, k):
+  def loss(x, k):
+    y = fn(x, k)
+    return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, k)
+
+
+def case(seed, shape, kernel_shape):
+  kx, kk = jax.random.split(jax.random.PRNGKey(seed))
+  return (jax.random.normal(kx, shape, jnp.float32),
+          jax.random.normal(kk, kernel_shape, jnp.float32) / np.sqrt(np.prod(kernel_shape[:4])))
+
+
+@pytest.mark.parametrize("padding", [((1, 1),) * 3, ((0, 0), (2, 0), (0, 2))])
+def test_layer_takes_the_direct_kernel_and_equals_native(padding):
+  x, k = case(0, (2, 6, 7, 9, 4), (3, 3, 3, 4, 16))
+  native = lambda x, k: conv.conv3d_native(x, k, (1, 1, 1), padding)
+  cpu = lambda x, k: conv.conv3d_folded(x, k, (1, 1, 1), padding)
+  (ln, gn), (lc, gc) = loss_and_grads(native, x, k), loss_and_grads(cpu, x, k)
+  assert rel_err(jax.jit(cpu)(x, k), native(x, k)) < 1e-5
+  assert abs(float(lc - ln)) / abs(float(ln)) < 1e-5
+  for a, b in zip(gc, gn):  # the input gradient too (the folded lowering's)
+    assert rel_err(a, b) < 1e-5
+  hlo = jax.jit(jax.grad(lambda x, k: jnp.sum(cpu(x, k) ** 2), argnums=(0, 1))).lower(
+      x, k).as_text()
+  assert direct_kernels.FORWARD in hlo and direct_kernels.KERNEL_GRAD in hlo
+  # A first layer's input gradient is unused: XLA drops it, only the two calls remain.
+  first = jax.jit(jax.grad(lambda k: jnp.sum(cpu(x, k) ** 2))).lower(k).compile().as_text()
+  assert "convolution(" not in first
+
+
+@pytest.mark.parametrize("mesh_shape,axes", [
+    ((2, 4), ("data", "spatial")), ((2, 2, 2), ("data", "spatial", "spatial_h"))])
+def test_sharded_direct_layer_equals_single_device_native(mesh_shape, axes):
+  """Per shard inside `shard_map`, after the halo exchange; the kernel gradient is summed
+  over every axis the input is split over."""
+  part = Partitioner.create(make_mesh(mesh_shape, axes))
+  x, k = case(1, (4, 16, 8, 6, 3), (3, 3, 3, 3, 16))
+  x = jax.device_put(x, part.sharding(VOLUME_AXES))
+  padding = ((1, 1),) * 3
+  native = lambda x, k: conv.conv3d_native(x, k, (1, 1, 1), padding)
+  sharded = lambda x, k: conv.conv3d_folded(x, k, (1, 1, 1), padding, part, VOLUME_AXES)
+  (ln, gn), (ls, gs) = loss_and_grads(native, x, k), loss_and_grads(sharded, x, k)
+  assert rel_err(jax.jit(sharded)(x, k), native(x, k)) < 1e-5
+  assert abs(float(ls - ln)) / abs(float(ln)) < 1e-5
+  for a, b in zip(gs, gn):
+    assert rel_err(a, b) < 1e-5
+  hlo = jax.jit(jax.grad(lambda x, k: jnp.sum(sharded(x, k) ** 2), argnums=(0, 1))).lower(
+      x, k).compile().as_text()
+  assert direct_kernels.FORWARD in hlo
+  assert "collective-permute" in hlo and "all-gather" not in hlo
+
+
+def test_host_built_kernels_are_keyed_by_the_cpu(monkeypatch, tmp_path):
+  monkeypatch.setenv("SDL_KERNEL_CACHE", str(tmp_path))
+  first = build.library("conv3d.cc", host=True)
+  assert build.library("conv3d.cc", host=True) == first  # cached
+  monkeypatch.setattr(build, "host_cpu", lambda: "another node type")
+  assert build.library("conv3d.cc", host=True) != first  # built again for that CPU

@@ -5,8 +5,10 @@ r"""CosmoFlow train-step time: sdl's conv lowerings against PyTorch on the same 
 
 For each network: one full training step (forward, backward, SGD-momentum update) on one
 device at `size`³ x 4, batch `batch`, timed after a warm-up (compile) step, median of
-`--steps`, with the spread. Columns: sdl with the native XLA 3D convolution, sdl with the
-depth-folded lowering (`sdl.models.conv`, the CPU default), and PyTorch (`torch`, if
+`--steps`, with the spread; the columns take turns, step by step. Columns: sdl with the
+native XLA 3D convolution, sdl with the depth-folded lowering (`sdl.models.conv`, the CPU
+default, whose first layer runs `sdl.kernels.conv3d`'s direct kernel), `folded-xla` (the
+same without that kernel), and PyTorch (`torch`, if
 installed; CPU threads = cores) running the same network (same layers, same parameter
 count) in float32, channels-first as its oneDNN kernels prefer. The networks are built
 from the same layer list (`sdl.models.cosmoflow.feature_layers`).
@@ -22,6 +24,7 @@ for mixed precision; PyTorch then runs on CUDA if it can, and only in float32.
 import os
 import platform
 import statistics
+import contextlib
 import time
 
 from absl import app, flags
@@ -30,20 +33,13 @@ _VARIANTS = flags.DEFINE_list("variants", ["mlperf", "lbann"], "CosmoFlow networ
 _SIZE = flags.DEFINE_integer("size", 128, "Input side in voxels.")
 _BATCH = flags.DEFINE_integer("batch", 2, "Batch size.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (median kept).")
-_LOWERINGS = flags.DEFINE_list("lowerings", ["native", "folded"], "sdl conv lowerings.")
+_LOWERINGS = flags.DEFINE_list(
+    "lowerings", ["native", "folded"],
+    "sdl conv lowerings: native, folded (the CPU default), folded-xla (folded without "
+    "sdl's direct kernel for the first layer, sdl.kernels.conv3d).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "sdl's compute dtype (parameters stay float32).")
 _PEAK_SIZE = flags.DEFINE_integer("peak_size", 4096, "Side of the GEMM that measures the peak.")
-
-
-def time_steps(step, steps: int) -> list[float]:
-  step()  # warm-up: compile, allocate
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return times
 
 
 def sdl_step(variant: str, size: int, batch: int, lowering: str, dtype: str = "float32"):
@@ -55,6 +51,9 @@ def sdl_step(variant: str, size: int, batch: int, lowering: str, dtype: str = "f
   from sdl.models.cosmoflow import CosmoFlow  # noqa: PLC0415
   from sdl.train.state import TrainState, make_train_step  # noqa: PLC0415
 
+  from sdl.kernels import conv3d as direct_kernels  # noqa: PLC0415
+  direct = lowering != "folded-xla"
+  lowering = "folded" if lowering == "folded-xla" else lowering
   model = CosmoFlow(variant, size, conv_lowering=lowering, dtype=jnp.dtype(dtype))
   rng = np.random.default_rng(0)
   batch_data = {"volume": jnp.asarray(rng.poisson(3, (batch, size, size, size, 4)), jnp.int16),
@@ -72,6 +71,8 @@ def sdl_step(variant: str, size: int, batch: int, lowering: str, dtype: str = "f
   def run():
     state[0], metrics = step(state[0], batch_data)
     jax.block_until_ready(metrics["loss"])
+  with contextlib.nullcontext() if direct else direct_kernels.disabled():
+    run()  # warm-up: compile (the direct kernel's use is decided here), allocate
   return run
 
 
@@ -153,23 +154,26 @@ def main(argv):
   del argv
   import jax  # noqa: PLC0415
 
-  from sdl.bench import problems, roofline, suite  # noqa: PLC0415
+  from sdl.bench import problems, roofline, suite, timing  # noqa: PLC0415
   backend = jax.default_backend()
   device = torch_device(backend, _DTYPE.value)
   size, batch = _SIZE.value, _BATCH.value
   rows = []
   for variant in _VARIANTS.value:
-    results = {}
+    runs = {}
     for lowering in _LOWERINGS.value:
       print(f"{variant} sdl {lowering} ...", flush=True)
-      results[f"sdl {lowering}"] = time_steps(
-          sdl_step(variant, size, batch, lowering, _DTYPE.value), _STEPS.value)
+      runs[f"sdl {lowering}"] = sdl_step(variant, size, batch, lowering, _DTYPE.value)
     if device:
       print(f"{variant} torch ({device}) ...", flush=True)
       run, n_params = torch_step(variant, size, batch, device)
       print(f"  torch parameters: {n_params:,}", flush=True)
-      results["torch"] = time_steps(run, _STEPS.value)
-    rows.append((variant, results))
+      run()  # warm-up
+      runs["torch"] = run
+    print(f"{variant}: {_STEPS.value} steps of each, in turns ...", flush=True)
+    times = timing.times_interleaved([(run, ()) for run in runs.values()], 0, _STEPS.value)
+    rows.append((variant, dict(zip(runs, map(list, times)))))
+    del runs
   precision = "bf16" if _DTYPE.value == "bfloat16" else (
       "highest" if backend == "cpu" else "default")  # the peak in the step's own precision
   print("measuring the GEMM peak ...", flush=True)

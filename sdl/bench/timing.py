@@ -32,10 +32,11 @@ def measure(fn: Callable, *args, warmup: int = 2, runs: int = 20) -> Timing:
   return measure_interleaved([(fn, args)], warmup=warmup, runs=runs)[0]
 
 
-def measure_interleaved(calls: Sequence[tuple[Callable, tuple]], warmup: int = 2,
-                        runs: int = 20) -> list[Timing]:
-  """Time each `fn(*args)` of `calls`: `warmup` untimed calls each, then `runs` rounds in
-  which every callable runs once, in order. One `Timing` per call."""
+def times_interleaved(calls: Sequence[tuple[Callable, tuple]], warmup: int = 2,
+                      runs: int = 20) -> np.ndarray:
+  """Seconds of each `fn(*args)` of `calls`, `[len(calls), runs]`: `warmup` untimed calls
+  each, then `runs` rounds in which every callable runs once, in order (a shared machine's
+  slow minutes then hit every call alike)."""
   for fn, args in calls:
     for _ in range(warmup):
       jax.block_until_ready(fn(*args))
@@ -45,6 +46,13 @@ def measure_interleaved(calls: Sequence[tuple[Callable, tuple]], warmup: int = 2
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[j, i] = time.perf_counter() - start
+  return times
+
+
+def measure_interleaved(calls: Sequence[tuple[Callable, tuple]], warmup: int = 2,
+                        runs: int = 20) -> list[Timing]:
+  """`times_interleaved`, summarised: one `Timing` per call."""
+  times = times_interleaved(calls, warmup, runs)
   timings = []
   for row in times:
     p10, median, p90 = np.percentile(row, [10, 50, 90])

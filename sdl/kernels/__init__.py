@@ -2,6 +2,9 @@
 
 `sdl.kernels.gemm`: fp32 GEMMs on CPU through a BLAS library's `cblas_sgemm` (NumPy's
 OpenBLAS by default; a vendor BLAS such as Fujitsu's or Arm's on an A64FX node).
+`sdl.kernels.conv3d`: a direct 3D convolution (forward and kernel gradient) for layers with
+at most 4 input channels, such as CosmoFlow's and a 3D U-Net's first layer, which
+`sdl.models.conv`'s CPU lowering takes (`use_direct` decides).
 `sdl.kernels.build` compiles the C++ sources next to it with the machine's C++ compiler
 and jaxlib's FFI headers, into a per-user cache.
 """

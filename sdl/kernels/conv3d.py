@@ -13,6 +13,7 @@ stays with the caller's lowering, and XLA drops it when nothing uses it.
 own: `sdl.models.conv.direct` puts them together with the input gradient. `use_direct`
 is the one place that decides which layers take them.
 """
+import contextlib
 import ctypes
 import os
 import threading
@@ -52,14 +53,28 @@ def setup() -> None:
     _state["lib"] = lib  # keep it loaded
 
 
+@contextlib.contextmanager
+def disabled():
+  """Within it, functions traced keep every layer on XLA (to compare, as
+  `experiments.cosmoflow_step_bench --lowerings=folded,folded-xla` does). The choice is
+  made when a function is traced, so a jitted function keeps what it was compiled with."""
+  _state["disabled"] = _state.get("disabled", 0) + 1
+  try:
+    yield
+  finally:
+    _state["disabled"] -= 1
+
+
 def available() -> bool:
-  """Whether the kernels could be built here (and `SDL_DIRECT_CONV` is not `off`)."""
-  if os.environ.get("SDL_DIRECT_CONV", "").strip().lower() == "off":
+  """Whether the kernels could be built here (and are not switched off: `SDL_DIRECT_CONV=off`
+  in the environment, or inside `disabled()`)."""
+  if (os.environ.get("SDL_DIRECT_CONV", "").strip().lower() == "off"
+      or _state.get("disabled", 0)):
     return False
   try:
     setup()
     return True
-  except build.KernelBuildError as error:
+  except (build.KernelBuildError, OSError) as error:
     if not _state.get("warned"):
       _state["warned"] = True
       warnings.warn(f"sdl.kernels.conv3d: first layers stay on XLA ({error})", stacklevel=3)

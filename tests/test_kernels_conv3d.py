@@ -68,17 +68,24 @@ def test_forward_and_kernel_gradient_match_float64_numpy(x_shape, taps, features
 
 
 def test_use_direct_policy(monkeypatch):
-  f32 = jnp.float32
-  assert direct_kernels.use_direct(4, 32, (1, 1, 1), f32, "cpu")
-  assert direct_kernels.use_direct(1, 16, (1, 1, 1), f32, "cpu")
-  assert not direct_kernels.use_direct(4, 32, (1, 1, 1), f32, "gpu")  # XLA's on accelerators
-  assert not direct_kernels.use_direct(4, 32, (1, 1, 1), f32, "tpu")
-  assert not direct_kernels.use_direct(4, 32, (2, 2, 2), f32, "cpu")  # stride 1 only
-  assert not direct_kernels.use_direct(4, 24, (1, 1, 1), f32, "cpu")  # vectors of 16
-  assert not direct_kernels.use_direct(16, 32, (1, 1, 1), f32, "cpu")  # a GEMM's job
-  assert not direct_kernels.use_direct(4, 32, (1, 1, 1), jnp.bfloat16, "cpu")
+  f32, s1 = jnp.float32, (1, 1, 1)
+  use = direct_kernels.use_direct
+  assert use((3, 3, 3, 4, 32), s1, 128, f32, "cpu")  # CosmoFlow's first layer
+  assert use((3, 3, 3, 1, 16), s1, 4, f32, "cpu")  # few channels: any width
+  assert use((3, 3, 3, 32, 64), s1, 64, f32, "cpu")  # long rows, a 0.2 MB kernel
+  assert not use((3, 3, 3, 32, 64), s1, 16, f32, "cpu")  # short rows: folded
+  assert not use((3, 3, 3, 256, 512), s1, 64, f32, "cpu")  # a 14 MB kernel: folded
+  assert not use((3, 3, 3, 4, 32), s1, 128, f32, "gpu")  # XLA's on accelerators
+  assert not use((3, 3, 3, 4, 32), s1, 128, f32, "tpu")
+  assert not use((3, 3, 3, 4, 32), (2, 2, 2), 64, f32, "cpu")  # stride 1 only
+  assert not use((3, 3, 3, 4, 24), s1, 128, f32, "cpu")  # vectors of 16 outputs
+  assert not use((3, 3, 3, 4, 32), s1, 128, jnp.bfloat16, "cpu")
+  assert direct_kernels.input_grad_direct(32) and not direct_kernels.input_grad_direct(4)
+  with direct_kernels.disabled():
+    assert not use((3, 3, 3, 4, 32), s1, 128, f32, "cpu")
+  assert use((3, 3, 3, 4, 32), s1, 128, f32, "cpu")
   monkeypatch.setenv("SDL_DIRECT_CONV", "off")
-  assert not direct_kernels.use_direct(4, 32, (1, 1, 1), f32, "cpu")
+  assert not use((3, 3, 3, 4, 32), s1, 128, f32, "cpu")
 
 
 def rel_err(a, b):
@@ -98,19 +105,27 @@ def case(seed, shape, kernel_shape):
           jax.random.normal(kk, kernel_shape, jnp.float32) / np.sqrt(np.prod(kernel_shape[:4])))
 
 
-@pytest.mark.parametrize("padding", [((1, 1),) * 3, ((0, 0), (2, 0), (0, 2))])
-def test_layer_takes_the_direct_kernel_and_equals_native(padding):
-  x, k = case(0, (2, 6, 7, 9, 4), (3, 3, 3, 4, 16))
+@pytest.mark.parametrize("x_shape,features,padding,input_grad_direct", [
+    ((2, 6, 7, 9, 4), 16, ((1, 1),) * 3, False),            # a first layer
+    ((2, 6, 7, 9, 4), 16, ((0, 0), (2, 0), (0, 2)), False),
+    ((1, 3, 4, 33, 16), 32, ((1, 1),) * 3, True),           # long rows: input gradient too
+    ((1, 4, 3, 32, 16), 16, ((1, 1), (0, 2), (2, 0)), True),
+])
+def test_layer_takes_the_direct_kernel_and_equals_native(x_shape, features, padding,
+                                                         input_grad_direct):
+  x, k = case(0, x_shape, (3, 3, 3, x_shape[-1], features))
   native = lambda x, k: conv.conv3d_native(x, k, (1, 1, 1), padding)
   cpu = lambda x, k: conv.conv3d_folded(x, k, (1, 1, 1), padding)
   (ln, gn), (lc, gc) = loss_and_grads(native, x, k), loss_and_grads(cpu, x, k)
   assert rel_err(jax.jit(cpu)(x, k), native(x, k)) < 1e-5
   assert abs(float(lc - ln)) / abs(float(ln)) < 1e-5
-  for a, b in zip(gc, gn):  # the input gradient too (the folded lowering's)
+  for a, b in zip(gc, gn):  # input and kernel gradients
     assert rel_err(a, b) < 1e-5
   hlo = jax.jit(jax.grad(lambda x, k: jnp.sum(cpu(x, k) ** 2), argnums=(0, 1))).lower(
       x, k).as_text()
-  assert direct_kernels.FORWARD in hlo and direct_kernels.KERNEL_GRAD in hlo
+  forward_calls = hlo.count(f"@{direct_kernels.FORWARD}(")
+  assert forward_calls == (2 if input_grad_direct else 1)
+  assert direct_kernels.KERNEL_GRAD in hlo
   # A first layer's input gradient is unused: XLA drops it, only the two calls remain.
   first = jax.jit(jax.grad(lambda k: jnp.sum(cpu(x, k) ** 2))).lower(k).compile().as_text()
   assert "convolution(" not in first
@@ -123,6 +138,12 @@ def test_sharded_direct_layer_equals_single_device_native(mesh_shape, axes):
   over every axis the input is split over."""
   part = Partitioner.create(make_mesh(mesh_shape, axes))
   x, k = case(1, (4, 16, 8, 6, 3), (3, 3, 3, 3, 16))
+  _check_sharded_against_native(part, x, k)
+  # long rows: the input gradient goes direct too, per shard
+  _check_sharded_against_native(part, *case(2, (2, 8, 4, 32, 16), (3, 3, 3, 16, 16)))
+
+
+def _check_sharded_against_native(part, x, k):
   x = jax.device_put(x, part.sharding(VOLUME_AXES))
   padding = ((1, 1),) * 3
   native = lambda x, k: conv.conv3d_native(x, k, (1, 1, 1), padding)

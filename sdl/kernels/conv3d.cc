@@ -6,7 +6,8 @@
 // each output row `y[n, z, r, :, :]` is a register tile of W_BLOCK positions x O
 // channels, accumulated over every tap and input channel by broadcast-multiply-adds:
 // input and kernel are read from cache, the output is written once. The kernel gradient
-// does the same with a tile of `kw x C x O` accumulators over each row's positions.
+// does the same with a tile of `3 x 4 x 32` (width taps x input x output channels)
+// accumulators over a block of rows.
 //
 // Layouts (what sdl/kernels/conv3d.py passes): x `[N, D, H, W, C]` already padded (a
 // valid convolution), kernel `[kd, kh, kw, C, O]`, y `[N, D - kd + 1, H - kh + 1,
@@ -136,21 +137,31 @@ void forward_output_row(const Dims& s, const float* x, const float* kernel, floa
 // Kernel gradient: dk[a, b, j, ci, o] = sum over n, z, r, w of
 // x[n, z + a, r + b, w + j, ci] * dy[n, z, r, w, o]. A tile holds KW x CB x OV
 // accumulators for one (a, b) tap pair, a block of CB input channels and OV vectors of
-// output channels, summed over one output row's positions, then added to `dk`.
+// output channels, summed over a block of output rows (flattened (n, z, r)) and their
+// positions, then added to `dk`. The row block is sized so its output gradient stays in
+// cache while every tile re-reads it, and so that narrow rows (4³, 8³ layers) still give
+// each tile hundreds of positions to sum.
 template <int KW, int CB, int OV>
-inline void kernel_grad_tile(const Dims& s, const float* x_row, const float* dy_row,
-                             float* dk_tap, int64_t c0, int64_t o0) {
+inline void kernel_grad_tile(const Dims& s, const float* x, const float* dy, float* dk,
+                             int64_t row0, int64_t row1, int64_t a, int64_t b, int64_t j0,
+                             int64_t c0, int64_t o0) {
   Vec acc[KW][CB][OV] = {};
-  for (int64_t w = 0; w < s.w_out; ++w) {
-    Vec g[OV];
-    for (int v = 0; v < OV; ++v) g[v] = load(dy_row + w * s.o + o0 + v * kLanes);
-    const float* xp = x_row + w * s.c + c0;
-    for (int j = 0; j < KW; ++j)
-      for (int ci = 0; ci < CB; ++ci) {
-        const Vec a = splat(xp[j * s.c + ci]);
-        for (int v = 0; v < OV; ++v) acc[j][ci][v] += a * g[v];
-      }
+  for (int64_t i = row0; i < row1; ++i) {
+    const int64_t r = i % s.h_out, nz = i / s.h_out, z = nz % s.d_out, n = nz / s.d_out;
+    const float* x_row = x + (((n * s.d + z + a) * s.h + r + b) * s.w + j0) * s.c + c0;
+    const float* dy_row = dy + i * s.w_out * s.o + o0;
+    for (int64_t w = 0; w < s.w_out; ++w) {
+      Vec g[OV];
+      for (int v = 0; v < OV; ++v) g[v] = load(dy_row + w * s.o + v * kLanes);
+      const float* xp = x_row + w * s.c;
+      for (int j = 0; j < KW; ++j)
+        for (int ci = 0; ci < CB; ++ci) {
+          const Vec e = splat(xp[j * s.c + ci]);
+          for (int v = 0; v < OV; ++v) acc[j][ci][v] += e * g[v];
+        }
+    }
   }
+  float* dk_tap = dk + ((a * s.kh + b) * s.kw + j0) * s.c * s.o;
   for (int j = 0; j < KW; ++j)
     for (int ci = 0; ci < CB; ++ci)
       for (int v = 0; v < OV; ++v) {
@@ -160,38 +171,38 @@ inline void kernel_grad_tile(const Dims& s, const float* x_row, const float* dy_
 }
 
 template <int KW, int CB>
-inline void kernel_grad_channels(const Dims& s, const float* x_row, const float* dy_row,
-                                 float* dk_tap, int64_t c0) {
+inline void kernel_grad_channels(const Dims& s, const float* x, const float* dy, float* dk,
+                                 int64_t row0, int64_t row1, int64_t a, int64_t b,
+                                 int64_t j0, int64_t c0) {
   int64_t o0 = 0;
-  for (; o0 + 32 <= s.o; o0 += 32) kernel_grad_tile<KW, CB, 2>(s, x_row, dy_row, dk_tap, c0, o0);
-  for (; o0 < s.o; o0 += 16) kernel_grad_tile<KW, CB, 1>(s, x_row, dy_row, dk_tap, c0, o0);
+  for (; o0 + 32 <= s.o; o0 += 32)
+    kernel_grad_tile<KW, CB, 2>(s, x, dy, dk, row0, row1, a, b, j0, c0, o0);
+  for (; o0 < s.o; o0 += 16)
+    kernel_grad_tile<KW, CB, 1>(s, x, dy, dk, row0, row1, a, b, j0, c0, o0);
 }
 
 template <int KW>
-void kernel_grad_row(const Dims& s, const float* x_row, const float* dy_row, float* dk_tap) {
+void kernel_grad_taps(const Dims& s, const float* x, const float* dy, float* dk,
+                      int64_t row0, int64_t row1, int64_t a, int64_t b, int64_t j0) {
   int64_t c0 = 0;
-  for (; c0 + 4 <= s.c; c0 += 4) kernel_grad_channels<KW, 4>(s, x_row, dy_row, dk_tap, c0);
+  for (; c0 + 4 <= s.c; c0 += 4)
+    kernel_grad_channels<KW, 4>(s, x, dy, dk, row0, row1, a, b, j0, c0);
   switch (s.c - c0) {
-    case 3: kernel_grad_channels<KW, 3>(s, x_row, dy_row, dk_tap, c0); break;
-    case 2: kernel_grad_channels<KW, 2>(s, x_row, dy_row, dk_tap, c0); break;
-    case 1: kernel_grad_channels<KW, 1>(s, x_row, dy_row, dk_tap, c0); break;
+    case 3: kernel_grad_channels<KW, 3>(s, x, dy, dk, row0, row1, a, b, j0, c0); break;
+    case 2: kernel_grad_channels<KW, 2>(s, x, dy, dk, row0, row1, a, b, j0, c0); break;
+    case 1: kernel_grad_channels<KW, 1>(s, x, dy, dk, row0, row1, a, b, j0, c0); break;
     default: break;
   }
 }
 
-// Width taps not given a tile of their own are done one at a time (KW = 1, offset x).
-void kernel_grad_output_row(const Dims& s, const float* x, const float* dy, float* dk,
-                            int64_t n, int64_t z, int64_t r) {
-  const float* dy_row = dy + (((n * s.d_out + z) * s.h_out + r) * s.w_out) * s.o;
+// Width taps not given a tile of their own are done one at a time (KW = 1, offset j0).
+void kernel_grad_rows(const Dims& s, const float* x, const float* dy, float* dk,
+                      int64_t row0, int64_t row1) {
   for (int64_t a = 0; a < s.kd; ++a)
     for (int64_t b = 0; b < s.kh; ++b) {
-      const float* x_row = x + (((n * s.d + z + a) * s.h + r + b) * s.w) * s.c;
-      float* dk_tap = dk + (a * s.kh + b) * s.kw * s.c * s.o;
       int64_t j = 0;
-      for (; j + 3 <= s.kw; j += 3)
-        kernel_grad_row<3>(s, x_row + j * s.c, dy_row, dk_tap + j * s.c * s.o);
-      for (; j < s.kw; ++j)
-        kernel_grad_row<1>(s, x_row + j * s.c, dy_row, dk_tap + j * s.c * s.o);
+      for (; j + 3 <= s.kw; j += 3) kernel_grad_taps<3>(s, x, dy, dk, row0, row1, a, b, j);
+      for (; j < s.kw; ++j) kernel_grad_taps<1>(s, x, dy, dk, row0, row1, a, b, j);
     }
 }
 
@@ -252,16 +263,20 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   const float* gp = dy.typed_data();
   const int64_t size = s.kd * s.kh * s.kw * s.c * s.o;
-  // Each chunk (a few output planes) sums into its own buffer; the buffers are added at
-  // the end in a fixed order, so the result does not depend on the thread schedule.
-  const int64_t planes = s.n * s.d_out;
-  const int64_t chunks = std::min<int64_t>(planes, 64);
+  const int64_t rows = s.n * s.d_out * s.h_out;
+  // Rows per block: about 256 KiB of output gradient, at least one row.
+  const int64_t block = std::max<int64_t>(1, (int64_t{64} << 10) / (s.w_out * s.o));
+  const int64_t blocks = (rows + block - 1) / block;
+  // Each chunk (a run of row blocks) sums into its own buffer, at most 64 of them and at
+  // most 64 MiB in all; the buffers are added at the end in a fixed order, so the result
+  // does not depend on the thread schedule.
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>({blocks, 64, (int64_t{16} << 20) / size}));
   std::vector<float> partial(chunks * size, 0.0f);
   parallel_chunks(pool, chunks, [&](int64_t chunk) {
     float* mine = partial.data() + chunk * size;
-    for (int64_t p = chunk * planes / chunks; p < (chunk + 1) * planes / chunks; ++p)
-      for (int64_t r = 0; r < s.h_out; ++r)
-        kernel_grad_output_row(s, xp, gp, mine, p / s.d_out, p % s.d_out, r);
+    for (int64_t k = chunk * blocks / chunks; k < (chunk + 1) * blocks / chunks; ++k)
+      kernel_grad_rows(s, xp, gp, mine, k * block, std::min(rows, (k + 1) * block));
   });
   float* out = dk->typed_data();
   std::copy(partial.begin(), partial.begin() + size, out);

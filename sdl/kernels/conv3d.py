@@ -5,8 +5,10 @@ The first layers of CosmoFlow (4 channels → 16 or 32) and of a 3D U-Net (1 →
 depth-folded 2D convolution and PyTorch/oneDNN alike, against a GEMM roof of 110-144
 (docs/benchmarks.md, issue 5): as a GEMM their reduction is only 27 x C deep. `conv3d.cc`
 computes them directly, one register tile of output positions x channels at a time, and
-their kernel gradient the same way. The input gradient (not needed for a first layer)
-stays with the caller's lowering, and XLA drops it when nothing uses it.
+their kernel gradient the same way. The same kernel turned out faster than the folded
+lowering on every layer with long rows and a cache-sized kernel (32³-64³), so
+`use_direct` sends those here too, with their input gradient (a convolution of the
+padded output gradient with the flipped kernel).
 
 `forward(x, kernel)`: a valid (already padded) stride-1 3D convolution, NDHWC / DHWIO;
 `kernel_grad(x, dy, kernel_shape)`: its kernel gradient. Neither has a gradient of its
@@ -15,6 +17,7 @@ is the one place that decides which layers take them.
 """
 import contextlib
 import ctypes
+import math
 import os
 import threading
 import warnings
@@ -26,9 +29,16 @@ from jax import lax
 from sdl.kernels import build
 
 FORWARD, KERNEL_GRAD = "sdl_conv3d_f32", "sdl_conv3d_kernel_grad_f32"
-# Input channels up to which a layer goes direct. 1-4 is where im2col + GEMM is starved
-# (docs/benchmarks.md); from 16 on the folded GEMM lowering reaches the GEMM roof.
+# Which layers go direct (`use_direct`), from per-layer timings on the 2-core EPYC VM
+# (docs/benchmarks.md, session 11): with at most `MAX_CHANNELS` input channels always
+# (im2col + GEMM is starved there); otherwise where output rows are at least `MIN_WIDTH`
+# long and the kernel at most `MAX_KERNEL_BYTES`. The kernel is re-read from cache for
+# every row tile, so at 8³ with a 14 MB kernel the folded GEMM lowering wins 2-3 x,
+# while at 32³-64³ the direct kernel ran 1.4-2.4 x the folded forward and 2-4 x its
+# kernel gradient; at 16³ they were about even.
 MAX_CHANNELS = 4
+MIN_WIDTH = 32
+MAX_KERNEL_BYTES = 4 << 20
 LANES = 16  # output channels come in vectors of 16 floats (conv3d.cc)
 
 _lock = threading.Lock()
@@ -81,15 +91,27 @@ def available() -> bool:
     return False
 
 
-def use_direct(channels: int, features: int, strides, dtype, backend: str | None = None) -> bool:
+def use_direct(kernel_shape, strides, out_width: int, dtype,
+               backend: str | None = None) -> bool:
   """The one place that decides: does a 3D convolution layer go to `conv3d.cc`?
 
-  fp32 on the CPU backend, stride 1, at most `MAX_CHANNELS` input channels, output
-  channels a multiple of 16, and the kernel built. GPUs and TPUs keep XLA's convolution.
+  fp32 on the CPU backend, stride 1, output channels a multiple of 16, the kernel built,
+  and either at most `MAX_CHANNELS` input channels or output rows of at least
+  `MIN_WIDTH` positions with a kernel (`[kd, kh, kw, C, O]`) of at most
+  `MAX_KERNEL_BYTES`. GPUs and TPUs keep XLA's convolution.
   """
+  *_, channels, features = kernel_shape
+  small = channels <= MAX_CHANNELS or (
+      out_width >= MIN_WIDTH and 4 * math.prod(kernel_shape) <= MAX_KERNEL_BYTES)
   return ((backend or jax.default_backend()) == "cpu"
           and jnp.dtype(dtype) == jnp.float32 and tuple(strides) == (1, 1, 1)
-          and channels <= MAX_CHANNELS and features % LANES == 0 and available())
+          and features % LANES == 0 and small and available())
+
+
+def input_grad_direct(channels: int) -> bool:
+  """Whether a direct layer's input gradient, itself a convolution with `channels`
+  outputs, can go to `conv3d.cc` too (else the caller's lowering computes it)."""
+  return channels % LANES == 0
 
 
 def _out_shape(x_shape, kernel_shape):

@@ -11,10 +11,11 @@ which XLA:CPU runs through its fast 2D path (Eigen/oneDNN GEMMs). GPUs and TPUs 
 native op. `default_lowering` is the one place that decides.
 
 Within the folded (CPU) lowering two kinds of layer take another route, each decided in
-one place: layers with at most 4 input channels (the first layer of CosmoFlow or a 3D
-U-Net), whose reduction is too shallow for a GEMM, run `sdl.kernels.conv3d`'s direct
-kernel (`sdl.kernels.conv3d.use_direct`, see `direct`); output planes of at most
-`GEMM_MAX_PLANE` positions run as one GEMM (`patches_gemm`).
+one place: stride-1 layers with few input channels (the first layer of CosmoFlow or a 3D
+U-Net, whose reduction is too shallow for a GEMM) or with long rows and a cache-sized
+kernel run `sdl.kernels.conv3d`'s direct kernel (`sdl.kernels.conv3d.use_direct`, see
+`direct`); output planes of at most `GEMM_MAX_PLANE` positions run as one GEMM
+(`patches_gemm`).
 
 Under spatial partitioning the fold reshapes the depth axis into the batch, which the SPMD
 partitioner could only do by gathering whole activations. So with a `partitioner` the
@@ -223,10 +224,12 @@ def per_shard(local, x, *replicated, partitioner: Partitioner | None = None,
 def direct(x, kernel, width_padding, reduce_axes=()):
   """Stride-1 3D convolution, valid in depth and height, by `sdl.kernels.conv3d`.
 
-  For layers with few input channels (`sdl.kernels.conv3d.use_direct`): the mlperf
-  CosmoFlow conv1 (128³ x 4 → 32) ran at 40 GFLOP/s folded and at 80-90 direct, its kernel
-  gradient at 40 and 110-176 (docs/benchmarks.md, issue 5). The input gradient is the
-  folded lowering's; XLA drops it for a first layer, where nothing uses it.
+  For the layers `sdl.kernels.conv3d.use_direct` picks: few input channels (the mlperf
+  CosmoFlow conv1, 128³ x 4 → 32, ran at 57 GFLOP/s folded and at 80-90 direct, its kernel
+  gradient at 40 and 176-207), or long rows with a cache-sized kernel (mlperf conv2,
+  64³ x 32 → 64: forward 130 → 182, kernel gradient 74 → 197; docs/benchmarks.md, issue
+  5). The input gradient goes direct too when the input channels are a multiple of 16,
+  else it is the folded lowering's; XLA drops it for a first layer, where nothing uses it.
   """
   x = jnp.pad(x, [(0, 0), (0, 0), (0, 0), width_padding, (0, 0)])
   return direct_kernels.forward(x, kernel)
@@ -241,12 +244,22 @@ def _direct_bwd(width_padding, reduce_axes, residuals, dy):
   dy = direct_kernels.varying_like(dy, x)  # a cotangent may arrive typed as invariant
   padded = jnp.pad(x, [(0, 0), (0, 0), (0, 0), width_padding, (0, 0)])
   dkernel = direct_kernels.kernel_grad(padded, dy, kernel.shape).astype(kernel.dtype)
-  # (reduce_axes: the folded vjp also forms a kernel gradient, summed over the shards to
-  # type-check, then dropped by XLA, as nothing uses it)
-  _, input_vjp = jax.vjp(
-      lambda x: fold_depth(x, kernel, (1, 1, 1), width_padding, reduce_axes), x)
-  (dx,) = input_vjp(dy)
-  return dx, lax.psum(dkernel, reduce_axes) if reduce_axes else dkernel
+  if direct_kernels.input_grad_direct(x.shape[-1]):
+    # The input gradient is a full convolution of dy with the flipped kernel, inputs and
+    # outputs swapped: a valid one of dy padded by the kernel size - 1, then the width
+    # padding cut off again.
+    kd, kh, kw = kernel.shape[:3]
+    dy_full = jnp.pad(dy, [(0, 0), (kd - 1, kd - 1), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)])
+    flipped = jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4)
+    dx = direct_kernels.forward(dy_full, flipped)
+    dx = lax.slice_in_dim(dx, width_padding[0], width_padding[0] + x.shape[3], axis=3)
+  else:
+    # (reduce_axes: the folded vjp also forms a kernel gradient, summed over the shards to
+    # type-check, then dropped by XLA, as nothing uses it)
+    _, input_vjp = jax.vjp(
+        lambda x: fold_depth(x, kernel, (1, 1, 1), width_padding, reduce_axes), x)
+    (dx,) = input_vjp(dy)
+  return dx.astype(x.dtype), lax.psum(dkernel, reduce_axes) if reduce_axes else dkernel
 
 
 direct.defvjp(_direct_fwd, _direct_bwd)
@@ -262,7 +275,8 @@ def conv3d_folded(x, kernel, strides, padding, partitioner: Partitioner | None =
     x = extend(x, height_axis, 2, kh, strides[1], padding[1])
     if _plane_out(x, kernel, strides, padding[2]) <= GEMM_MAX_PLANE:
       return patches_gemm(x, kernel, strides, padding[2])  # autodiff sums over shards
-    if direct_kernels.use_direct(x.shape[-1], kernel.shape[-1], strides, x.dtype):
+    w_out = x.shape[3] + sum(padding[2]) - kernel.shape[2] + 1
+    if direct_kernels.use_direct(kernel.shape, strides, w_out, x.dtype):
       return direct(x, kernel, tuple(padding[2]), reduce_axes)
     return fold_depth(x, kernel, strides, padding[2], reduce_axes)
 

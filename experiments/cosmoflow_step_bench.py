@@ -7,8 +7,8 @@ For each network: one full training step (forward, backward, SGD-momentum update
 device at `size`³ x 4, batch `batch`, timed after a warm-up (compile) step, median of
 `--steps`, with the spread; the columns take turns, step by step. Columns: sdl with the
 native XLA 3D convolution, sdl with the depth-folded lowering (`sdl.models.conv`, the CPU
-default, whose first layer runs `sdl.kernels.conv3d`'s direct kernel), `folded-xla` (the
-same without that kernel), and PyTorch (`torch`, if
+default, whose first layers and long-row layers run `sdl.kernels.conv3d`'s direct
+kernel), `folded-xla` (the same without that kernel), and PyTorch (`torch`, if
 installed; CPU threads = cores) running the same network (same layers, same parameter
 count) in float32, channels-first as its oneDNN kernels prefer. The networks are built
 from the same layer list (`sdl.models.cosmoflow.feature_layers`).
@@ -36,7 +36,7 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (median kept).")
 _LOWERINGS = flags.DEFINE_list(
     "lowerings", ["native", "folded"],
     "sdl conv lowerings: native, folded (the CPU default), folded-xla (folded without "
-    "sdl's direct kernel for the first layer, sdl.kernels.conv3d).")
+    "sdl's direct convolution kernel, sdl.kernels.conv3d).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "sdl's compute dtype (parameters stay float32).")
 _PEAK_SIZE = flags.DEFINE_integer("peak_size", 4096, "Side of the GEMM that measures the peak.")

@@ -10,6 +10,7 @@ from sdl.kernels import conv3d as direct_kernels
 from sdl.models import conv
 from sdl.parallel import Partitioner, make_mesh
 from sdl.parallel.sharding import VOLUME_AXES
+from tests.test_conv import case, loss_and_grads, rel_err
 
 
 def reference(x, kernel):
@@ -86,23 +87,6 @@ def test_use_direct_policy(monkeypatch):
   assert use((3, 3, 3, 4, 32), s1, 128, f32, "cpu")
   monkeypatch.setenv("SDL_DIRECT_CONV", "off")
   assert not use((3, 3, 3, 4, 32), s1, 128, f32, "cpu")
-
-
-def rel_err(a, b):
-  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-
-
-def loss_and_grads(fn, x, k):
-  def loss(x, k):
-    y = fn(x, k)
-    return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)))
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, k)
-
-
-def case(seed, shape, kernel_shape):
-  kx, kk = jax.random.split(jax.random.PRNGKey(seed))
-  return (jax.random.normal(kx, shape, jnp.float32),
-          jax.random.normal(kk, kernel_shape, jnp.float32) / np.sqrt(np.prod(kernel_shape[:4])))
 
 
 @pytest.mark.parametrize("x_shape,features,padding,input_grad_direct", [

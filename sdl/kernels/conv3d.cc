@@ -59,24 +59,19 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, Body body) {
     std::atomic<int64_t> done{0};
   };
   auto state = std::make_shared<State>();
-  auto work = [state, chunks, &body]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
-      body(i);
-      state->done.fetch_add(1, std::memory_order_release);
+  // Claims chunks until none is left. A task that starts after the caller returned
+  // claims none, so it never touches `body` (on the caller's stack); `state` is shared.
+  auto drain = [chunks](State* st, Body* b) {
+    for (int64_t i; (i = st->next.fetch_add(1)) < chunks;) {
+      (*b)(i);
+      st->done.fetch_add(1, std::memory_order_release);
     }
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
   for (int64_t t = 0; t < helpers; ++t) {
-    // A task that starts after the caller returned finds no chunk left and exits without
-    // touching `body` (the claim fails first).
-    pool.Schedule([state, chunks, body_ptr = &body]() {
-      for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
-        (*body_ptr)(i);
-        state->done.fetch_add(1, std::memory_order_release);
-      }
-    });
+    pool.Schedule([state, drain, b = &body]() { drain(state.get(), b); });
   }
-  work();
+  drain(state.get(), &body);
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
@@ -285,18 +280,16 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Both handlers take (thread pool, two fp32 operands) and return one fp32 buffer.
+auto binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SdlConv3dF32, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SdlConv3dKernelGradF32, KernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SdlConv3dF32, Forward, binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SdlConv3dKernelGradF32, KernelGrad, binding());

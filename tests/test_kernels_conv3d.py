@@ -9,8 +9,7 @@ from sdl.kernels import build
 from sdl.kernels import conv3d as direct_kernels
 from sdl.models import conv
 from sdl.parallel import Partitioner, make_mesh
-from sdl.parallel.sharding import VOLUME_AXES
-from tests.test_conv import case, loss_and_grads, rel_err
+from tests.test_conv import case, loss_and_grads, rel_err, sharded_matches_native
 
 
 def reference(x, kernel):
@@ -121,26 +120,12 @@ def test_sharded_direct_layer_equals_single_device_native(mesh_shape, axes):
   """Per shard inside `shard_map`, after the halo exchange; the kernel gradient is summed
   over every axis the input is split over."""
   part = Partitioner.create(make_mesh(mesh_shape, axes))
-  x, k = case(1, (4, 16, 8, 6, 3), (3, 3, 3, 3, 16))
-  _check_sharded_against_native(part, x, k)
-  # long rows: the input gradient goes direct too, per shard
-  _check_sharded_against_native(part, *case(2, (2, 8, 4, 32, 16), (3, 3, 3, 16, 16)))
-
-
-def _check_sharded_against_native(part, x, k):
-  x = jax.device_put(x, part.sharding(VOLUME_AXES))
-  padding = ((1, 1),) * 3
-  native = lambda x, k: conv.conv3d_native(x, k, (1, 1, 1), padding)
-  sharded = lambda x, k: conv.conv3d_folded(x, k, (1, 1, 1), padding, part, VOLUME_AXES)
-  (ln, gn), (ls, gs) = loss_and_grads(native, x, k), loss_and_grads(sharded, x, k)
-  assert rel_err(jax.jit(sharded)(x, k), native(x, k)) < 1e-5
-  assert abs(float(ls - ln)) / abs(float(ln)) < 1e-5
-  for a, b in zip(gs, gn):
-    assert rel_err(a, b) < 1e-5
-  hlo = jax.jit(jax.grad(lambda x, k: jnp.sum(sharded(x, k) ** 2), argnums=(0, 1))).lower(
-      x, k).compile().as_text()
-  assert direct_kernels.FORWARD in hlo
-  assert "collective-permute" in hlo and "all-gather" not in hlo
+  # a first layer, then long rows (the input gradient goes direct too, per shard)
+  for x, k in (case(1, (4, 16, 8, 6, 3), (3, 3, 3, 3, 16)),
+               case(2, (2, 8, 4, 32, 16), (3, 3, 3, 16, 16))):
+    hlo = sharded_matches_native(part, x, k)
+    assert direct_kernels.FORWARD in hlo
+    assert "collective-permute" in hlo and "all-gather" not in hlo
 
 
 def test_host_built_kernels_are_keyed_by_the_cpu(monkeypatch, tmp_path):

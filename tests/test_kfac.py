@@ -1,4 +1,5 @@
 """K-FAC against an independent numpy computation, closed forms, counts and one device."""
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -375,6 +376,31 @@ def test_adaptive_step_minimises_the_exact_quadratic_model():
     assert err < 1e-4, (k, coef, err)
     previous = have
   assert len(coef) == 2 and abs(coef[1]) > 1e-3  # the second step did use momentum
+
+
+def test_adaptive_step_with_sdls_direct_conv_kernel_equals_the_xla_path():
+  """The Gauss-Newton products transpose the model's pullback. sdl's direct CPU
+  convolution (a custom call, no transpose rule) takes a first layer of 4 channels: the
+  adaptive step must trace (`kfac` keeps that pass on XLA's ops) and match the same steps
+  traced with the kernel off everywhere."""
+  from sdl.kernels import conv3d as direct_kernels
+  model = Net(Conv3D(16, (3, 3, 3)))
+  batches = [batch_for((8, 3, 3, 4, 4)), batch_for((8, 3, 3, 4, 4), seed=1)]
+  layers = kfac.find_layers(model, batches[0]["x"])
+  tx = optax.chain(kfac.kfac(layers, damping=0.05, adaptive=True, inverse_every=100,
+                             inversion="cholesky"), optax.sgd(1.0))
+  step = kfac.make_train_step(model, layers, mse, tx)
+  with_kernel = jax.jit(step).lower(state_for(model, batches[0]["x"], tx), batches[0])
+  assert direct_kernels.FORWARD in with_kernel.as_text()  # the model's own passes use it
+  results = []
+  for off in (False, True):
+    state, run = state_for(model, batches[0]["x"], tx), jax.jit(step)
+    with direct_kernels.disabled() if off else contextlib.nullcontext():
+      for b in batches:
+        state, _ = run(state, b)
+    results.append(state.params)
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_sampled_fisher_matches_closed_forms():

@@ -91,6 +91,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sdl.kernels import conv3d as direct_kernels
 from sdl.models.conv import Conv3D, window_patches
 from sdl.train.state import global_norm
 
@@ -828,9 +829,11 @@ def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Cal
     def gram(vectors):
       # J v as the transpose of the pullback v ↦ Jᵀv: reverse mode only, since models
       # may hold custom_vjp functions (sdl's CPU convolutions and pooling), which forward
-      # mode cannot differentiate.
-      outputs, pullback = jax.vjp(lambda p: model.apply({"params": p}, *args, **kwargs),
-                                  state.params)
+      # mode cannot differentiate. sdl's native convolution kernel (a custom call) has no
+      # transpose rule, so this pass traces the model without it (same numbers, XLA's ops).
+      with direct_kernels.disabled():
+        outputs, pullback = jax.vjp(lambda p: model.apply({"params": p}, *args, **kwargs),
+                                    state.params)
       jvp = jax.linear_transpose(pullback, outputs)
       d_loss = jax.grad(lambda o: loss_fn(o, batch)[0])
       jv = [jvp((jax.tree.map(lambda v, p: v.astype(p.dtype), v, state.params),))[0]

@@ -1,4 +1,4 @@
-"""Direct 3D convolution on CPU for layers with few input channels (`conv3d.cc`).
+"""Direct 3D convolution on CPU (`conv3d.cc`): first layers, and layers with long rows.
 
 The first layers of CosmoFlow (4 channels → 16 or 32) and of a 3D U-Net (1 → 32) ran at
 24-40 GFLOP/s on the 2-core EPYC VM through every lowering tried, XLA's native op, the
@@ -43,6 +43,7 @@ LANES = 16  # output channels come in vectors of 16 floats (conv3d.cc)
 
 _lock = threading.Lock()
 _state: dict = {}
+_local = threading.local()  # `disabled()` depth, per thread (tracing is per thread)
 
 
 def setup() -> None:
@@ -65,21 +66,23 @@ def setup() -> None:
 
 @contextlib.contextmanager
 def disabled():
-  """Within it, functions traced keep every layer on XLA (to compare, as
-  `experiments.cosmoflow_step_bench --lowerings=folded,folded-xla` does). The choice is
-  made when a function is traced, so a jitted function keeps what it was compiled with."""
-  _state["disabled"] = _state.get("disabled", 0) + 1
+  """Within it (in this thread), functions traced keep every layer on XLA: to compare
+  (`experiments.cosmoflow_step_bench --lowerings=folded,folded-xla`), or where a
+  transformation needs rules a custom call lacks (K-FAC's adaptive step transposes the
+  model's pullback). The choice is made when a function is traced, so a jitted function
+  keeps what it was compiled with."""
+  _local.depth = getattr(_local, "depth", 0) + 1
   try:
     yield
   finally:
-    _state["disabled"] -= 1
+    _local.depth -= 1
 
 
 def available() -> bool:
   """Whether the kernels could be built here (and are not switched off: `SDL_DIRECT_CONV=off`
   in the environment, or inside `disabled()`)."""
   if (os.environ.get("SDL_DIRECT_CONV", "").strip().lower() == "off"
-      or _state.get("disabled", 0)):
+      or getattr(_local, "depth", 0)):
     return False
   try:
     setup()

@@ -11,9 +11,8 @@
 //
 // Layouts (what sdl/kernels/conv3d.py passes): x `[N, D, H, W, C]` already padded (a
 // valid convolution), kernel `[kd, kh, kw, C, O]`, y `[N, D - kd + 1, H - kh + 1,
-// W - kw + 1, O]`, stride 1, fp32, O a multiple of 16. Work is split over output rows on
-// XLA's intra-op thread pool; the calling thread takes its share, so a pool that is busy
-// (or absent) only makes it slower, never stuck.
+// W - kw + 1, O]`, stride 1, fp32, O a multiple of 16. Work is split over output rows
+// between the calling thread and threads of its own (`parallel_chunks`).
 //
 // Vectors are GCC/Clang vector extensions of 16 floats: one AVX-512 or SVE-512 register,
 // two AVX2 registers, four NEON registers. The build compiles for the host CPU
@@ -49,30 +48,24 @@ struct Dims {
   int64_t d_out, h_out, w_out;
 };
 
-// Runs body(chunk) for chunk in [0, chunks): chunks are claimed one by one, by the
-// calling thread and by up to num_threads pool tasks. The caller waits only for chunks
-// already claimed, so tasks the pool never starts cannot hold it up.
+// Runs body(chunk) for chunk in [0, chunks) on the calling thread and up to
+// hardware_concurrency - 1 threads of its own, each claiming chunks one by one.
+// Not XLA's intra-op pool: with several (fake) devices in one process, XLA:CPU runs
+// collectives on that pool and blocks its threads in a rendezvous until every device
+// arrives; tasks of ours queued there took part in a stuck halo exchange in a
+// 4-device run (session 11), so this kernel keeps to threads XLA does not wait on.
 template <typename Body>
-void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, Body body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
+void parallel_chunks(int64_t chunks, Body body) {
+  std::atomic<int64_t> next{0};
+  auto drain = [&]() {
+    for (int64_t i; (i = next.fetch_add(1)) < chunks;) body(i);
   };
-  auto state = std::make_shared<State>();
-  // Claims chunks until none is left. A task that starts after the caller returned
-  // claims none, so it never touches `body` (on the caller's stack); `state` is shared.
-  auto drain = [chunks](State* st, Body* b) {
-    for (int64_t i; (i = st->next.fetch_add(1)) < chunks;) {
-      (*b)(i);
-      st->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([state, drain, b = &body]() { drain(state.get(), b); });
-  }
-  drain(state.get(), &body);
-  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t helpers = std::min<int64_t>(cores - 1, chunks - 1);
+  std::vector<std::thread> threads;
+  for (int64_t t = 0; t < helpers; ++t) threads.emplace_back(drain);
+  drain();
+  for (auto& thread : threads) thread.join();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -220,7 +213,7 @@ Dims dims_of(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k) {
   return s;
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                    ffi::ResultBuffer<ffi::F32> y) {
   if (x.dimensions().size() != 5 || kernel.dimensions().size() != 5 ||
       kernel.dimensions()[3] != x.dimensions()[4]) {
@@ -234,7 +227,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   float* yp = y->typed_data();
   const int64_t rows = s.n * s.d_out * s.h_out;
   const int64_t per_chunk = s.h_out;  // one output plane per chunk
-  parallel_chunks(pool, rows / per_chunk, [&](int64_t chunk) {
+  parallel_chunks(rows / per_chunk, [&](int64_t chunk) {
     for (int64_t i = chunk * per_chunk; i < (chunk + 1) * per_chunk; ++i) {
       const int64_t r = i % s.h_out, nz = i / s.h_out;
       forward_output_row(s, xp, kp, yp, nz / s.d_out, nz % s.d_out, r);
@@ -243,7 +236,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x,
                       ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk) {
   auto kd = dk->dimensions();
   if (x.dimensions().size() != 5 || dy.dimensions().size() != 5 || kd.size() != 5) {
@@ -268,7 +261,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t chunks = std::max<int64_t>(
       1, std::min<int64_t>({blocks, 64, (int64_t{16} << 20) / size}));
   std::vector<float> partial(chunks * size, 0.0f);
-  parallel_chunks(pool, chunks, [&](int64_t chunk) {
+  parallel_chunks(chunks, [&](int64_t chunk) {
     float* mine = partial.data() + chunk * size;
     for (int64_t k = chunk * blocks / chunks; k < (chunk + 1) * blocks / chunks; ++k)
       kernel_grad_rows(s, xp, gp, mine, k * block, std::min(rows, (k + 1) * block));
@@ -280,10 +273,9 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-// Both handlers take (thread pool, two fp32 operands) and return one fp32 buffer.
+// Both handlers take two fp32 operands and return one fp32 buffer.
 auto binding() {
   return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Ret<ffi::Buffer<ffi::F32>>();

@@ -1,4 +1,5 @@
 """CosmoFlow networks: parameter counts, and sharded == single-device on fake devices."""
+import contextlib
 import functools
 
 import jax
@@ -6,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sdl.kernels import conv3d as direct_kernels
 from sdl.models.cosmoflow import CosmoFlow, feature_layers, resolve_spatial_layers
 from sdl.parallel import Partitioner, make_mesh
 from sdl.parallel.sharding import VOLUME_AXES
@@ -48,14 +50,16 @@ SIZE, BATCH = 32, 8
 
 
 @functools.cache
-def reference(variant, lowering="native"):
-  """One device, no partitioner: "native" is XLA's own conv and pooling."""
+def reference(variant, lowering="native", direct=True):
+  """One device, no partitioner: "native" is XLA's own conv and pooling. direct=False
+  keeps sdl's direct conv kernel out (as under a partitioner, `sdl.models.conv`)."""
   rng = np.random.default_rng(0)
   x = rng.poisson(3.0, size=(BATCH, SIZE, SIZE, SIZE, 4)).astype(np.int16)
   y = rng.uniform(-1, 1, size=(BATCH, 4)).astype(np.float32)
   model = CosmoFlow(variant, SIZE, conv_lowering=lowering)
   params = CosmoFlow(variant, SIZE, conv_lowering="native").init(jax.random.key(1), x[:1])
-  out, grads = jax.jit(functools.partial(forward_and_grads, model))(params, x, y)
+  with contextlib.nullcontext() if direct else direct_kernels.disabled():
+    out, grads = jax.jit(functools.partial(forward_and_grads, model))(params, x, y)
   return x, y, params, out, grads
 
 
@@ -85,8 +89,8 @@ def test_folded_network_equals_native(variant):
                                             ((2, 4), "folded"), ((4, 2), "folded"),
                                             ((8, 1), "folded"), ((2, 2, 2), "folded")])
 def test_sharded_equals_single_device(variant, shape, lowering):
-  """Against the same lowering on one device; (2, 2, 2) also splits height."""
-  x, y, params, ref_out, ref_grads = reference(variant, lowering)
+  """Against the same lowering and kernels on one device; (2, 2, 2) also splits height."""
+  x, y, params, ref_out, ref_grads = reference(variant, lowering, direct=False)
   mesh = make_mesh(shape, ("data", "spatial", "spatial_h")[:len(shape)])
   part = Partitioner.create(mesh)
   layers = resolve_spatial_layers(variant, SIZE, shape[1], part.axis_size("height"))

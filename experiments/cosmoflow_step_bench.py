@@ -21,10 +21,10 @@ on a known accelerator, against the vendor's dense peak (`sdl.bench.roofline.nom
 On a GPU, run `--lowerings=native` (the folded lowering is for CPUs) and `--dtype=bfloat16`
 for mixed precision; PyTorch then runs on CUDA if it can, and only in float32.
 """
+import contextlib
 import os
 import platform
 import statistics
-import contextlib
 import time
 
 from absl import app, flags

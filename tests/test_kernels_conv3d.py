@@ -80,6 +80,7 @@ def test_use_direct_policy(monkeypatch):
   assert not use((3, 3, 3, 4, 32), (2, 2, 2), 64, f32, "cpu")  # stride 1 only
   assert not use((3, 3, 3, 4, 24), s1, 128, f32, "cpu")  # vectors of 16 outputs
   assert not use((3, 3, 3, 4, 32), s1, 128, jnp.bfloat16, "cpu")
+  assert not use((3, 3, 3, 4, 32), s1, 128, f32, "cpu", sharded=True)  # one device only
   assert direct_kernels.input_grad_direct(32) and not direct_kernels.input_grad_direct(4)
   with direct_kernels.disabled():
     assert not use((3, 3, 3, 4, 32), s1, 128, f32, "cpu")

@@ -90,19 +90,25 @@ def available() -> bool:
   except (build.KernelBuildError, OSError) as error:
     if not _state.get("warned"):
       _state["warned"] = True
-      warnings.warn(f"sdl.kernels.conv3d: first layers stay on XLA ({error})", stacklevel=3)
+      warnings.warn(f"sdl.kernels.conv3d: convolutions stay on XLA ({error})", stacklevel=3)
     return False
 
 
 def use_direct(kernel_shape, strides, out_width: int, dtype,
-               backend: str | None = None) -> bool:
+               backend: str | None = None, sharded: bool = False) -> bool:
   """The one place that decides: does a 3D convolution layer go to `conv3d.cc`?
 
-  fp32 on the CPU backend, stride 1, output channels a multiple of 16, the kernel built,
-  and either at most `MAX_CHANNELS` input channels or output rows of at least
-  `MIN_WIDTH` positions with a kernel (`[kd, kh, kw, C, O]`) of at most
-  `MAX_KERNEL_BYTES`. GPUs and TPUs keep XLA's convolution.
+  fp32 on the CPU backend, one device (not `sharded`), stride 1, output channels a
+  multiple of 16, the kernel built, and either at most `MAX_CHANNELS` input channels or
+  output rows of at least `MIN_WIDTH` positions with a kernel (`[kd, kh, kw, C, O]`) of
+  at most `MAX_KERNEL_BYTES`. GPUs and TPUs keep XLA's convolution.
+
+  Not under a partitioner: in 2 of 4 runs of the README's demo (a (2, 2) mesh of 4 CPU
+  devices) with the kernel, one device never reached a halo exchange and XLA aborted the
+  stuck rendezvous after 40 s; 0 of 2 without it (session 11, cause not found).
   """
+  if sharded:
+    return False
   *_, channels, features = kernel_shape
   small = channels <= MAX_CHANNELS or (
       out_width >= MIN_WIDTH and 4 * math.prod(kernel_shape) <= MAX_KERNEL_BYTES)

@@ -13,9 +13,9 @@ native op. `default_lowering` is the one place that decides.
 Within the folded (CPU) lowering two kinds of layer take another route, each decided in
 one place: stride-1 layers with few input channels (the first layer of CosmoFlow or a 3D
 U-Net, whose reduction is too shallow for a GEMM) or with long rows and a cache-sized
-kernel run `sdl.kernels.conv3d`'s direct kernel on one device (`sdl.kernels.conv3d.
-use_direct`, see `direct`; not yet under a partitioner, see `conv3d_folded`); output planes of at most `GEMM_MAX_PLANE` positions run as one GEMM
-(`patches_gemm`).
+kernel run `sdl.kernels.conv3d`'s direct kernel, on one device only
+(`sdl.kernels.conv3d.use_direct`, see `direct`); output planes of at most
+`GEMM_MAX_PLANE` positions run as one GEMM (`patches_gemm`).
 
 Under spatial partitioning the fold reshapes the depth axis into the batch, which the SPMD
 partitioner could only do by gathering whole activations. So with a `partitioner` the
@@ -276,11 +276,8 @@ def conv3d_folded(x, kernel, strides, padding, partitioner: Partitioner | None =
     if _plane_out(x, kernel, strides, padding[2]) <= GEMM_MAX_PLANE:
       return patches_gemm(x, kernel, strides, padding[2])  # autodiff sums over shards
     w_out = x.shape[3] + sum(padding[2]) - kernel.shape[2] + 1
-    # One device only: in 2 of 4 runs of the README's demo (a (2, 2) mesh of 4 CPU
-    # devices) with the kernel, one device never reached a halo exchange and XLA aborted
-    # the stuck rendezvous after 40 s; 0 of 2 without it (session 11, cause not found).
-    if partitioner is None and direct_kernels.use_direct(kernel.shape, strides, w_out,
-                                                         x.dtype):
+    if direct_kernels.use_direct(kernel.shape, strides, w_out, x.dtype,
+                                 sharded=partitioner is not None):
       return direct(x, kernel, tuple(padding[2]), reduce_axes)
     return fold_depth(x, kernel, strides, padding[2], reduce_axes)
 

@@ -1,5 +1,4 @@
 """CosmoFlow networks: parameter counts, and sharded == single-device on fake devices."""
-import contextlib
 import functools
 
 import jax
@@ -50,16 +49,14 @@ SIZE, BATCH = 32, 8
 
 
 @functools.cache
-def reference(variant, lowering="native", direct=True):
-  """One device, no partitioner: "native" is XLA's own conv and pooling. direct=False
-  keeps sdl's direct conv kernel out (as under a partitioner, `sdl.models.conv`)."""
+def reference(variant, lowering="native"):
+  """One device, no partitioner: "native" is XLA's own conv and pooling."""
   rng = np.random.default_rng(0)
   x = rng.poisson(3.0, size=(BATCH, SIZE, SIZE, SIZE, 4)).astype(np.int16)
   y = rng.uniform(-1, 1, size=(BATCH, 4)).astype(np.float32)
   model = CosmoFlow(variant, SIZE, conv_lowering=lowering)
   params = CosmoFlow(variant, SIZE, conv_lowering="native").init(jax.random.key(1), x[:1])
-  with contextlib.nullcontext() if direct else direct_kernels.disabled():
-    out, grads = jax.jit(functools.partial(forward_and_grads, model))(params, x, y)
+  out, grads = jax.jit(functools.partial(forward_and_grads, model))(params, x, y)
   return x, y, params, out, grads
 
 
@@ -90,7 +87,7 @@ def test_folded_network_equals_native(variant):
                                             ((8, 1), "folded"), ((2, 2, 2), "folded")])
 def test_sharded_equals_single_device(variant, shape, lowering):
   """Against the same lowering and kernels on one device; (2, 2, 2) also splits height."""
-  x, y, params, ref_out, ref_grads = reference(variant, lowering, direct=False)
+  x, y, params, ref_out, ref_grads = reference(variant, lowering)
   mesh = make_mesh(shape, ("data", "spatial", "spatial_h")[:len(shape)])
   part = Partitioner.create(mesh)
   layers = resolve_spatial_layers(variant, SIZE, shape[1], part.axis_size("height"))
@@ -116,6 +113,7 @@ def test_sharded_equals_single_device(variant, shape, lowering):
     if lowering == "folded":  # the fold runs per shard: no conv gathers its activations
       gathers = [line for line in hlo.splitlines() if "all-gather(" in line]
       assert not [line for line in gathers if "Conv3D" in line]
+      assert direct_kernels.FORWARD in hlo  # conv1 (4 channels), on each device's slab
   else:
     assert "collective-permute" not in hlo and layers == n_layers
   if variant == "lbann" and shape[1] == 2:

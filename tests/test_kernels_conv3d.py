@@ -80,7 +80,6 @@ def test_use_direct_policy(monkeypatch):
   assert not use((3, 3, 3, 4, 32), (2, 2, 2), 64, f32, "cpu")  # stride 1 only
   assert not use((3, 3, 3, 4, 24), s1, 128, f32, "cpu")  # vectors of 16 outputs
   assert not use((3, 3, 3, 4, 32), s1, 128, jnp.bfloat16, "cpu")
-  assert not use((3, 3, 3, 4, 32), s1, 128, f32, "cpu", sharded=True)  # one device only
   assert direct_kernels.input_grad_direct(32) and not direct_kernels.input_grad_direct(4)
   with direct_kernels.disabled():
     assert not use((3, 3, 3, 4, 32), s1, 128, f32, "cpu")
@@ -115,14 +114,18 @@ def test_layer_takes_the_direct_kernel_and_equals_native(x_shape, features, padd
   assert "convolution(" not in first
 
 
-def test_sharded_layers_stay_on_xla_and_equal_single_device_native():
-  """Under a partitioner the CPU lowering keeps XLA's ops (a halo exchange hung in
-  multi-device runs with the kernel; `sdl.models.conv.conv3d_folded`)."""
-  part = Partitioner.create(make_mesh((2, 4), ("data", "spatial")))
+@pytest.mark.parametrize("mesh_shape,axes", [
+    ((2, 4), ("data", "spatial")), ((2, 2, 2), ("data", "spatial", "spatial_h"))])
+def test_sharded_direct_layer_equals_single_device_native(mesh_shape, axes):
+  """Per shard inside `shard_map`, after the halo exchange; the kernel gradient is summed
+  over every axis the input is split over."""
+  part = Partitioner.create(make_mesh(mesh_shape, axes))
+  # a first layer, then long rows (the input gradient goes direct too, per shard)
   for x, k in (case(1, (4, 16, 8, 6, 3), (3, 3, 3, 3, 16)),
                case(2, (2, 8, 4, 32, 16), (3, 3, 3, 16, 16))):
     hlo = sharded_matches_native(part, x, k)
-    assert direct_kernels.FORWARD not in hlo and direct_kernels.KERNEL_GRAD not in hlo
+    assert direct_kernels.FORWARD in hlo and direct_kernels.KERNEL_GRAD in hlo
+    assert "collective-permute" in hlo and "all-gather" not in hlo
 
 
 def test_host_built_kernels_are_keyed_by_the_cpu(monkeypatch, tmp_path):

@@ -49,11 +49,10 @@ struct Dims {
 };
 
 // Runs body(chunk) for chunk in [0, chunks) on the calling thread and up to
-// hardware_concurrency - 1 threads of its own, each claiming chunks one by one.
-// Not XLA's intra-op pool: with several (fake) devices in one process, XLA:CPU runs
-// collectives on that pool and blocks its threads in a rendezvous until every device
-// arrives; tasks of ours queued there took part in a stuck halo exchange in a
-// 4-device run (session 11), so this kernel keeps to threads XLA does not wait on.
+// hardware_concurrency - 1 threads of its own, each claiming chunks one by one. Threads
+// of its own, not XLA's intra-op pool: with several (fake) devices in one process XLA:CPU
+// blocks pool threads in collective rendezvous, and a kernel that waits on pool tasks
+// would depend on them.
 template <typename Body>
 void parallel_chunks(int64_t chunks, Body body) {
   std::atomic<int64_t> next{0};

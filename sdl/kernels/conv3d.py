@@ -95,20 +95,15 @@ def available() -> bool:
 
 
 def use_direct(kernel_shape, strides, out_width: int, dtype,
-               backend: str | None = None, sharded: bool = False) -> bool:
+               backend: str | None = None) -> bool:
   """The one place that decides: does a 3D convolution layer go to `conv3d.cc`?
 
-  fp32 on the CPU backend, one device (not `sharded`), stride 1, output channels a
-  multiple of 16, the kernel built, and either at most `MAX_CHANNELS` input channels or
-  output rows of at least `MIN_WIDTH` positions with a kernel (`[kd, kh, kw, C, O]`) of
-  at most `MAX_KERNEL_BYTES`. GPUs and TPUs keep XLA's convolution.
-
-  Not under a partitioner: in 2 of 4 runs of the README's demo (a (2, 2) mesh of 4 CPU
-  devices) with the kernel, one device never reached a halo exchange and XLA aborted the
-  stuck rendezvous after 40 s; 0 of 2 without it (session 11, cause not found).
+  fp32 on the CPU backend, stride 1, output channels a multiple of 16, the kernel built,
+  and either at most `MAX_CHANNELS` input channels or output rows of at least `MIN_WIDTH`
+  positions with a kernel (`[kd, kh, kw, C, O]`) of at most `MAX_KERNEL_BYTES`. GPUs and
+  TPUs keep XLA's convolution. Under a partitioner each device runs it on its own slab,
+  after the halo exchange (`sdl.models.conv.conv3d_folded`).
   """
-  if sharded:
-    return False
   *_, channels, features = kernel_shape
   small = channels <= MAX_CHANNELS or (
       out_width >= MIN_WIDTH and 4 * math.prod(kernel_shape) <= MAX_KERNEL_BYTES)

@@ -13,8 +13,8 @@ native op. `default_lowering` is the one place that decides.
 Within the folded (CPU) lowering two kinds of layer take another route, each decided in
 one place: stride-1 layers with few input channels (the first layer of CosmoFlow or a 3D
 U-Net, whose reduction is too shallow for a GEMM) or with long rows and a cache-sized
-kernel run `sdl.kernels.conv3d`'s direct kernel, on one device only
-(`sdl.kernels.conv3d.use_direct`, see `direct`); output planes of at most
+kernel run `sdl.kernels.conv3d`'s direct kernel (`sdl.kernels.conv3d.use_direct`, see
+`direct`; per shard under a partitioner, like the fold); output planes of at most
 `GEMM_MAX_PLANE` positions run as one GEMM (`patches_gemm`).
 
 Under spatial partitioning the fold reshapes the depth axis into the batch, which the SPMD
@@ -276,8 +276,7 @@ def conv3d_folded(x, kernel, strides, padding, partitioner: Partitioner | None =
     if _plane_out(x, kernel, strides, padding[2]) <= GEMM_MAX_PLANE:
       return patches_gemm(x, kernel, strides, padding[2])  # autodiff sums over shards
     w_out = x.shape[3] + sum(padding[2]) - kernel.shape[2] + 1
-    if direct_kernels.use_direct(kernel.shape, strides, w_out, x.dtype,
-                                 sharded=partitioner is not None):
+    if direct_kernels.use_direct(kernel.shape, strides, w_out, x.dtype):
       return direct(x, kernel, tuple(padding[2]), reduce_axes)
     return fold_depth(x, kernel, strides, padding[2], reduce_axes)
 

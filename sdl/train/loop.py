@@ -60,8 +60,10 @@ def fit(*, workdir: str, config, init_state: Callable[[], TrainState], abstract_
       eval_now = evaluate is not None and (step % train.eval_every == 0 or step == train.steps)
       if eval_now or step % train.log_every == 0 or step == train.steps:
         # Training metrics are means over the steps since the last record, not one noisy step.
-        first, sums = step - len(window) + 1, jax.tree.map(lambda *xs: sum(xs), *window)
-        record = {"step": step, **scalars(jax.device_get(sums), len(window))}
+        # Summed on the host: small multi-device adds queued between steps could wedge
+        # XLA:CPU (see `_host_sums`).
+        first, sums = step - len(window) + 1, _host_sums(window)
+        record = {"step": step, **scalars(sums, len(window))}
         window = []
         if not math.isfinite(record["loss"]):
           raise FloatingPointError(
@@ -85,6 +87,22 @@ def fit(*, workdir: str, config, init_state: Callable[[], TrainState], abstract_
   if is_writer():
     print(f"wrote {plot_metrics(workdir)}", flush=True)
   return state
+
+
+def _host_sums(window: list[dict]) -> dict:
+  """Per-key sums of the steps' metrics, computed in numpy after one transfer.
+
+  Not with `jax.tree.map(sum, ...)` on the device arrays: each `+` is then a small
+  computation launched on every device while the next step is in flight. On 4 virtual CPU
+  devices (2 cores) the demo wedged that way in 3 of 9 runs under load (session 12,
+  2026-11-28): one device sat in a halo-exchange collective-permute while the others'
+  launches of the same step waited on XLA:CPU's per-device in-flight semaphore behind
+  such adds, and XLA aborted the rendezvous after 40 s. With the sums here, nothing but
+  the steps themselves is launched between steps.
+  """
+  host = jax.device_get(window)
+  return {key: np.sum([np.asarray(m[key], np.float64) for m in host], axis=0)
+          for key in host[0]}
 
 
 def scalars(metrics: dict, count: int = 1) -> dict:

@@ -1,6 +1,7 @@
 """The per-layer benchmark: counts agree with XLA's, timing is sane, outputs are written."""
 import csv
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 
 from experiments import cosmoflow_step_bench as step_bench
 from experiments.configs import layer_bench as configs
-from sdl.bench import layers, problems, roofline, suite
+from sdl.bench import layers, problems, roofline, suite, timing
 from sdl.bench.timing import measure, measure_interleaved
 from sdl.models.cosmoflow import CosmoFlow
 
@@ -78,12 +79,25 @@ def test_timing_blocks_and_reports_spread():
   assert t.runs == 5 and 0 < t.p10_s <= t.median_s <= t.p90_s and t.spread >= 0
 
 
-def test_interleaved_timing_warms_up_each_then_runs_in_turns():
+def test_interleaved_timing_warms_up_each_then_runs_in_turns(monkeypatch):
+  """A short call is timed right after untimed calls of its own (not after the other
+  library's, whose idle threads may still spin); a long one needs no lead-in."""
   calls = []
-  record = lambda name: (lambda: calls.append(name)) # noqa: E731
-  timings = measure_interleaved([(record("a"), ()), (record("b"), ())], warmup=2, runs=3)
-  assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
-  assert [t.runs for t in timings] == [3, 3]
+
+  def record(name, seconds):
+    def call():
+      calls.append(name)
+      time.sleep(seconds)
+    return call
+  monkeypatch.setattr(timing, "LEAD_IN_BELOW_S", 0.05)
+  monkeypatch.setattr(timing, "LEAD_IN_S", 0.01)
+  timings = measure_interleaved([(record("short", 0.002), ()), (record("long", 0.06), ())],
+                                warmup=2, runs=3)
+  assert calls[:4] == ["short"] * 2 + ["long"] * 2
+  rounds = "".join(name[0] for name in calls[4:]).split("l")
+  assert rounds[-1] == "" and len(rounds) == 4  # three rounds, each ending in one long call
+  assert all(2 <= len(r) <= 6 and set(r) == {"s"} for r in rounds[:3])  # lead-ins + timed
+  assert [t.runs for t in timings] == [3, 3] and timings[1].median_s >= 0.06
 
 
 def test_roofline_prediction_is_the_binding_roof():

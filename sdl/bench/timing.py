@@ -7,6 +7,7 @@ work; the median of `runs` calls is reported with its spread (10th-90th percenti
 minutes fall on all of them alike and their ratios hold.
 """
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -32,20 +33,43 @@ def measure(fn: Callable, *args, warmup: int = 2, runs: int = 20) -> Timing:
   return measure_interleaved([(fn, args)], warmup=warmup, runs=runs)[0]
 
 
+# Calls whose warm-up took less than LEAD_IN_BELOW_S run untimed for about LEAD_IN_S (at
+# least once) before each timed run.
+LEAD_IN_BELOW_S = 0.5
+LEAD_IN_S = 0.02
+
+
+def _call_s(fn: Callable, args) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
 def times_interleaved(calls: Sequence[tuple[Callable, tuple]], warmup: int = 2,
                       runs: int = 20) -> np.ndarray:
   """Seconds of each `fn(*args)` of `calls`, `[len(calls), runs]`: `warmup` untimed calls
   each, then `runs` rounds in which every callable runs once, in order (a shared machine's
-  slow minutes then hit every call alike)."""
-  for fn, args in calls:
+  slow minutes then hit every call alike).
+
+  A call whose last warm-up took under `LEAD_IN_BELOW_S` first runs untimed for about
+  `LEAD_IN_S` (at least once) before each timed run. It is then timed after itself, as in
+  a loop of its own ops, once the previous library's idle threads have stopped spinning:
+  PyTorch's OpenMP threads spin for milliseconds after each op, and on the 2-core VM the sdl
+  layer timed right after one ran up to 2 x slower (lbann conv5, 4³ x 128 → 256: 104 → 63
+  GFLOP/s forward; docs/benchmarks.md, session 12).
+  """
+  last = [0.0] * len(calls)
+  for j, (fn, args) in enumerate(calls):
     for _ in range(warmup):
-      jax.block_until_ready(fn(*args))
+      last[j] = _call_s(fn, args)
+  lead_in = [math.ceil(LEAD_IN_S / max(t, 1e-6)) if warmup and t < LEAD_IN_BELOW_S else 0
+             for t in last]
   times = np.empty((len(calls), runs))
   for i in range(runs):
     for j, (fn, args) in enumerate(calls):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[j, i] = time.perf_counter() - start
+      for _ in range(lead_in[j]):
+        jax.block_until_ready(fn(*args))
+      times[j, i] = _call_s(fn, args)
   return times
 
 

@@ -127,17 +127,20 @@ def test_kernel_gradient_in_chunks_equals_numpy(monkeypatch, strides, budget):
 
 
 def test_tiny_planes_use_one_gemm_and_equal_native():
-  """2 x 2 output planes (lbann's 2³ layers) go through `patches_gemm`: same values and
-  gradients as the native op, on one device and depth-split with halos."""
+  """Output planes of up to 4 x 4 (lbann's 2³ and 4³ layers) go through `patches_gemm`:
+  same values and gradients as the native op, on one device and depth-split with halos;
+  8 x 8 planes stay folded."""
   padding = ((1, 1),) * 3
   native = lambda x, k: conv.conv3d_native(x, k, (1, 1, 1), padding)
   folded = lambda x, k: conv.conv3d_folded(x, k, (1, 1, 1), padding)
-  x, k = case(2, (2, 4, 2, 2, 6), (3, 3, 3, 6, 5))
-  (ln, gn), (lf, gf) = loss_and_grads(native, x, k), loss_and_grads(folded, x, k)
-  assert abs(float(lf - ln)) / abs(float(ln)) < 1e-5
-  for a, b in zip(gf, gn):
-    assert rel_err(a, b) < 1e-5
-  assert "convolution(" not in jax.jit(folded).lower(x, k).compile().as_text()
+  for seed, side in ((2, 2), (4, 4), (5, 8)):
+    x, k = case(seed, (2, 4, side, side, 6), (3, 3, 3, 6, 5))
+    (ln, gn), (lf, gf) = loss_and_grads(native, x, k), loss_and_grads(folded, x, k)
+    assert abs(float(lf - ln)) / abs(float(ln)) < 1e-5
+    for a, b in zip(gf, gn):
+      assert rel_err(a, b) < 1e-5
+    hlo = jax.jit(folded).lower(x, k).compile().as_text()
+    assert ("convolution(" in hlo) == (side * side > conv.GEMM_MAX_PLANE)
 
   part = Partitioner.create(make_mesh((2, 4), ("data", "spatial")))
   x, k = case(3, (4, 16, 2, 2, 3), (3, 3, 3, 3, 4))

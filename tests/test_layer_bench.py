@@ -25,6 +25,12 @@ def test_problem_lists_cover_the_issue():
   assert [c.stride[0] for c in lbann] == [1, 1, 1, 2, 1, 1, 1]
   unet = problems.unet3d_convs(64)
   assert unet[0].c_in == 1 and unet[-1].c_out == 32 and unet[-2].c_in == 64 + 32
+  p = configs.get_config("cpu").problems
+  p.only = "lbann n2 4x4x4x128->256"  # one row of the suite, rerun alone
+  assert [x.name for x in suite.problem_list(p)] == [lbann[4].name]
+  p.only = "no such layer"
+  with pytest.raises(ValueError, match="problems.only='no such layer' matches no problem"):
+    suite.problem_list(p)
 
 
 @pytest.mark.parametrize("problem", [

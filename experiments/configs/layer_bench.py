@@ -11,6 +11,9 @@ Variants:
          attention; fp32 and bf16 (on CPUs `default` is fp32, so it is skipped). About
          an hour on 2 cores.
   gpu    the same on a GPU, all three precisions (fp32 highest, default = TF32, bf16).
+
+Some rows only: `--config.problems.only="lbann n2 4x4x4"` keeps the problems whose name
+(the table's `layer` column) contains the string.
 """
 import ml_collections
 
@@ -20,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.problems = dict(gemm=True, conv2d=True, conv3d=True, transformer=True,
                     limit=0,             # at most this many per kind (0: all)
+                    only="",             # only problems whose name contains this
                     cosmoflow_size=128, cosmoflow_batch=2, unet_size=64,
                     seq=512, width=768, heads=12, mlp=3072)
   c.impls = ("xla", "xla-folded", "numpy", "torch")

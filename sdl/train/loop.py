@@ -94,11 +94,12 @@ def _host_sums(window: list[dict]) -> dict:
 
   Not with `jax.tree.map(sum, ...)` on the device arrays: each `+` is then a small
   computation launched on every device while the next step is in flight. On 4 virtual CPU
-  devices (2 cores) the demo wedged that way in 3 of 9 runs under load (session 12,
-  2026-11-28): one device sat in a halo-exchange collective-permute while the others'
-  launches of the same step waited on XLA:CPU's per-device in-flight semaphore behind
-  such adds, and XLA aborted the rendezvous after 40 s. With the sums here, nothing but
-  the steps themselves is launched between steps.
+  devices (2 cores) the demo wedged that way in 4 of 11 runs under load, with sdl's direct
+  conv kernel or without it (session 12, 2026-11-28). One device sat in a halo-exchange
+  collective-permute while the others' launches of the same step waited on XLA:CPU's
+  per-device in-flight semaphore, and Python's thread in such an add; XLA aborted the
+  rendezvous after 40 s. With the sums here, nothing but the steps is launched between
+  steps (0 of 12 runs under the same load wedged).
   """
   host = jax.device_get(window)
   return {key: np.sum([np.asarray(m[key], np.float64) for m in host], axis=0)

@@ -385,7 +385,8 @@ def test_adaptive_step_with_sdls_direct_conv_kernel_equals_the_xla_path():
   traced with the kernel off everywhere."""
   from sdl.kernels import conv3d as direct_kernels
   model = Net(Conv3D(16, (3, 3, 3)))
-  batches = [batch_for((8, 3, 3, 4, 4)), batch_for((8, 3, 3, 4, 4), seed=1)]
+  # 5 x 5 output planes: above `GEMM_MAX_PLANE`, so the layer takes the direct kernel
+  batches = [batch_for((8, 3, 5, 5, 4)), batch_for((8, 3, 5, 5, 4), seed=1)]
   layers = kfac.find_layers(model, batches[0]["x"])
   tx = optax.chain(kfac.kfac(layers, damping=0.05, adaptive=True, inverse_every=100,
                              inversion="cholesky"), optax.sgd(1.0))

@@ -55,8 +55,8 @@ def times_interleaved(calls: Sequence[tuple[Callable, tuple]], warmup: int = 2,
   `LEAD_IN_S` (at least once) before each timed run. It is then timed after itself, as in
   a loop of its own ops, once the previous library's idle threads have stopped spinning:
   PyTorch's OpenMP threads spin for milliseconds after each op, and on the 2-core VM the sdl
-  layer timed right after one ran up to 2 x slower (lbann conv5, 4³ x 128 → 256: 104 → 63
-  GFLOP/s forward; docs/benchmarks.md, session 12).
+  layer timed right after one ran up to 2 x slower (lbann conv5, 4³ x 128 → 256: 146 → 75
+  GFLOP/s forward; `experiments.lowering_checks --check=after_torch`, session 12).
   """
   last = [0.0] * len(calls)
   for j, (fn, args) in enumerate(calls):

@@ -167,8 +167,9 @@ def extend(x, axis_name, dim, kernel, stride, padding):
 # one GEMM over all taps instead of XLA's 2D convolution, which is overhead-bound there:
 # lbann's 2³ x 256 → 256 layers ran at 2-3 GFLOP/s folded, 19 forward and 43 forward +
 # backward as a GEMM (`experiments.layer_bench`, docs/benchmarks.md). 4³ layers (planes of
-# 16) gain too: 4³ x 128 → 256, batch 2, forward / forward + backward 125 / 112 GFLOP/s
-# folded, 150 / 151 as a GEMM; at 8³ (64) the fold is as fast or faster (session 12).
+# 16) gain too: 4³ x 128 → 256, batch 2, forward / forward + backward 123 / 115 GFLOP/s
+# folded, 141 / 147 as a GEMM; at 8³ (64) not on every pass (`experiments.lowering_checks
+# --check=planes`, session 12).
 GEMM_MAX_PLANE = 16
 
 

@@ -1,0 +1,115 @@
+r"""Checks behind two of sdl's CPU choices (docs/benchmarks.md, session 12).
+
+    python -m experiments.lowering_checks --check=planes       # fold vs one GEMM per shape
+    python -m experiments.lowering_checks --check=steps        # GEMM_MAX_PLANE 4 vs 16, whole nets
+    python -m experiments.lowering_checks --check=after_torch  # sdl timed right after PyTorch
+    python -m experiments.lowering_checks --check=after_torch --lead_in_s=0  # without lead-ins
+
+`planes`: 3 x 3 x 3 'same' convolutions (batch x side³ x C → O) through the depth fold
+(`sdl.models.conv.fold_depth`) and as one GEMM over all taps (`patches_gemm`), forward and
+forward + backward (input and kernel gradients), GFLOP/s, median of `--runs` in turns.
+`steps`: forward + backward of CosmoFlow networks compiled with `GEMM_MAX_PLANE` 4 and 16,
+timed in turns. `after_torch`: sdl's folded layer timed alone, then with a PyTorch conv3d
+between its calls (`sdl.bench.timing.LEAD_IN_S`, set by `--lead_in_s`, gives each short call
+untimed runs of its own first; 0 times it right after PyTorch, as before session 12).
+"""
+import numpy as np
+from absl import app, flags
+
+_CHECK = flags.DEFINE_enum("check", "planes", ["planes", "steps", "after_torch"], "Which check.")
+_RUNS = flags.DEFINE_integer("runs", 20, "Timed runs per cell (median kept).")
+_LEAD_IN = flags.DEFINE_float("lead_in_s", None, "Override sdl.bench.timing.LEAD_IN_S.")
+
+PLANE_SHAPES = [(2, 4, 128, 256), (2, 4, 64, 128), (4, 4, 128, 256), (2, 8, 256, 512),
+                (1, 8, 128, 256), (2, 8, 64, 128)]
+STEP_NETS = [("mlperf", 32, 4), ("lbann", 64, 2)]
+TORCH_LAYERS = [(2, 16, 64, 128, 2), (2, 4, 128, 256, 1), (2, 2, 256, 256, 1)]  # + stride
+
+
+def _operands(rng, n, side, c, o):
+  import jax.numpy as jnp  # noqa: PLC0415
+  return (jnp.asarray(rng.standard_normal((n, side, side, side, c), np.float32)),
+          jnp.asarray(rng.standard_normal((3, 3, 3, c, o), np.float32) / np.sqrt(27 * c)))
+
+
+def _both_passes(f):
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  return jax.jit(f), jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(f(x, k)), argnums=(0, 1)))
+
+
+def planes(rng, measure_interleaved, conv):
+  import jax.numpy as jnp  # noqa: PLC0415
+  pad_dh = lambda x: jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0), (0, 0)])  # noqa: E731
+  impls = {"folded": lambda x, k: conv.fold_depth(pad_dh(x), k, (1, 1, 1), (1, 1)),
+           "one GEMM": lambda x, k: conv.patches_gemm(pad_dh(x), k, (1, 1, 1), (1, 1))}
+  print("| batch x side³ x C → O | " + " | ".join(f"{i} fwd / fwd+bwd" for i in impls) + " |")
+  print("|---|" + "---|" * len(impls))
+  for n, side, c, o in PLANE_SHAPES:
+    x, k = _operands(rng, n, side, c, o)
+    flops = 2 * n * side ** 3 * 27 * c * o
+    calls = [(fn, (x, k)) for f in impls.values() for fn in _both_passes(f)]
+    t = [c.median_s for c in measure_interleaved(calls, warmup=2, runs=_RUNS.value)]
+    cells = [f"{flops / t[2 * i] / 1e9:.0f} / {3 * flops / t[2 * i + 1] / 1e9:.0f}"
+             for i in range(len(impls))]
+    print(f"| {n} x {side}³ x {c} → {o} | " + " | ".join(cells) + " |", flush=True)
+
+
+def steps(rng, measure_interleaved, conv):
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdl.models.cosmoflow import CosmoFlow  # noqa: PLC0415
+  print("| network, side, batch | GEMM_MAX_PLANE 4 (ms) | 16 (ms) |\n|---|---|---|")
+  default = conv.GEMM_MAX_PLANE
+  for variant, size, batch in STEP_NETS:
+    x = jnp.asarray(rng.poisson(3.0, size=(batch, size, size, size, 4)).astype(np.int16))
+    y = jnp.asarray(rng.uniform(-1, 1, size=(batch, 4)).astype(np.float32))
+    model = CosmoFlow(variant, size, conv_lowering="folded")
+    params = model.init(jax.random.key(0), x[:1])
+    loss = lambda p: jnp.mean((model.apply(p, x) - y) ** 2)  # noqa: E731
+    compiled = []
+    for plane in (4, 16):  # read when traced
+      conv.GEMM_MAX_PLANE = plane
+      compiled.append(jax.jit(jax.value_and_grad(loss)).lower(params).compile())
+    conv.GEMM_MAX_PLANE = default
+    t = measure_interleaved([(f, (params,)) for f in compiled], warmup=2, runs=_RUNS.value)
+    print(f"| {variant}, {size}³, {batch} | {1e3 * t[0].median_s:.1f} | "
+          f"{1e3 * t[1].median_s:.1f} |", flush=True)
+
+
+def after_torch(rng, measure_interleaved, conv):
+  try:
+    import torch  # noqa: PLC0415 (optional reference)
+  except ImportError:
+    raise SystemExit("--check=after_torch needs PyTorch (pip install torch)") from None
+  print("| layer (batch x side³ x C → O, stride) | sdl alone fwd / fwd+bwd | "
+        "sdl after PyTorch fwd / fwd+bwd | PyTorch fwd |\n|---|---|---|---|")
+  for n, side, c, o, s in TORCH_LAYERS:
+    x, k = _operands(rng, n, side, c, o)
+    fw, fb = _both_passes(lambda x, k: conv.conv3d_folded(x, k, (s,) * 3, ((1, 1),) * 3))
+    tx, tk = torch.randn(n, c, side, side, side), torch.randn(o, c, 3, 3, 3)
+    tconv = lambda tx, tk: torch.nn.functional.conv3d(tx, tk, stride=s, padding=1)  # noqa: E731
+    out = (side + 2 - 3) // s + 1
+    flops = 2 * n * out ** 3 * 27 * c * o
+    alone = measure_interleaved([(fw, (x, k)), (fb, (x, k))], warmup=2, runs=_RUNS.value)
+    mixed = measure_interleaved([(fw, (x, k)), (tconv, (tx, tk)), (fb, (x, k)),
+                                 (tconv, (tx, tk))], warmup=2, runs=_RUNS.value)
+    rate = lambda t, m=1: f"{m * flops / t.median_s / 1e9:.0f}"  # noqa: E731
+    print(f"| {n} x {side}³ x {c} → {o}, {s} | {rate(alone[0])} / {rate(alone[1], 3)} | "
+          f"{rate(mixed[0])} / {rate(mixed[2], 3)} | {rate(mixed[1])} |", flush=True)
+
+
+def main(argv):
+  del argv
+  import sdl  # noqa: F401, PLC0415 (sdl's XLA flags)
+  from sdl.bench import timing  # noqa: PLC0415
+  from sdl.models import conv  # noqa: PLC0415
+  if _LEAD_IN.value is not None:
+    timing.LEAD_IN_S = _LEAD_IN.value
+  check = {"planes": planes, "steps": steps, "after_torch": after_torch}[_CHECK.value]
+  check(np.random.default_rng(0), timing.measure_interleaved, conv)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,9 +1,10 @@
-r"""Checks behind two of sdl's CPU choices (docs/benchmarks.md, session 12).
+r"""Checks behind some of sdl's CPU choices (docs/benchmarks.md, sessions 12 and 13).
 
     python -m experiments.lowering_checks --check=planes       # fold vs one GEMM per shape
     python -m experiments.lowering_checks --check=steps        # GEMM_MAX_PLANE 4 vs 16, whole nets
     python -m experiments.lowering_checks --check=after_torch  # sdl timed right after PyTorch
     python -m experiments.lowering_checks --check=after_torch --lead_in_s=0  # without lead-ins
+    python -m experiments.lowering_checks --check=host_memory  # sdl.host_memory off and on
 
 `planes`: 3 x 3 x 3 'same' convolutions (batch x side³ x C → O) through the depth fold
 (`sdl.models.conv.fold_depth`) and as one GEMM over all taps (`patches_gemm`), forward and
@@ -12,11 +13,16 @@ forward + backward (input and kernel gradients), GFLOP/s, median of `--runs` in 
 timed in turns. `after_torch`: sdl's folded layer timed alone, then with a PyTorch conv3d
 between its calls (`sdl.bench.timing.LEAD_IN_S`, set by `--lead_in_s`, gives each short call
 untimed runs of its own first; 0 times it right after PyTorch, as before session 12).
+`host_memory`: CosmoFlow's first layer (`HOST_MEMORY_LAYER`, direct kernel forward) in two
+fresh processes, `SDL_KEEP_FREED_MEMORY=0` and the default (`sdl.host_memory`): median
+time per call, page faults per call (`getrusage`), GFLOP/s.
 """
 import numpy as np
 from absl import app, flags
 
-_CHECK = flags.DEFINE_enum("check", "planes", ["planes", "steps", "after_torch"], "Which check.")
+_CHECK = flags.DEFINE_enum("check", "planes",
+                           ["planes", "steps", "after_torch", "host_memory", "host_memory_once"],
+                           "Which check (host_memory_once: one process of host_memory's).")
 _RUNS = flags.DEFINE_integer("runs", 20, "Timed runs per cell (median kept).")
 _LEAD_IN = flags.DEFINE_float("lead_in_s", None, "Override sdl.bench.timing.LEAD_IN_S.")
 
@@ -24,6 +30,7 @@ PLANE_SHAPES = [(2, 4, 128, 256), (2, 4, 64, 128), (4, 4, 128, 256), (2, 8, 256,
                 (1, 8, 128, 256), (2, 8, 64, 128)]
 STEP_NETS = [("mlperf", 32, 4), ("lbann", 64, 2)]
 TORCH_LAYERS = [(2, 16, 64, 128, 2), (2, 4, 128, 256, 1), (2, 2, 256, 256, 1)]  # + stride
+HOST_MEMORY_LAYER = (2, 128, 4, 32)  # mlperf conv1: batch, side, C, O (537 MB output)
 
 
 def _operands(rng, n, side, c, o):
@@ -100,6 +107,46 @@ def after_torch(rng, measure_interleaved, conv):
           f"{rate(mixed[0])} / {rate(mixed[2], 3)} | {rate(mixed[1])} |", flush=True)
 
 
+def host_memory(rng, measure_interleaved, conv):
+  del rng, measure_interleaved, conv
+  import os  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  print("| SDL_KEEP_FREED_MEMORY | ms per call | page faults per call | GFLOP/s |\n|---|---|---|---|")
+  for keep in ("0", "1"):
+    row = subprocess.run(
+        [sys.executable, "-m", "experiments.lowering_checks", "--check=host_memory_once",
+         f"--runs={_RUNS.value}"], env={**os.environ, "SDL_KEEP_FREED_MEMORY": keep},
+        capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    print(f"| {keep} {row}", flush=True)
+
+
+def host_memory_once(rng, measure_interleaved, conv):
+  del measure_interleaved, conv
+  import resource  # noqa: PLC0415
+  import statistics  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdl.kernels import conv3d as direct_kernels  # noqa: PLC0415
+  n, side, c, o = HOST_MEMORY_LAYER
+  x = jnp.asarray(rng.standard_normal((n, side + 2, side + 2, side + 2, c), np.float32))
+  k = jnp.asarray(rng.standard_normal((3, 3, 3, c, o), np.float32))
+  f = jax.jit(direct_kernels.forward)
+  f(x, k).block_until_ready()
+  times, faults = [], []
+  for _ in range(_RUNS.value):
+    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    f(x, k).block_until_ready()
+    times.append(time.perf_counter() - t0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+  t = statistics.median(times)
+  print(f"| {1e3 * t:.0f} | {statistics.median(faults):.0f} | "
+        f"{2 * n * side ** 3 * 27 * c * o / t / 1e9:.0f} |")
+
+
 def main(argv):
   del argv
   import sdl  # noqa: F401, PLC0415 (sdl's XLA flags)
@@ -107,7 +154,8 @@ def main(argv):
   from sdl.models import conv  # noqa: PLC0415
   if _LEAD_IN.value is not None:
     timing.LEAD_IN_S = _LEAD_IN.value
-  check = {"planes": planes, "steps": steps, "after_torch": after_torch}[_CHECK.value]
+  check = {"planes": planes, "steps": steps, "after_torch": after_torch,
+           "host_memory": host_memory, "host_memory_once": host_memory_once}[_CHECK.value]
   check(np.random.default_rng(0), timing.measure_interleaved, conv)
 
 

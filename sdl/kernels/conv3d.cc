@@ -25,6 +25,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -40,7 +44,28 @@ inline Vec load(const float* p) {
   return v;
 }
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
-inline Vec splat(float a) { return Vec{} + a; }
+// A store that bypasses the caches (x86 `vmovntps`, Arm `stnp` under Clang): for outputs
+// far larger than the caches it saves reading each line in before it is overwritten.
+// `p` must be aligned to a whole vector. Where neither is available, a plain store.
+inline void stream(float* p, Vec v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+#elif defined(__AVX__)
+  const __m256* h = reinterpret_cast<const __m256*>(&v);
+  _mm256_stream_ps(p, h[0]);
+  _mm256_stream_ps(p + 8, h[1]);
+#elif defined(__clang__)
+  __builtin_nontemporal_store(v, reinterpret_cast<Vec*>(p));
+#else
+  store(p, v);
+#endif
+}
+// Every lane `a`. (Not `Vec{} + a`: without -ffast-math that is a real addition of 0,
+// one more floating-point instruction per broadcast in the inner loops.)
+inline Vec splat(float a) {
+  static_assert(kLanes == 16, "splat lists every lane");
+  return Vec{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a};
+}
 
 struct Dims {
   int64_t n, d, h, w, c;      // padded input
@@ -71,7 +96,7 @@ void parallel_chunks(int64_t chunks, Body body) {
 // Forward: a tile of WB output positions x OV vectors of output channels.
 template <int OV, int WB>
 inline void forward_tile(const Dims& s, const float* const* rows, const float* kernel,
-                         float* y_row, int64_t w0, int64_t o0) {
+                         float* y_row, int64_t w0, int64_t o0, bool streaming) {
   Vec acc[WB][OV] = {};
   const int64_t taps = s.kd * s.kh;
   for (int64_t t = 0; t < taps; ++t) {
@@ -93,31 +118,39 @@ inline void forward_tile(const Dims& s, const float* const* rows, const float* k
   }
   for (int b = 0; b < WB; ++b)
     for (int v = 0; v < OV; ++v) {
-      store(y_row + (w0 + b) * s.o + o0 + v * kLanes, acc[b][v]);
+      float* p = y_row + (w0 + b) * s.o + o0 + v * kLanes;
+      if (streaming) {
+        stream(p, acc[b][v]);
+      } else {
+        store(p, acc[b][v]);
+      }
     }
 }
 
 template <int OV, int WB>
 inline void forward_row(const Dims& s, const float* const* rows, const float* kernel,
-                        float* y_row, int64_t o0) {
+                        float* y_row, int64_t o0, bool streaming) {
   int64_t w0 = 0;
   for (; w0 + WB <= s.w_out; w0 += WB)
-    forward_tile<OV, WB>(s, rows, kernel, y_row, w0, o0);
-  for (; w0 + 4 <= s.w_out; w0 += 4) forward_tile<OV, 4>(s, rows, kernel, y_row, w0, o0);
-  for (; w0 < s.w_out; ++w0) forward_tile<OV, 1>(s, rows, kernel, y_row, w0, o0);
+    forward_tile<OV, WB>(s, rows, kernel, y_row, w0, o0, streaming);
+  for (; w0 + 4 <= s.w_out; w0 += 4)
+    forward_tile<OV, 4>(s, rows, kernel, y_row, w0, o0, streaming);
+  for (; w0 < s.w_out; ++w0) forward_tile<OV, 1>(s, rows, kernel, y_row, w0, o0, streaming);
 }
 
 void forward_output_row(const Dims& s, const float* x, const float* kernel, float* y,
-                        int64_t n, int64_t z, int64_t r) {
+                        int64_t n, int64_t z, int64_t r, bool streaming) {
   std::vector<const float*> rows(s.kd * s.kh);
   for (int64_t a = 0; a < s.kd; ++a)
     for (int64_t b = 0; b < s.kh; ++b)
       rows[a * s.kh + b] = x + (((n * s.d + z + a) * s.h + r + b) * s.w) * s.c;
   float* y_row = y + (((n * s.d_out + z) * s.h_out + r) * s.w_out) * s.o;
   int64_t o0 = 0;
-  for (; o0 + 64 <= s.o; o0 += 64) forward_row<4, 6>(s, rows.data(), kernel, y_row, o0);
-  for (; o0 + 32 <= s.o; o0 += 32) forward_row<2, 12>(s, rows.data(), kernel, y_row, o0);
-  for (; o0 < s.o; o0 += 16) forward_row<1, 16>(s, rows.data(), kernel, y_row, o0);
+  for (; o0 + 64 <= s.o; o0 += 64)
+    forward_row<4, 6>(s, rows.data(), kernel, y_row, o0, streaming);
+  for (; o0 + 32 <= s.o; o0 += 32)
+    forward_row<2, 12>(s, rows.data(), kernel, y_row, o0, streaming);
+  for (; o0 < s.o; o0 += 16) forward_row<1, 16>(s, rows.data(), kernel, y_row, o0, streaming);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -212,8 +245,10 @@ Dims dims_of(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k) {
   return s;
 }
 
+// `stream_bytes`: outputs of at least this many bytes are written with streaming stores
+// (`stream`), when aligned; 0 streams all, a negative value none.
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                   ffi::ResultBuffer<ffi::F32> y) {
+                   ffi::ResultBuffer<ffi::F32> y, int64_t stream_bytes) {
   if (x.dimensions().size() != 5 || kernel.dimensions().size() != 5 ||
       kernel.dimensions()[3] != x.dimensions()[4]) {
     return ffi::Error::InvalidArgument(
@@ -226,11 +261,17 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
   float* yp = y->typed_data();
   const int64_t rows = s.n * s.d_out * s.h_out;
   const int64_t per_chunk = s.h_out;  // one output plane per chunk
+  const bool streaming = stream_bytes >= 0 &&
+      rows * s.w_out * s.o * int64_t{sizeof(float)} >= stream_bytes &&
+      reinterpret_cast<std::uintptr_t>(yp) % sizeof(Vec) == 0;
   parallel_chunks(rows / per_chunk, [&](int64_t chunk) {
     for (int64_t i = chunk * per_chunk; i < (chunk + 1) * per_chunk; ++i) {
       const int64_t r = i % s.h_out, nz = i / s.h_out;
-      forward_output_row(s, xp, kp, yp, nz / s.d_out, nz % s.d_out, r);
+      forward_output_row(s, xp, kp, yp, nz / s.d_out, nz % s.d_out, r, streaming);
     }
+    // Streaming stores are weakly ordered: make them visible before the chunk counts
+    // as done.
+    if (streaming) std::atomic_thread_fence(std::memory_order_seq_cst);
   });
   return ffi::Error::Success();
 }
@@ -282,5 +323,6 @@ auto binding() {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SdlConv3dF32, Forward, binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SdlConv3dF32, Forward,
+                              binding().Attr<int64_t>("stream_bytes"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SdlConv3dKernelGradF32, KernelGrad, binding());

@@ -23,6 +23,7 @@ import threading
 import warnings
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 
@@ -40,6 +41,12 @@ MAX_CHANNELS = 4
 MIN_WIDTH = 32
 MAX_KERNEL_BYTES = 4 << 20
 LANES = 16  # output channels come in vectors of 16 floats (conv3d.cc)
+# Forward outputs of at least this many bytes bypass the caches (streaming stores): far
+# larger than the caches, they would only evict the input and kernel on their way to
+# memory. With them CosmoFlow's first layer (2 x 128³ x 4 → 32, 537 MB out) ran at 196
+# GFLOP/s against 127 without (`experiments.direct_conv_bench`, docs/benchmarks.md,
+# session 13). 0 streams every output, -1 none.
+STREAM_BYTES = 64 << 20
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -139,7 +146,8 @@ def forward(x, kernel):
   """Valid stride-1 convolution by `conv3d.cc` (no gradient of its own)."""
   setup()
   out = jax.ShapeDtypeStruct(_out_shape(x.shape, kernel.shape), jnp.float32)
-  y = jax.ffi.ffi_call(FORWARD, out, vmap_method="sequential")(x, kernel)
+  y = jax.ffi.ffi_call(FORWARD, out, vmap_method="sequential")(
+      x, kernel, stream_bytes=np.int64(STREAM_BYTES))
   return varying_like(y, x, kernel)
 
 

@@ -5,7 +5,8 @@
 // convolution) run them at a third of the machine's GEMM rate (docs/benchmarks.md). Here
 // each output row `y[n, z, r, :, :]` is a register tile of W_BLOCK positions x O
 // channels, accumulated over every tap and input channel by broadcast-multiply-adds:
-// input and kernel are read from cache, the output is written once. The kernel gradient
+// input and kernel are read from cache, the output is written once (large outputs with
+// streaming stores, past the caches: the `stream_bytes` attribute). The kernel gradient
 // does the same with a tile of `3 x 4 x 32` (width taps x input x output channels)
 // accumulators over a block of rows.
 //

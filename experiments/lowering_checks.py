@@ -5,6 +5,7 @@ r"""Checks behind some of sdl's CPU choices (docs/benchmarks.md, sessions 12 and
     python -m experiments.lowering_checks --check=after_torch  # sdl timed right after PyTorch
     python -m experiments.lowering_checks --check=after_torch --lead_in_s=0  # without lead-ins
     python -m experiments.lowering_checks --check=host_memory  # sdl.host_memory off and on
+    python -m experiments.lowering_checks --check=step_faults --runs=16  # the same, 128³ steps
 
 `planes`: 3 x 3 x 3 'same' convolutions (batch x side³ x C → O) through the depth fold
 (`sdl.models.conv.fold_depth`) and as one GEMM over all taps (`patches_gemm`), forward and
@@ -15,14 +16,18 @@ between its calls (`sdl.bench.timing.LEAD_IN_S`, set by `--lead_in_s`, gives eac
 untimed runs of its own first; 0 times it right after PyTorch, as before session 12).
 `host_memory`: CosmoFlow's first layer (`HOST_MEMORY_LAYER`, direct kernel forward) in two
 fresh processes, `SDL_KEEP_FREED_MEMORY=0` and the default (`sdl.host_memory`): median
-time per call, page faults per call (`getrusage`), GFLOP/s.
+time per call, page faults per call (`getrusage`), GFLOP/s. `step_faults`: the same two
+processes for each CosmoFlow network's 128³ train step (batch 2, folded lowering): each
+step's seconds and page faults, and the process's peak memory.
 """
 import numpy as np
 from absl import app, flags
 
 _CHECK = flags.DEFINE_enum("check", "planes",
-                           ["planes", "steps", "after_torch", "host_memory", "host_memory_once"],
-                           "Which check (host_memory_once: one process of host_memory's).")
+                           ["planes", "steps", "after_torch", "host_memory", "host_memory_once",
+                            "step_faults", "step_faults_once"],
+                           "Which check (*_once: one process of the check's).")
+_VARIANT = flags.DEFINE_string("variant", "mlperf", "step_faults_once: the CosmoFlow network.")
 _RUNS = flags.DEFINE_integer("runs", 20, "Timed runs per cell (median kept).")
 _LEAD_IN = flags.DEFINE_float("lead_in_s", None, "Override sdl.bench.timing.LEAD_IN_S.")
 
@@ -107,18 +112,50 @@ def after_torch(rng, measure_interleaved, conv):
           f"{rate(mixed[0])} / {rate(mixed[2], 3)} | {rate(mixed[1])} |", flush=True)
 
 
-def host_memory(rng, measure_interleaved, conv):
-  del rng, measure_interleaved, conv
+def _fresh_processes(check: str, header: str, *args: str) -> None:
+  """Run `--check=<check>` in a fresh process with `SDL_KEEP_FREED_MEMORY` 0 and 1 (the
+  allocator is set once per process), printing each one's last line as a table row."""
   import os  # noqa: PLC0415
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
-  print("| SDL_KEEP_FREED_MEMORY | ms per call | page faults per call | GFLOP/s |\n|---|---|---|---|")
+  print(header, flush=True)
   for keep in ("0", "1"):
     row = subprocess.run(
-        [sys.executable, "-m", "experiments.lowering_checks", "--check=host_memory_once",
-         f"--runs={_RUNS.value}"], env={**os.environ, "SDL_KEEP_FREED_MEMORY": keep},
+        [sys.executable, "-m", "experiments.lowering_checks", f"--check={check}",
+         f"--runs={_RUNS.value}", *args], env={**os.environ, "SDL_KEEP_FREED_MEMORY": keep},
         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     print(f"| {keep} {row}", flush=True)
+
+
+def host_memory(rng, measure_interleaved, conv):
+  del rng, measure_interleaved, conv
+  _fresh_processes("host_memory_once", "| SDL_KEEP_FREED_MEMORY | ms per call | page faults "
+                   "per call | GFLOP/s |\n|---|---|---|---|")
+
+
+def step_faults(rng, measure_interleaved, conv):
+  del rng, measure_interleaved, conv
+  for variant in ("mlperf", "lbann"):
+    _fresh_processes("step_faults_once", f"\n{variant}, 128³, batch 2: each step's seconds "
+                     "and page faults\n\n| SDL_KEEP_FREED_MEMORY | steps | peak memory |"
+                     "\n|---|---|---|", f"--variant={variant}")
+
+
+def step_faults_once(rng, measure_interleaved, conv):
+  del rng, measure_interleaved, conv
+  import resource  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
+  from experiments.cosmoflow_step_bench import sdl_step  # noqa: PLC0415
+  run = sdl_step(_VARIANT.value, 128, 2, "folded")  # compiled, one step run
+  cells = []
+  for _ in range(_RUNS.value):
+    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    run()
+    cells.append(f"{time.perf_counter() - t0:.2f} s "
+                 f"{resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}")
+  print(f"| {', '.join(cells)} | {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}"
+        " GB |")
 
 
 def host_memory_once(rng, measure_interleaved, conv):
@@ -155,7 +192,8 @@ def main(argv):
   if _LEAD_IN.value is not None:
     timing.LEAD_IN_S = _LEAD_IN.value
   check = {"planes": planes, "steps": steps, "after_torch": after_torch,
-           "host_memory": host_memory, "host_memory_once": host_memory_once}[_CHECK.value]
+           "host_memory": host_memory, "host_memory_once": host_memory_once,
+           "step_faults": step_faults, "step_faults_once": step_faults_once}[_CHECK.value]
   check(np.random.default_rng(0), timing.measure_interleaved, conv)
 
 

@@ -8,12 +8,13 @@ kernel zeroes each 4 KiB page on first touch: a page fault per page, every step.
 2-core EPYC VM (jax 0.10.2) the direct first-layer convolution of CosmoFlow
 (2 x 128³ x 4 → 32, a 537 MB output) took 300-320 ms per call with 131,073 page faults,
 and 150-153 ms with none (`experiments.lowering_checks --check=host_memory`,
-docs/benchmarks.md). The same holds for every buffer of a training step above 32 MB.
+docs/benchmarks.md). The same holds for every buffer of a training step above 32 MB
+(`experiments.lowering_checks --check=step_faults`).
 PyTorch's CPU tensors come from the same `malloc`, and pay the same.
 
 **The setting.** `keep_freed_memory()` (called by `import sdl`) tells glibc, through
 `mallopt`, to serve large allocations from its heap instead of `mmap` (`M_MMAP_MAX = 0`),
-not to give freed heap memory back to the OS (`M_TRIM_THRESHOLD` at its maximum), and to
+never to give freed heap memory back to the OS (`M_TRIM_THRESHOLD = -1`), and to
 give threads that have no arena yet the main one (`M_ARENA_MAX = 1`): the other arenas'
 heaps are at most 64 MB, and glibc serves anything larger there with `mmap` whatever the
 settings. (Small allocations stay fast: glibc's per-thread caches take them.) A step's
@@ -22,7 +23,12 @@ step's buffers are freed after the next step has allocated its own), already map
 glibc fixes its arena limit when a second thread first allocates, so import sdl before
 other libraries start threads (the `experiments` package does); otherwise threads that
 already have an arena of their own keep mapping their large buffers. The cost: the process
-keeps its peak host memory until it exits, as a long training run does anyway.
+keeps its peak host memory until it exits, and the heap fragments. In 16 128³ CosmoFlow
+steps (batch 2, `--check=step_faults`) peak memory went from 2.0 to 4.8 GB (mlperf) and
+1.8 to 3.5 GB (lbann); steps without faults ran 2.34-2.44 s against 2.71-2.84 (mlperf)
+and 0.79-0.82 s against 1.03-1.08 (lbann), but the steps in which the heap still grew
+(2 of 16 in each) took 4.3-4.5 s and 1.5-2.2 s. Where host memory is short (a 512³
+volume on a CPU node), opt out.
 
 Only glibc has `mallopt`; elsewhere (macOS, musl) nothing changes. Opt out with
 `SDL_KEEP_FREED_MEMORY=0`, or by setting glibc's own `MALLOC_MMAP_MAX_` or
@@ -39,7 +45,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 OPT_OUT = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")  # glibc's own variables: yours win
-TRIM_NEVER = 2**31 - 1  # mallopt takes an int
+TRIM_NEVER = -1  # glibc: "-1 disables trimming completely" (man mallopt)
 
 
 def _glibc():

@@ -23,8 +23,8 @@ import threading
 import warnings
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from sdl.kernels import build

@@ -1,6 +1,7 @@
 r"""sdl's direct CPU convolution kernel against the folded lowering, per layer shape.
 
-    python -m experiments.direct_conv_bench [--shapes=2x128x4x32,2x64x32x64] [--runs=5]
+    python -m experiments.direct_conv_bench [--shapes=2x128x4x32,2x64x32x64] [--runs=5] \
+        [--stream_bytes=-1]
 
 Each shape is `batch x side x C x O`: a 3 x 3 x 3 stride-1 convolution of a pre-padded
 cubic `side + 2` input. For each, the forward pass and the kernel gradient through
@@ -8,6 +9,7 @@ cubic `side + 2` input. For each, the forward pass and the kernel gradient throu
 (`sdl.models.conv.fold_depth` and its kernel gradient), jitted, median of `--runs` after
 a warm-up, in GFLOP/s (2 x positions x 27 x C x O per pass). These are the measurements
 behind `sdl.kernels.conv3d.use_direct`'s thresholds (docs/benchmarks.md, session 11).
+`--stream_bytes` overrides `sdl.kernels.conv3d.STREAM_BYTES` (-1: no streaming stores).
 """
 import numpy as np
 from absl import app, flags
@@ -17,6 +19,8 @@ _SHAPES = flags.DEFINE_list(
                "2x16x128x256", "2x8x256x512", "2x4x128x256"],
     "batch x side x C x O, comma-separated.")
 _RUNS = flags.DEFINE_integer("runs", 5, "Timed runs per cell (median kept).")
+_STREAM_BYTES = flags.DEFINE_integer("stream_bytes", None,
+                                     "Override sdl.kernels.conv3d.STREAM_BYTES.")
 
 
 def main(argv):
@@ -27,6 +31,8 @@ def main(argv):
   from sdl.bench.timing import measure  # noqa: PLC0415
   from sdl.kernels import conv3d as direct_kernels  # noqa: PLC0415
   from sdl.models import conv  # noqa: PLC0415
+  if _STREAM_BYTES.value is not None:
+    direct_kernels.STREAM_BYTES = _STREAM_BYTES.value
 
   rng = np.random.default_rng(0)
   print("| batch x side x C → O | direct fwd | folded fwd | direct kernel grad | "

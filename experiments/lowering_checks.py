@@ -141,28 +141,33 @@ def step_faults(rng, measure_interleaved, conv):
                      "\n|---|---|---|", f"--variant={variant}")
 
 
+def _timed_with_faults(run, runs: int) -> tuple[list[float], list[int]]:
+  """Seconds and minor page faults (`getrusage`) of each of `runs` calls of `run()`."""
+  import resource  # noqa: PLC0415
+  import time  # noqa: PLC0415
+  times, faults = [], []
+  for _ in range(runs):
+    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+  return times, faults
+
+
 def step_faults_once(rng, measure_interleaved, conv):
   del rng, measure_interleaved, conv
   import resource  # noqa: PLC0415
-  import time  # noqa: PLC0415
 
   from experiments.cosmoflow_step_bench import sdl_step  # noqa: PLC0415
   run = sdl_step(_VARIANT.value, 128, 2, "folded")  # compiled, one step run
-  cells = []
-  for _ in range(_RUNS.value):
-    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-    run()
-    cells.append(f"{time.perf_counter() - t0:.2f} s "
-                 f"{resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}")
-  print(f"| {', '.join(cells)} | {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}"
-        " GB |")
+  times, faults = _timed_with_faults(run, _RUNS.value)
+  cells = ", ".join(f"{t:.2f} s {f}" for t, f in zip(times, faults))
+  print(f"| {cells} | {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB |")
 
 
 def host_memory_once(rng, measure_interleaved, conv):
   del measure_interleaved, conv
-  import resource  # noqa: PLC0415
   import statistics  # noqa: PLC0415
-  import time  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -173,12 +178,7 @@ def host_memory_once(rng, measure_interleaved, conv):
   k = jnp.asarray(rng.standard_normal((3, 3, 3, c, o), np.float32))
   f = jax.jit(direct_kernels.forward)
   f(x, k).block_until_ready()
-  times, faults = [], []
-  for _ in range(_RUNS.value):
-    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-    f(x, k).block_until_ready()
-    times.append(time.perf_counter() - t0)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+  times, faults = _timed_with_faults(lambda: f(x, k).block_until_ready(), _RUNS.value)
   t = statistics.median(times)
   print(f"| {1e3 * t:.0f} | {statistics.median(faults):.0f} | "
         f"{2 * n * side ** 3 * 27 * c * o / t / 1e9:.0f} |")

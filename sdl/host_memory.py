@@ -6,9 +6,9 @@ library's `malloc`, and frees them when the call is done. glibc serves any alloc
 free. So every call of a jitted step gets brand-new pages for its large buffers, and the
 kernel zeroes each 4 KiB page on first touch: a page fault per page, every step. On the
 2-core EPYC VM (jax 0.10.2) the direct first-layer convolution of CosmoFlow
-(2 x 128³ x 4 → 32, a 537 MB output) took 300-320 ms per call with 131,073 page faults,
-and 150-153 ms with none (`experiments.lowering_checks --check=host_memory`,
-docs/benchmarks.md). The same holds for every buffer of a training step above 32 MB
+(2 x 128³ x 4 → 32, a 537 MB output) took 358 and 325 ms per call (two runs) with
+131,073 page faults, and 160 and 148 ms with none (`experiments.lowering_checks
+--check=host_memory`, docs/benchmarks.md). The same holds for every buffer of a training step above 32 MB
 (`experiments.lowering_checks --check=step_faults`).
 PyTorch's CPU tensors come from the same `malloc`, and pay the same.
 

@@ -43,9 +43,9 @@ MAX_KERNEL_BYTES = 4 << 20
 LANES = 16  # output channels come in vectors of 16 floats (conv3d.cc)
 # Forward outputs of at least this many bytes bypass the caches (streaming stores): far
 # larger than the caches, they would only evict the input and kernel on their way to
-# memory. With them CosmoFlow's first layer (2 x 128³ x 4 → 32, 537 MB out) ran at 196
-# GFLOP/s against 127 without (`experiments.direct_conv_bench`, docs/benchmarks.md,
-# session 13). 0 streams every output, -1 none.
+# memory. With them CosmoFlow's first layer (2 x 128³ x 4 → 32, 537 MB out) ran at 198
+# GFLOP/s against 152 without (`experiments.direct_conv_bench [--stream_bytes=-1]`,
+# docs/benchmarks.md, session 13). 0 streams every output, -1 none.
 STREAM_BYTES = 64 << 20
 
 _lock = threading.Lock()

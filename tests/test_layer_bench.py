@@ -113,6 +113,34 @@ def test_roofline_prediction_is_the_binding_roof():
   assert d.predicted_seconds(1e6, 1e9) == pytest.approx(1e-1)   # memory-bound
 
 
+def test_cost_analysis_names_custom_calls_it_cannot_count():
+  """XLA's count stops at a custom call: the BLAS kernel's 2 m n k FLOPs are missing from
+  it, so the suite must not present that count as a check of ours."""
+  from sdl.kernels import gemm
+  a, b = jnp.ones((64, 32), jnp.float32), jnp.ones((32, 48), jnp.float32)
+  plain = layers.xla_cost(jax.jit(lambda a, b: a @ b), (a, b))
+  blas = layers.xla_cost(jax.jit(lambda a, b: gemm.matmul(a, b, impl="blas")), (a, b))
+  assert plain["custom_calls"] == 0 and plain["flops"] == 2 * 64 * 32 * 48
+  assert blas["custom_calls"] == 1 and blas.get("flops", 0) < 2 * 64 * 32 * 48
+
+
+def test_roofline_times_take_each_layers_fastest_jax_path():
+  host = roofline.Device("toy", 100e9, 10e9)
+  row = lambda layer, impl, usec, precision="highest", pass_="forward": {  # noqa: E731
+      "kind": "conv3d", "layer": layer, "impl": impl, "time_usec": usec, "flops": 2e9,
+      "bytes": 1e6, "precision": precision, "pass": pass_}
+  rows = [row("c1", "xla", 900.0), row("c1", "xla-folded", 300.0), row("c1", "torch", 100.0),
+          row("c1", "xla-folded", 50.0, precision="bf16"),
+          row("c1", "xla-folded", 60.0, pass_="forward+backward"), row("c2", "xla", 700.0)]
+  lines = suite.roofline_times(rows, [host, roofline.A64FX])
+  body = [line for line in lines if line.startswith("| c")]
+  # 2 GFLOP at 100 GFLOP/s = 20 ms on the toy host; on the A64FX 2e9 / 6.14e12 s
+  a64fx = 1e6 * 2e9 / roofline.A64FX.peak_flops
+  assert body == [f"| c1 | xla-folded | 300 | 20000.0 | {a64fx:.1f} |",
+                  f"| c2 | xla | 700 | 20000.0 | {a64fx:.1f} |"]
+  assert suite.roofline_times([row("c1", "torch", 1.0)], [host]) == []
+
+
 def test_smoke_suite_writes_csv_markdown_and_roofline(tmp_path):
   config = configs.get_config("smoke")
   config.impls = ("xla", "xla-folded", "xla-blas", "numpy")
@@ -128,6 +156,11 @@ def test_smoke_suite_writes_csv_markdown_and_roofline(tmp_path):
     assert math.isclose(float(r["tflops"]), flops / seconds / 1e12, rel_tol=1e-9)
     if r["kind"] == "gemm" and r["pass"] == "forward" and r["xla_flops"]:
       assert abs(float(r["flops_diff_pct"])) <= 1e-6, r["layer"]
+    if r["xla_custom_calls"] not in ("", "0"):  # sdl's direct kernel: XLA cannot count it
+      assert r["xla_flops"] == r["flops_diff_pct"] == "", r["layer"]
+  # the smoke CosmoFlow first layers (4 channels) run sdl's direct kernel when folded
+  assert any(r["impl"] == "xla-folded" and r["xla_custom_calls"] not in ("", "0")
+             for r in rows)
   png = (tmp_path / "roofline_cpu.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n"
   assert "A64FX" in markdown and "H100" in markdown and "% of peak" in markdown

@@ -175,14 +175,23 @@ def _jitted(f, args, backward: bool):
 
 
 def xla_cost(fn, args) -> dict:
-  """XLA's own count (`flops`, `bytes accessed`) for a jitted fn, {} if unavailable."""
+  """XLA's own count (`flops`, `bytes accessed`) for a jitted fn, {} if unavailable, plus
+  `custom_calls`: how many custom calls the compiled program makes. XLA counts nothing
+  inside one (sdl's direct convolution and BLAS kernels), so where there are any its
+  count is no check of ours."""
   try:
-    cost = fn.lower(*args).compile().cost_analysis()
+    compiled = fn.lower(*args).compile()
+    cost = compiled.cost_analysis()
   except Exception:  # noqa: BLE001 (cost analysis is best effort by design)
     return {}
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return dict(cost or {})
+  out = dict(cost or {})
+  try:
+    out["custom_calls"] = compiled.as_text().count(" custom-call(")
+  except Exception:  # noqa: BLE001 (the HLO text is best effort too)
+    pass
+  return out
 
 
 def copy_bandwidth(nbytes: int = 512 << 20, runs: int = 10) -> float:

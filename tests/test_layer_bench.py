@@ -23,6 +23,11 @@ def test_problem_lists_cover_the_issue():
   assert [c.spatial[0] for c in mlperf] == [128, 64, 32, 16, 8]
   lbann = problems.cosmoflow_convs("lbann", 128)
   assert [c.stride[0] for c in lbann] == [1, 1, 1, 2, 1, 1, 1]
+  dense = problems.dense_layers(128)
+  assert [(d.d_in, d.d_out) for d in dense[:3]] == [(512 * 4 ** 3, 128), (128, 64), (64, 4)]
+  assert [d.activation for d in dense[:3]] == ["leaky_relu", "leaky_relu", "none"]
+  assert len(dense) == 10 and all(d.flops() == 2 * d.batch * d.d_in * d.d_out for d in dense)
+  assert [d.source for d in problems.dense_layers(16)][0] == "cosmoflow-lbann"  # no 16³ mlperf
   unet = problems.unet3d_convs(64)
   assert unet[0].c_in == 1 and unet[-1].c_out == 32 and unet[-2].c_in == 64 + 32
   p = configs.get_config("cpu").problems
@@ -49,6 +54,36 @@ def test_analytic_flops_equal_xla_cost_analysis(problem):
   else:  # XLA leaves out the taps on zero padding; our exact count of those agrees
     assert xla == pytest.approx(problem.valid_flops(), rel=1e-9)
     assert problem.valid_flops() <= problem.flops()
+
+
+def test_dense_layers_match_numpy_and_pytorch_and_xlas_count():
+  """act(x W + b) through XLA and through the BLAS path against float64 numpy, forward and
+  gradients; PyTorch's version of the same layer against numpy too (when installed)."""
+  np_act = {"relu": lambda v: np.maximum(v, 0),
+            "leaky_relu": lambda v: np.where(v > 0, v, 0.3 * v),
+            "gelu": lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3))),
+            "none": lambda v: v}
+  for act in problems.ACTIVATIONS:
+    d = problems.Dense(6, 40, 24, act, "t", slope=0.3)
+    (fx, (x, (w, b))), (fb, ab) = (layers.build(d, i, "highest", False)
+                                   for i in ("xla", "xla-blas"))
+    want = np_act[act](np.float64(x) @ np.float64(w) + np.float64(b))
+    np.testing.assert_allclose(np.asarray(fx(x, (w, b))), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fb(*ab)), want, rtol=1e-5, atol=1e-5)
+    (gx, args), (gb, _) = (layers.build(d, i, "highest", True) for i in ("xla", "xla-blas"))
+    for u, v in zip(jax.tree.leaves(gx(*args)), jax.tree.leaves(gb(*args))):
+      np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-4)
+    torch_cell = layers.build(d, "torch", "highest", False)
+    if torch_cell is not None:
+      f, (tx, tw, tb) = torch_cell
+      want = np_act[act](tx.double().numpy() @ tw.double().numpy().T + tb.double().numpy())
+      np.testing.assert_allclose(f(tx, tw, tb).detach().numpy(), want, rtol=1e-4, atol=1e-4)
+  wide = problems.Dense(8, 512, 256, "relu", "t")
+  fn, args = layers.build(wide, "xla", "highest", False)
+  # XLA also counts the bias add and the ReLU: 2 x 8 x 256 more, 0.2 % of the product
+  assert layers.xla_cost(fn, args)["flops"] == pytest.approx(wide.flops(), rel=0.01)
+  with pytest.raises(ValueError, match="activation 'tanh'"):
+    problems.Dense(1, 2, 3, "tanh", "t")
 
 
 def test_transformer_flops_within_a_few_percent_of_xla():
@@ -149,7 +184,7 @@ def test_smoke_suite_writes_csv_markdown_and_roofline(tmp_path):
   rows = list(csv.DictReader(open(tmp_path / "results.csv")))
   assert list(rows[0])[:8] == ["m", "n", "k", "a_t", "b_t", "precision", "time_usec", "tflops"]
   kinds = {r["kind"] for r in rows}
-  assert kinds == {"gemm", "conv2d", "conv3d", "transformer", "attention"}
+  assert kinds == {"gemm", "dense", "conv2d", "conv3d", "transformer", "attention"}
   assert {r["impl"] for r in rows} == {"xla", "xla-folded", "xla-blas", "numpy"}
   for r in rows:
     flops, seconds = float(r["flops"]), float(r["time_usec"]) * 1e-6

@@ -4,9 +4,10 @@ r"""Per-layer benchmark suite (`python -m experiments.layer_bench`).
         --workdir=runs/layer_bench
 
 Variants:
-  smoke  seconds: 2 GEMMs, 2 DeepBench convs, CosmoFlow/U-Net layers at 16³, a small
-         transformer; 3 runs each. What the tests run.
-  cpu    the full suite on this host's CPU: 29 DeepBench GEMMs, 14 DeepBench convs, all
+  smoke  seconds: 2 GEMMs, 2 dense layers, 2 DeepBench convs, CosmoFlow/U-Net layers at
+         16³, a small transformer; 3 runs each. What the tests run.
+  cpu    the full suite on this host's CPU: 29 DeepBench GEMMs, 10 dense layers (CosmoFlow's
+         heads, BERT-base's MLP, ResNet-50's classifier, DeepBench), 14 DeepBench convs, all
          CosmoFlow (128³, batch 2) and 3D U-Net (64³) convs, the BERT-base block and its
          attention; fp32 and bf16 (on CPUs `default` is fp32, so it is skipped). About
          an hour on 2 cores.
@@ -21,7 +22,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or "cpu"
   c = ml_collections.ConfigDict()
-  c.problems = dict(gemm=True, conv2d=True, conv3d=True, transformer=True,
+  c.problems = dict(gemm=True, dense=True, conv2d=True, conv3d=True, transformer=True,
                     limit=0,             # at most this many per kind (0: all)
                     only="",             # only problems whose name contains this
                     cosmoflow_size=128, cosmoflow_batch=2, unet_size=64,

@@ -8,7 +8,8 @@ Implementations: `xla` (jax.numpy / lax, the native ops), `xla-folded` (3D convo
 through sdl's depth-folded lowering, `sdl.models.conv`), `xla-blas` (fp32 GEMMs, and the
 transformer's projections, on CPU through sdl's BLAS custom call, `sdl.kernels.gemm`),
 `numpy` (NumPy's BLAS, GEMMs only, forward only), `torch` (PyTorch on CPU, fp32, when
-installed: a reference).
+installed: a reference; GEMMs forward only). Dense layers run as `xla`, `xla-blas` (the
+product through `sdl.kernels.gemm.dot_general`) and `torch`.
 Precisions: `highest` (fp32, `Precision.HIGHEST`), `default` (fp32 inputs at the
 backend's default precision: TF32 on recent NVIDIA GPUs, bf16 passes on TPUs, fp32 on
 CPUs) and `bf16` (bf16 inputs and outputs).
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sdl.bench.problems import Conv, Gemm, Transformer
+from sdl.bench.problems import Conv, Dense, Gemm, Transformer
 from sdl.bench.timing import measure
 from sdl.kernels import gemm as sdl_gemm
 from sdl.models import conv as sdl_conv
@@ -56,6 +57,31 @@ def _blas_gemm(g: Gemm):
 def _blas_dense(v, w):
   """A projection through `sdl.kernels.gemm.dot_general` (BLAS where `use_blas` says)."""
   return sdl_gemm.dot_general(v, w, (((v.ndim - 1,), (0,)), ((), ())))
+
+
+def _dense_operands(d: Dense, dtype):
+  return (_random((d.batch, d.d_in), dtype, 0),
+          (_random((d.d_in, d.d_out), dtype, 1) / math.sqrt(d.d_in),
+           _random((d.d_out,), dtype, 2)))
+
+
+def activation(name: str, slope: float = 0.01, np_=jax.nn):
+  """The activation `name` from `np_` (`jax.nn`, or `torch.nn.functional`); GELU is the
+  tanh approximation in both (jax.nn.gelu's default)."""
+  if name == "none":
+    return lambda v: v
+  if name == "relu":
+    return np_.relu
+  if name == "leaky_relu":
+    return lambda v: np_.leaky_relu(v, slope)
+  if np_ is jax.nn:
+    return functools.partial(jax.nn.gelu, approximate=True)
+  return functools.partial(np_.gelu, approximate="tanh")
+
+
+def _xla_dense(d: Dense, product):
+  act = activation(d.activation, d.slope)
+  return lambda x, params: act(product(x, params[0]) + params[1])
 
 
 def _conv_operands(c: Conv, dtype):
@@ -117,6 +143,18 @@ def _torch(problem, backward: bool):
     if backward:
       return None
     return (lambda a, b: (a.T if problem.a_t else a) @ (b.T if problem.b_t else b)), (a, b)
+  if isinstance(problem, Dense):
+    act = activation(problem.activation, problem.slope, torch.nn.functional)
+    x = torch.randn(problem.batch, problem.d_in, requires_grad=backward)
+    w = torch.randn(problem.d_out, problem.d_in, requires_grad=backward)
+    b = torch.randn(problem.d_out, requires_grad=backward)
+
+    def dense(x, w, b):
+      y = act(torch.nn.functional.linear(x, w, b))
+      if backward:
+        y.sum().backward()
+      return y
+    return dense, (x, w, b)
   if isinstance(problem, Conv):
     nd = len(problem.spatial)
     fn = {2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[nd]
@@ -148,6 +186,8 @@ def build(problem, impl: str, precision: str, backward: bool):
       return None
     if isinstance(problem, Gemm):
       f, args = _blas_gemm(problem), _gemm_operands(problem, dtype)
+    elif isinstance(problem, Dense):
+      f, args = _xla_dense(problem, _blas_dense), _dense_operands(problem, dtype)
     else:
       x = _random((problem.batch, problem.seq, problem.width), dtype, 2)
       f = lambda x, params: transformer_block(problem, prec, x, params, _blas_dense)  # noqa: E731
@@ -156,6 +196,9 @@ def build(problem, impl: str, precision: str, backward: bool):
   folded = impl == "xla-folded"
   if isinstance(problem, Gemm) and not folded:
     f, args = _xla_gemm(problem, prec), _gemm_operands(problem, dtype)
+  elif isinstance(problem, Dense) and not folded:
+    product = functools.partial(jnp.matmul, precision=prec)
+    f, args = _xla_dense(problem, product), _dense_operands(problem, dtype)
   elif isinstance(problem, Conv) and (not folded or len(problem.spatial) == 3):
     f, args = _xla_conv(problem, prec, folded), _conv_operands(problem, dtype)
   elif isinstance(problem, Transformer) and not folded:

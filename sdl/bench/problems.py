@@ -9,6 +9,9 @@
   a 3D U-Net in the layout of Çiçek et al. (MICCAI 2016): 4 levels with 32, 64, 128 and
   256 channels, two 3³ convolutions per level, decoder convolutions reading the upsampled
   features concatenated with the skip connection; 64³ x 1 input, batch 1.
+* Dense layers, `act(x W + b)`: both CosmoFlow heads at 128³ (batch 2), BERT-base's MLP,
+  ResNet-50's classifier and a DeepBench hidden layer; the same GEMMs with their bias and
+  activation, and their gradients, as a model runs them.
 * A transformer block (BERT-base shape: sequence 512, width 768, 12 heads, MLP 3072) and
   its attention alone.
 
@@ -85,6 +88,57 @@ class Conv:
     return float(self.batch * math.prod(self.spatial) * self.c_in
                  + math.prod(self.kernel) * self.c_in * self.c_out
                  + self.batch * math.prod(self.out_spatial) * self.c_out) * itemsize
+
+
+ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+  """`act(x W + b)`: x `[batch, d_in]`, W `[d_in, d_out]`, b `[d_out]`. FLOPs count the
+  product (2 batch d_in d_out), as for GEMMs; the bias and the activation add
+  O(batch d_out), which XLA's cost analysis counts too."""
+  batch: int
+  d_in: int
+  d_out: int
+  activation: str
+  source: str
+  slope: float = 0.01  # leaky_relu's
+
+  def __post_init__(self):
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"Dense activation {self.activation!r}: choose one of {ACTIVATIONS}")
+
+  @property
+  def name(self) -> str:
+    return f"dense {self.source} n{self.batch} {self.d_in}->{self.d_out} {self.activation}"
+
+  def flops(self) -> float:
+    return 2.0 * self.batch * self.d_in * self.d_out
+
+  def bytes(self, itemsize: int) -> float:
+    return float(self.batch * self.d_in + self.d_in * self.d_out + self.d_out
+                 + self.batch * self.d_out) * itemsize
+
+
+def dense_layers(cosmoflow_size: int = 128, cosmoflow_batch: int = 2) -> list[Dense]:
+  """Each CosmoFlow network's head (flattened features -> hidden widths -> 4, leaky ReLU
+  between, as `sdl.models.cosmoflow`), BERT-base's MLP (512 tokens, GELU), ResNet-50's
+  classifier (batch 256) and DeepBench's 1760-wide hidden layer (batch 64, ReLU)."""
+  out = []
+  for variant, slope in (("mlperf", 0.3), ("lbann", 0.01)):
+    convs, side = cosmoflow_convs(variant, cosmoflow_size, cosmoflow_batch), cosmoflow_size
+    for layer in feature_layers(variant, cosmoflow_size):
+      side = layer.window.out_size(side)
+    if side < 1:  # the network has no head at this input size (mlperf needs 32³)
+      continue
+    widths = (convs[-1].c_out * side ** 3, *HEAD[variant][0], 4)
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+      act = "leaky_relu" if i < len(widths) - 2 else "none"
+      out.append(Dense(cosmoflow_batch, a, b, act, f"cosmoflow-{variant}", slope))
+  out += [Dense(512, 768, 3072, "gelu", "BERT-base"), Dense(512, 3072, 768, "none", "BERT-base"),
+          Dense(256, 2048, 1000, "none", "ResNet-50"), Dense(64, 1760, 1760, "relu", "DeepBench")]
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

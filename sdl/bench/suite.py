@@ -32,6 +32,8 @@ def problem_list(p) -> list:
   out = []
   if p.gemm:
     out += limit(problems.deepbench_gemms())
+  if p.get("dense", True):
+    out += limit(problems.dense_layers(p.cosmoflow_size, p.cosmoflow_batch))
   if p.conv2d:
     out += limit(problems.deepbench_convs())
   if p.conv3d:
@@ -51,6 +53,8 @@ def problem_list(p) -> list:
 def kind_of(problem) -> str:
   if isinstance(problem, problems.Gemm):
     return "gemm"
+  if isinstance(problem, problems.Dense):
+    return "dense"
   if isinstance(problem, problems.Conv):
     return f"conv{len(problem.spatial)}d"
   return "attention" if problem.attention_only else "transformer"

@@ -11,9 +11,11 @@ import pytest
 from sdl import host_memory
 
 # Minor page faults of each of 20 calls returning a fresh 64 MiB array (above glibc's
-# largest mmap threshold, 32 MiB), and the result's first and last values. Kept memory
-# settles within the first 10 or so calls: until then the heap grows by a buffer per call,
-# as the previous outputs are freed after the next call has allocated its own.
+# largest mmap threshold, 32 MiB), and the result's first and last values. With memory
+# kept, most calls reuse freed heap and fault nothing, but the heap still grows by a
+# buffer on some calls, early and now and then later (fragmentation): in 15 runs on the
+# 2-core VM, 9-17 of the 20 calls faulted nothing, and one CI run's 20th call grew the
+# heap. Opted out, every call maps and faults in all of its pages.
 REPORT = """
 import json, resource
 import sdl, jax, jax.numpy as jnp
@@ -45,7 +47,8 @@ def test_large_buffers_are_reused_without_page_faults():
   assert kept["kept"] and not unmapped["kept"]
   assert kept["values"] == unmapped["values"] == [3.0, 3.0]
   assert min(unmapped["faults"]) >= 0.9 * PAGES, unmapped  # each call maps new pages
-  assert sum(kept["faults"][-4:]) < 0.01 * PAGES, kept  # the last calls map none
+  reused = sum(faults < 0.01 * PAGES for faults in kept["faults"])
+  assert reused >= 5, kept  # calls that mapped nothing new (none of them opted out)
 
 
 def test_opt_outs_leave_the_allocator_alone():

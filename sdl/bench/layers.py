@@ -65,18 +65,18 @@ def _dense_operands(d: Dense, dtype):
            _random((d.d_out,), dtype, 2)))
 
 
-def activation(name: str, slope: float = 0.01, np_=jax.nn):
-  """The activation `name` from `np_` (`jax.nn`, or `torch.nn.functional`); GELU is the
+def activation(name: str, slope: float = 0.01, ops=jax.nn):
+  """The activation `name` from `ops` (`jax.nn`, or `torch.nn.functional`); GELU is the
   tanh approximation in both (jax.nn.gelu's default)."""
   if name == "none":
     return lambda v: v
   if name == "relu":
-    return np_.relu
+    return ops.relu
   if name == "leaky_relu":
-    return lambda v: np_.leaky_relu(v, slope)
-  if np_ is jax.nn:
+    return lambda v: ops.leaky_relu(v, slope)
+  if ops is jax.nn:
     return functools.partial(jax.nn.gelu, approximate=True)
-  return functools.partial(np_.gelu, approximate="tanh")
+  return functools.partial(ops.gelu, approximate="tanh")
 
 
 def _xla_dense(d: Dense, product):

@@ -80,10 +80,10 @@ def torch_step(variant: str, size: int, batch: int, device: str = "cpu"):
   import torch  # noqa: PLC0415
   from torch import nn  # noqa: PLC0415
 
-  from sdl.models.cosmoflow import HEAD, feature_layers  # noqa: PLC0415
+  from sdl.models.cosmoflow import HEAD, LEAKY_SLOPE, feature_layers  # noqa: PLC0415
 
   torch.set_num_threads(os.cpu_count())
-  slope = 0.3 if variant == "mlperf" else 0.01
+  slope = LEAKY_SLOPE[variant]
   layers, channels, side = [], 4, size
   for layer in feature_layers(variant, size):
     w = layer.window

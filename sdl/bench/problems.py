@@ -25,7 +25,7 @@ and convolutions (the data and weight gradients each cost one forward).
 import dataclasses
 import math
 
-from sdl.models.cosmoflow import HEAD, feature_layers
+from sdl.models.cosmoflow import LEAKY_SLOPE, feature_layers, head_widths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,13 +126,8 @@ def dense_layers(cosmoflow_size: int = 128, cosmoflow_batch: int = 2) -> list[De
   between, as `sdl.models.cosmoflow`), BERT-base's MLP (512 tokens, GELU), ResNet-50's
   classifier (batch 256) and DeepBench's 1760-wide hidden layer (batch 64, ReLU)."""
   out = []
-  for variant, slope in (("mlperf", 0.3), ("lbann", 0.01)):
-    convs, side = cosmoflow_convs(variant, cosmoflow_size, cosmoflow_batch), cosmoflow_size
-    for layer in feature_layers(variant, cosmoflow_size):
-      side = layer.window.out_size(side)
-    if side < 1:  # the network has no head at this input size (mlperf needs 32³)
-      continue
-    widths = (convs[-1].c_out * side ** 3, *HEAD[variant][0], 4)
+  for variant, slope in LEAKY_SLOPE.items():
+    widths = head_widths(variant, cosmoflow_size)  # () where there is no head at this size
     for i, (a, b) in enumerate(zip(widths, widths[1:])):
       act = "leaky_relu" if i < len(widths) - 2 else "none"
       out.append(Dense(cosmoflow_batch, a, b, act, f"cosmoflow-{variant}", slope))
@@ -229,10 +224,7 @@ def cosmoflow_step_flops(variant: str, size: int = 128, batch: int = 2) -> float
   """
   convs = cosmoflow_convs(variant, size, batch)
   conv_fwd = [c.valid_flops() for c in convs]
-  side = size
-  for layer in feature_layers(variant, size):
-    side = layer.window.out_size(side)
-  widths = (convs[-1].c_out * side ** 3, *HEAD[variant][0], 4)
+  widths = head_widths(variant, size)
   dense_fwd = sum(2.0 * batch * a * b for a, b in zip(widths, widths[1:]))
   return 3 * (sum(conv_fwd) + dense_fwd) - conv_fwd[0]
 

@@ -57,6 +57,7 @@ def _conv(i, features, stride=1, use_bias=True):
 
 # The dense head after the conv/pool layers: hidden widths and their dropout rate.
 HEAD = {"mlperf": ((128, 64), 0.5), "lbann": ((2048, 256), 0.2)}
+LEAKY_SLOPE = {"mlperf": 0.3, "lbann": 0.01}  # of every leaky ReLU, convolutions and head
 
 
 def feature_layers(variant: str, input_size: int) -> tuple[Layer, ...]:
@@ -78,6 +79,16 @@ def feature_layers(variant: str, input_size: int) -> tuple[Layer, ...]:
         size = layers[-1].window.out_size(size)
     return tuple(layers)
   raise ValueError(f"model.variant={variant!r}: choose one of {VARIANTS}")
+
+
+def head_widths(variant: str, input_size: int) -> tuple[int, ...]:
+  """The dense head's widths, from the flattened features to the 4 outputs; () where the
+  features shrink to nothing at this input size (mlperf needs 32³)."""
+  side, channels = input_size, 4
+  for layer in feature_layers(variant, input_size):
+    side = layer.window.out_size(side)
+    channels = layer.features if layer.kind == "conv" else channels
+  return (channels * side ** 3, *HEAD[variant][0], 4) if side >= 1 else ()
 
 
 def resolve_spatial_layers(variant: str, input_size: int, depth_shards: int,
@@ -111,7 +122,7 @@ class CosmoFlow(nn.Module):
     """counts: int16 `[batch, D, H, W, 4]` → float32 `[batch, 4]` in [-1, 1]-scaled units."""
     layers = feature_layers(self.variant, self.input_size)
     n_split = len(layers) if self.spatial_layers is None else self.spatial_layers
-    slope = 0.3 if self.variant == "mlperf" else 0.01
+    slope = LEAKY_SLOPE[self.variant]
     x = self._constrain(counts, VOLUME_AXES if n_split else DATA_PARALLEL)
     x = jnp.log1p(x.astype(jnp.float32)).astype(self.dtype)
     # init only needs shapes, and may see one example on a data-parallel mesh, which the

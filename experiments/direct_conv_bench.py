@@ -27,7 +27,6 @@ def main(argv):
   del argv
   import jax  # noqa: PLC0415
 
-  import sdl  # noqa: F401, PLC0415 (sdl's XLA flags)
   from sdl.bench.timing import measure  # noqa: PLC0415
   from sdl.kernels import conv3d as direct_kernels  # noqa: PLC0415
   from sdl.models import conv  # noqa: PLC0415

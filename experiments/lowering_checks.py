@@ -186,7 +186,6 @@ def host_memory_once(rng, measure_interleaved, conv):
 
 def main(argv):
   del argv
-  import sdl  # noqa: F401, PLC0415 (sdl's XLA flags)
   from sdl.bench import timing  # noqa: PLC0415
   from sdl.models import conv  # noqa: PLC0415
   if _LEAD_IN.value is not None:

@@ -1,6 +1,6 @@
 """The one place that sets how the BLAS libraries in an sdl process use threads.
 
-Two settings, both applied by `import sdl`:
+Two settings, both applied by `sdl.process.configure()`:
 
 1. **OpenBLAS's idle threads sleep at once** (`quiet_idle_threads`). After a call,
    OpenBLAS's worker threads spin for 2^28 cycles (about 0.1 s) before sleeping. Next to
@@ -8,8 +8,8 @@ Two settings, both applied by `import sdl`:
    EPYC VM, XLA's GEMMs timed in turns with NumPy's ran at 62-77 GFLOP/s against 104-113
    alone (2048x64x2048, 4096x16x4096, 1760x128x1760; jax 0.10.2), and at 99-161 with
    `OPENBLAS_THREAD_TIMEOUT=4` (2^4 cycles). OpenBLAS reads that variable once, when it
-   loads, so `import sdl` sets it only if NumPy (and with it OpenBLAS) is not loaded yet,
-   and `quiet_idle_threads` says whether it was in time: import sdl first (the
+   loads, so `configure()` sets it only if NumPy (and with it OpenBLAS) is not loaded yet,
+   and `quiet_idle_threads` says whether it was in time: configure first (the
    `experiments` package does), or export the variable yourself, which wins.
 
 2. **One thread for the LAPACK under XLA:CPU** (`limit`).
@@ -25,7 +25,7 @@ and 957 ms. A single large factor inverted alone is slower on one thread (Choles
 2,048: 0.30-0.37 s against 0.19 s), but inside a step, where XLA runs several at once, one
 thread won on both problems.
 
-`import sdl` calls `limit()`. It changes only the BLAS libraries that scipy loads itself
+`sdl.process.configure()` calls `limit()`. It changes only the BLAS libraries that scipy loads itself
 (`scipy.libs`, `scipy/.dylibs`): NumPy's BLAS, which `experiments.layer_bench` compares
 against, keeps its threads, and a scipy sharing a system BLAS with NumPy is left alone.
 `SDL_LAPACK_THREADS=N` sets another count; an `OPENBLAS_NUM_THREADS` or `OMP_NUM_THREADS`

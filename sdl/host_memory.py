@@ -12,7 +12,7 @@ kernel zeroes each 4 KiB page on first touch: a page fault per page, every step.
 (`experiments.lowering_checks --check=step_faults`).
 PyTorch's CPU tensors come from the same `malloc`, and pay the same.
 
-**The setting.** `keep_freed_memory()` (called by `import sdl`) tells glibc, through
+**The setting.** `keep_freed_memory()` (called by `sdl.process.configure()`) tells glibc, through
 `mallopt`, to serve large allocations from its heap instead of `mmap` (`M_MMAP_MAX = 0`),
 never to give freed heap memory back to the OS (`M_TRIM_THRESHOLD = -1`), and to
 give threads that have no arena yet the main one (`M_ARENA_MAX = 1`): the other arenas'
@@ -20,7 +20,7 @@ heaps are at most 64 MB, and glibc serves anything larger there with `mmap` what
 settings. (Small allocations stay fast: glibc's per-thread caches take them.) A step's
 buffers are then reused from the heap within a few steps (until then the heap grows, as a
 step's buffers are freed after the next step has allocated its own), already mapped.
-glibc fixes its arena limit when a second thread first allocates, so import sdl before
+glibc fixes its arena limit when a second thread first allocates, so configure before
 other libraries start threads (the `experiments` package does); otherwise threads that
 already have an arena of their own keep mapping their large buffers. The cost: the process
 keeps its peak host memory until it exits, and the heap fragments. In 16 128³ CosmoFlow

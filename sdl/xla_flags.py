@@ -1,7 +1,7 @@
 """The one place that sets XLA compiler flags for sdl: today, XLA:CPU's kernel library.
 
-XLA reads `XLA_FLAGS` once, when JAX starts its first backend, so `import sdl` applies
-these defaults then (`apply_defaults`), before any computation. A flag the user already
+XLA reads `XLA_FLAGS` once, when JAX starts its first backend, so `sdl.process.configure()`
+applies these defaults before then (`apply_defaults`), before any computation. A flag the user already
 put in `XLA_FLAGS` is left as it is: that is also the way to opt out.
 
 * `--xla_cpu_experimental_ynn_fusion_type=individual_dot`. jaxlib 0.10-0.12 hand both

@@ -1,10 +1,13 @@
-"""Eight fake CPU devices for every test, set before JAX starts its backend."""
+"""Eight fake CPU devices for every test, set before JAX starts its backend, and sdl's
+CPU-process settings applied first, as the entry points do (`sdl.process.configure`)."""
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 
-import sdl  # noqa: E402, F401  (first, as in the entry points: sdl/blas_threads.py)
+from sdl import process  # noqa: E402
+
+process.configure()
 
 import jax  # noqa: E402
 

@@ -1,6 +1,6 @@
-"""sdl sets scipy's own BLAS (the LAPACK jaxlib calls on CPU) to one thread, leaves NumPy's
+"""`sdl.process.configure()` sets scipy's own BLAS (the LAPACK jaxlib calls on CPU) to one thread, leaves NumPy's
 BLAS alone, and leaves both alone where the user set a thread count; OpenBLAS's idle
-threads sleep at once when sdl is imported before NumPy."""
+threads sleep at once when it runs before NumPy loads."""
 import json
 import os
 import subprocess
@@ -14,7 +14,9 @@ import json, threadpoolctl, scipy.linalg
 blas = lambda: {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
                 if i["user_api"] == "blas"}
 before = blas()
-import sdl, jax.numpy as jnp, jax.scipy.linalg as sl
+from sdl import process
+process.configure()
+import jax.numpy as jnp, jax.scipy.linalg as sl
 from sdl import blas_threads
 m = jnp.eye(3) * 4.0
 inverse = sl.cho_solve(sl.cho_factor(m, lower=True), jnp.eye(3))
@@ -64,10 +66,10 @@ def test_idle_threads_quieted_only_before_numpy_loads_and_never_over_the_user():
 
 
 def test_entry_points_import_sdl_before_numpy():
-  """`python -m experiments.X` imports the experiments package first, which imports sdl
-  before anything loads NumPy's OpenBLAS."""
-  code = ("import sys, experiments, os; "
-          "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), sys.modules['sdl'].BLAS_THREADS_QUIET)")
+  """`python -m experiments.X` imports the experiments package first, which configures the
+  process before anything loads NumPy's OpenBLAS."""
+  code = ("import sys, experiments, os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), "
+          "experiments.PROCESS_SETTINGS['openblas_idle'])")
   clean = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=clean, timeout=120, check=True)

@@ -1,4 +1,4 @@
-"""sdl.host_memory: after `import sdl`, a jitted call's large output buffer is reused from
+"""sdl.host_memory: after `sdl.process.configure()`, a jitted call's large output buffer is reused from
 glibc's heap, not mapped afresh and faulted in page by page on every call; opting out
 gives the faults back (so the count below can tell the two apart)."""
 import json
@@ -18,7 +18,9 @@ from sdl import host_memory
 # heap. Opted out, every call maps and faults in all of its pages.
 REPORT = """
 import json, resource
-import sdl, jax, jax.numpy as jnp
+from sdl import process
+kept = process.configure()["allocator"]
+import jax, jax.numpy as jnp
 f = jax.jit(lambda x: x * 2.0 + 1.0)
 x = jnp.ones((16, 1024, 1024), jnp.float32)  # 64 MiB
 faults = []
@@ -28,7 +30,7 @@ for _ in range(20):
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
   first, last = float(y[0, 0, 0]), float(y[-1, -1, -1])
   del y
-print(json.dumps({"faults": faults, "values": [first, last], "kept": sdl.KEEPS_FREED_MEMORY}))
+print(json.dumps({"faults": faults, "values": [first, last], "kept": kept}))
 """
 PAGES = (64 << 20) // 4096
 

@@ -25,8 +25,9 @@ def test_the_users_setting_wins():
   assert xla_flags.with_defaults(longer, (0, 10)) == f"{longer} {YNN}=individual_dot"
 
 
-def test_import_sdl_sets_flags_the_installed_jaxlib_accepts():
-  code = ("import os, sdl, jax, jax.numpy as jnp; "
+def test_configure_sets_flags_the_installed_jaxlib_accepts():
+  code = ("import os; from sdl import process; process.configure(); "
+          "import jax, jax.numpy as jnp; "
           "x = jnp.ones((1, 8, 8, 2)); w = jnp.ones((3, 3, 2, 4)); "
           "y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', "
           "dimension_numbers=('NHWC', 'HWIO', 'NHWC')); "

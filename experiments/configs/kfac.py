@@ -35,6 +35,10 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, *mods = (arg or "digits_autoencoder").split(",")
   c = ml_collections.ConfigDict()
+  # sdl.process.configure(): allocator, BLAS threads, XLA flags. The entry point applies
+  # them before NumPy loads, so turn them off on the command line:
+  # --config.process.configure=False (or SDL_PROCESS_SETTINGS=0).
+  c.process = dict(configure=True)
   c.experiment = variant
   c.seed = 0
   c.optimizers = ("kfac", "sgd", "adam")

@@ -22,6 +22,10 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or "cpu"
   c = ml_collections.ConfigDict()
+  # sdl.process.configure(): allocator, BLAS threads, XLA flags. The entry point applies
+  # them before NumPy loads, so turn them off on the command line:
+  # --config.process.configure=False (or SDL_PROCESS_SETTINGS=0).
+  c.process = dict(configure=True)
   c.problems = dict(gemm=True, dense=True, conv2d=True, conv3d=True, transformer=True,
                     limit=0,             # at most this many per kind (0: all)
                     only="",             # only problems whose name contains this

@@ -153,13 +153,14 @@ def setup() -> Blas | None:
 
 
 def _warn_if_spinning(blas: Blas) -> None:
-  import sdl  # noqa: PLC0415
-  if "openblas" in os.path.basename(blas.path).lower() and not sdl.BLAS_THREADS_QUIET:
+  from sdl import process  # noqa: PLC0415
+  quiet = process.applied()["openblas_idle"] or os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+  if "openblas" in os.path.basename(blas.path).lower() and not quiet:
     warnings.warn(
-        "NumPy loaded OpenBLAS before `import sdl` could set OPENBLAS_THREAD_TIMEOUT: its "
-        "idle threads spin for about 0.1 s after each GEMM and slow the XLA ops that "
-        "follow (sdl/blas_threads.py). Import sdl before numpy and jax, or export "
-        "OPENBLAS_THREAD_TIMEOUT=4.", stacklevel=3)
+        "OpenBLAS loaded without OPENBLAS_THREAD_TIMEOUT: its idle threads spin for about "
+        "0.1 s after each GEMM and slow the XLA ops that follow (sdl/blas_threads.py). Call "
+        "sdl.process.configure() before importing numpy and jax (the experiments package "
+        "does), or export OPENBLAS_THREAD_TIMEOUT=4.", stacklevel=3)
 
 
 def _self_check(blas: Blas) -> None:

@@ -15,7 +15,7 @@ def main(argv):
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   ensure_cpu_devices(config.mesh.cpu_devices)  # before JAX starts its backend
-  from sdl.train import cosmoflow  # noqa: PLC0415 (imports jax-heavy modules after the above)
+  from experiments.trainers import cosmoflow  # noqa: PLC0415 (jax-heavy, after the above)
   cosmoflow.run(config, _WORKDIR.value)
 
 

@@ -22,9 +22,9 @@ def measure(variant: str, size: int, batch: int, splits: int):
   import jax  # noqa: PLC0415
 
   from experiments.configs.cosmoflow import get_config  # noqa: PLC0415
+  from experiments.trainers import cosmoflow  # noqa: PLC0415
   from sdl.bench.memory import footprint  # noqa: PLC0415
   from sdl.parallel import make_mesh  # noqa: PLC0415
-  from sdl.train import cosmoflow  # noqa: PLC0415
 
   config = get_config("lbann")
   config.model.variant = variant
@@ -32,7 +32,7 @@ def measure(variant: str, size: int, batch: int, splits: int):
   config.train.batch_size = batch
   config.mesh.shape = (1, splits)
   plan = cosmoflow.validate(config, splits)
-  mesh = make_mesh(plan.mesh_shape, config.mesh.axes, devices=jax.devices()[:splits])
+  mesh = make_mesh(plan.mesh_shape, plan.mesh_axes, devices=jax.devices()[:splits])
   c = cosmoflow.build(config, plan, mesh)
   compiled = c.train_step.lower(c.abstract_state,
                                 cosmoflow.abstract_batch(config, c.batch_sharding)).compile()

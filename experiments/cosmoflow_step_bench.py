@@ -49,7 +49,7 @@ def sdl_step(variant: str, size: int, batch: int, lowering: str, dtype: str = "f
   import optax  # noqa: PLC0415
 
   from sdl.models.cosmoflow import CosmoFlow  # noqa: PLC0415
-  from sdl.train.state import TrainState, make_train_step  # noqa: PLC0415
+  from sdl.train.step import Model, TrainState, make_train_step  # noqa: PLC0415
 
   from sdl.kernels import conv3d as direct_kernels  # noqa: PLC0415
   direct = lowering != "folded-xla"
@@ -61,10 +61,11 @@ def sdl_step(variant: str, size: int, batch: int, lowering: str, dtype: str = "f
   params = model.init(jax.random.key(0), batch_data["volume"][:1])["params"]
   tx = optax.sgd(1e-3, momentum=0.9)
 
-  def loss_fn(params, b, key, train):
-    pred = model.apply({"params": params}, b["volume"], train=train, rngs={"dropout": key})
+  def loss_fn(pred, b):
     return jnp.mean((pred - b["label"]) ** 2), {}
-  step = jax.jit(make_train_step(loss_fn, tx), donate_argnums=0)
+  step_model = Model(model, inputs=lambda b: (b["volume"],),
+                     kwargs=lambda key, train: {"train": train, "rngs": {"dropout": key}})
+  step = jax.jit(make_train_step(step_model, loss_fn, tx), donate_argnums=0)
   state = [TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
                       jax.random.key_data(jax.random.key(1)))]
 

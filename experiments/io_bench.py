@@ -47,7 +47,7 @@ def make_config(source: str, data: str):
 def train_step_times(config, workdir: str, datasets=None) -> dict:
   import jax  # noqa: PLC0415
 
-  from sdl.train import cosmoflow  # noqa: PLC0415
+  from experiments.trainers import cosmoflow  # noqa: PLC0415
   from sdl.train.metrics import read_jsonl  # noqa: PLC0415
   stamps = []
 
@@ -69,17 +69,19 @@ def main(argv):
   import jax  # noqa: PLC0415
 
   from sdl.bench import io  # noqa: PLC0415
+  from experiments.trainers import cosmoflow  # noqa: PLC0415
+  from sdl.data import cosmoflow as cosmoflow_data  # noqa: PLC0415
   from sdl.data import store, synthetic  # noqa: PLC0415
-  from sdl.train import cosmoflow  # noqa: PLC0415
+  from sdl.parallel import make_mesh  # noqa: PLC0415
 
   data = _DATA.value
   config = make_config("disk", data)
   if not os.path.exists(os.path.join(data, "train", store.MANIFEST)):
-    cosmoflow.write_datasets(config, data, overwrite=True)
+    cosmoflow_data.write_datasets(config, data, overwrite=True)
   plan = cosmoflow.validate(config, jax.device_count())
-  mesh = cosmoflow.make_mesh(plan.mesh_shape, config.mesh.axes)
+  mesh = make_mesh(plan.mesh_shape, plan.mesh_axes)
   compiled_shardings = cosmoflow.build(config, plan, mesh).batch_sharding
-  train, val = cosmoflow.open_datasets(config)
+  train, val = cosmoflow_data.open_datasets(config)
 
   print(f"raw reads of {len(train)} samples ({_REPEATS.value} repeats, median) ...", flush=True)
   rates = io.throughput(train, compiled_shardings, BATCH, _REPEATS.value)

@@ -2,7 +2,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from sdl.train import kfac_study
+from experiments.trainers import kfac_compare
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/kfac.py")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/kfac", "where runs, summary and plots go")
@@ -10,7 +10,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/kfac", "where runs, summary and 
 
 def main(argv):
   del argv
-  kfac_study.compare(_CONFIG.value, _WORKDIR.value)
+  kfac_compare.compare(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

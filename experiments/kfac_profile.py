@@ -1,4 +1,4 @@
-"""Where K-FAC's step time goes (see sdl/bench/kfac_profile.py).
+"""Where K-FAC's step time goes (see experiments/trainers/kfac_profile.py).
 
     python -m experiments.kfac_profile --config=experiments/configs/kfac.py:digits_autoencoder \
         --out=runs/kfac_profile [--widths=64,128,256,512,1024,2048]
@@ -11,7 +11,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from sdl.bench import kfac_profile
+from experiments.trainers import kfac_profile
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/kfac.py")
 _OUT = flags.DEFINE_string("out", "runs/kfac_profile", "directory for the table and the plot")

@@ -12,7 +12,7 @@ Nothing is visible at `--out` until a split is complete (see `sdl.data.store`).
 from absl import app, flags
 from ml_collections import config_flags
 
-from sdl.train.cosmoflow import write_datasets
+from sdl.data.cosmoflow import write_datasets
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/cosmoflow.py:demo", "CosmoFlow config whose data to write.")

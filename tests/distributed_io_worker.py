@@ -16,7 +16,8 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=proc
 
 import numpy as np  # noqa: E402
 
-from sdl.data import loader, memory_store, store, synthetic  # noqa: E402
+from sdl.data import loader, memory_store, store  # noqa: E402
+from sdl.data.sampler import EpochSampler  # noqa: E402
 from sdl.parallel import VOLUME_AXES, Partitioner, make_mesh  # noqa: E402
 
 assert jax.process_count() == 2 and jax.device_count() == 4
@@ -24,7 +25,7 @@ mesh = make_mesh((2, 2), ("data", "spatial"))
 part = Partitioner.create(mesh)
 shardings = {"volume": part.sharding(VOLUME_AXES), "label": part.sharding(("batch", None))}
 dataset = store.open_dataset(dataset_path)
-sampler = synthetic.EpochSampler(len(dataset), 4, seed=7)
+sampler = EpochSampler(len(dataset), 4, seed=7)
 sources = {"disk": loader.ShardedReader(dataset, shardings)}
 sources["memory"] = memory_store.DistributedStore.load(dataset, shardings)
 bytes_for_store = dataset.bytes_read

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sdl.data import loader, memory_store, store, synthetic
+from sdl.data.sampler import EpochSampler
 from tests.test_data_store import MESHES, random_volumes, shardings_for, write
 
 N, BATCH = 24, 8
@@ -32,7 +33,7 @@ def sample_ids_per_rank(batch, data_ranks):
 def test_every_sample_once_per_epoch_across_data_ranks(dataset):
   ds, _ = dataset
   reader = loader.ShardedReader(ds, shardings_for((4, 2), ("data", "spatial")))
-  sampler = synthetic.EpochSampler(N, BATCH, seed=5)
+  sampler = EpochSampler(N, BATCH, seed=5)
   epochs = []
   for epoch in range(2):
     seen = []
@@ -43,8 +44,8 @@ def test_every_sample_once_per_epoch_across_data_ranks(dataset):
     assert sorted(seen) == list(range(N))  # each exactly once, over all ranks
     epochs.append(seen)
   assert epochs[0] != epochs[1]  # a fresh permutation each epoch
-  again = synthetic.EpochSampler(N, BATCH, seed=5)
-  other = synthetic.EpochSampler(N, BATCH, seed=6)
+  again = EpochSampler(N, BATCH, seed=5)
+  other = EpochSampler(N, BATCH, seed=6)
   assert all((again.indices(s) == sampler.indices(s)).all() for s in range(6))
   assert any((other.indices(s) != sampler.indices(s)).any() for s in range(6))
 
@@ -92,7 +93,7 @@ def test_host_buffers_reuse_only_idle_memory():
 def test_resumed_prefetcher_gives_the_uninterrupted_batches(dataset):
   ds, volumes = dataset
   reader = loader.ShardedReader(ds, shardings_for((2, 4), ("data", "spatial")))
-  sampler = synthetic.EpochSampler(N, BATCH, seed=1)
+  sampler = EpochSampler(N, BATCH, seed=1)
 
   def produce(step):
     return reader.batch(np.sort(sampler.indices(step)))
@@ -151,7 +152,7 @@ def test_memory_store_batches_equal_direct_batches(dataset, mesh_shape, axes):
   shard = held.volumes.addressable_shards[0].data
   assert shard.size * len(jax.devices()) == held.volumes.size
   assert held.volumes.size >= volumes.size
-  sampler = synthetic.EpochSampler(N, BATCH, seed=2)
+  sampler = EpochSampler(N, BATCH, seed=2)
   for step in range(4):
     indices = np.sort(sampler.indices(step))
     batch = held.batch(indices)

@@ -6,7 +6,8 @@ import sys
 
 import numpy as np
 
-from sdl.data import store, synthetic
+from sdl.data import store
+from sdl.data.sampler import EpochSampler
 from tests.test_data_store import random_volumes, write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +34,7 @@ def test_two_processes_read_disjoint_halves_of_the_same_batches(tmp_path):
     assert p.returncode == 0, out[-3000:]
   results = [dict(np.load(tmp_path / f"p{i}.npz")) for i in range(2)]
 
-  sampler = synthetic.EpochSampler(8, 4, seed=7)
+  sampler = EpochSampler(8, 4, seed=7)
   sample_bytes = volumes[0].nbytes
   for name in ("disk", "memory"):
     for step in range(3):

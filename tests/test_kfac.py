@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from sdl.models.conv import Conv3D
 from sdl.optim import kfac
-from sdl.train.state import TrainState
+from sdl.train.step import Model, TrainState, make_train_step
 
 
 class Net(nn.Module):
@@ -45,6 +45,15 @@ NETS = {  # name: (first layer, input shape)
                              (64, 3, 4, 3, 2)),
     "conv3d_sdl_strided": (Conv3D(3, (3, 3, 3), strides=(2, 1, 2)), (64, 3, 3, 3, 2)),
 }
+
+
+def kfac_step(model, layers, loss_fn, tx, *, fisher="empirical", likelihood=None, mesh=None,
+              axis_names=(), grad_dtype=None, transposable=contextlib.nullcontext):
+  """The project's one train step with K-FAC's gradients function."""
+  grads = kfac.gradients(layers, fisher=fisher, likelihood=likelihood, axis_names=axis_names,
+                         transposable=transposable)
+  return make_train_step(Model(model), loss_fn, tx, gradients=grads, mesh=mesh,
+                         batch_axes=axis_names, grad_dtype=grad_dtype)
 
 
 def mse(outputs, batch):
@@ -186,7 +195,7 @@ def rename_conv(params):
 
 def one_update(model, layers, tx, batch, **step_kw):
   state = state_for(model, batch["x"], tx)
-  step = jax.jit(kfac.make_train_step(model, layers, mse, tx, **step_kw))
+  step = jax.jit(kfac_step(model, layers, mse, tx, **step_kw))
   new, _ = step(state, batch)
   return state.params, jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new.params,
                                     state.params)
@@ -302,10 +311,11 @@ def test_precondition_factored_is_the_product_with_the_gradient(net, factor):
   spec = dataclasses.replace(first, factor=factor)
   params = model.init(jax.random.key(1), batch["x"])["params"]
   tagged = {spec.name: spec}
-  eps = kfac.zero_perturbations(model, tagged, params, batch["x"])
-  x = kfac.apply(model, tagged, params, eps, batch["x"])[1][spec.name]
+  forward = kfac.module_forward(model, batch["x"])
+  eps = kfac.zero_perturbations(forward, tagged, params)
+  x = kfac.tagged_forward(forward, tagged, params, eps)[1][0][spec.name]
   rng = np.random.default_rng(3)
-  g = jnp.asarray(rng.normal(size=kfac._by_layer(eps)[spec.name].shape), jnp.float32)
+  g = jnp.asarray(rng.normal(size=kfac.by_layer(eps)[spec.name].shape), jnp.float32)
   spd = lambda d: (lambda m: m @ m.T / d + np.eye(d))(rng.normal(size=(d, d)))
   a_inv, g_inv = spd(spec.in_dim), spd(spec.out_dim)
   kernel = params[spec.path[0]]["kernel"]
@@ -340,7 +350,7 @@ def test_adaptive_step_minimises_the_exact_quadratic_model():
   tx = optax.chain(kfac.kfac(layers, damping=damping, adaptive=True, stats_every=100,
                              inverse_every=100, inversion="cholesky"), optax.sgd(1.0))
   state = state_for(model, batches[0]["x"], tx)
-  step = jax.jit(kfac.make_train_step(model, layers, mse, tx))
+  step = jax.jit(kfac_step(model, layers, mse, tx))
   params = [state.params]
   for b in batches:
     state, _ = step(state, b)
@@ -390,7 +400,8 @@ def test_adaptive_step_with_sdls_direct_conv_kernel_equals_the_xla_path():
   layers = kfac.find_layers(model, batches[0]["x"])
   tx = optax.chain(kfac.kfac(layers, damping=0.05, adaptive=True, inverse_every=100,
                              inversion="cholesky"), optax.sgd(1.0))
-  step = kfac.make_train_step(model, layers, mse, tx)
+  # the kernel has no transpose rule: the caller hands K-FAC the switch that turns it off
+  step = kfac_step(model, layers, mse, tx, transposable=direct_kernels.disabled)
   with_kernel = jax.jit(step).lower(state_for(model, batches[0]["x"], tx), batches[0])
   assert direct_kernels.FORWARD in with_kernel.as_text()  # the model's own passes use it
   results = []
@@ -418,7 +429,7 @@ def test_sampled_fisher_matches_closed_forms():
   for likelihood in ("gaussian", "categorical"):
     tx = kfac.kfac(layers)
     state = state_for(model, x, tx)
-    step = jax.jit(kfac.make_train_step(model, layers, lambda o, b: (jnp.mean(o), {}), tx,
+    step = jax.jit(kfac_step(model, layers, lambda o, b: (jnp.mean(o), {}), tx,
                                         fisher="sampled", likelihood=likelihood))
     new, _ = step(state, {"x": x})
     _, big_g = new.opt_state.factors["Dense_0"]
@@ -449,7 +460,7 @@ def test_exact_fisher_is_the_gauss_newton_factor():
   layers = kfac.find_layers(model, x)
   tx = kfac.kfac(layers)
   state = state_for(model, x, tx)
-  step = jax.jit(kfac.make_train_step(model, layers, lambda o, b: (jnp.mean(o ** 2), {}), tx,
+  step = jax.jit(kfac_step(model, layers, lambda o, b: (jnp.mean(o ** 2), {}), tx,
                                       fisher="exact", likelihood="gaussian"))
   new, _ = step(state, {"x": x})
   p = jax.tree.map(lambda v: np.asarray(v, np.float64), state.params)
@@ -460,7 +471,7 @@ def test_exact_fisher_is_the_gauss_newton_factor():
   np.testing.assert_allclose(new.opt_state.factors["Dense_0"][1], want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(new.opt_state.factors["Dense_1"][1], np.eye(3), atol=1e-6)
   with pytest.raises(ValueError, match="gaussian"):
-    kfac.make_train_step(model, layers, lambda o, b: (o, {}), tx, fisher="exact",
+    kfac_step(model, layers, lambda o, b: (o, {}), tx, fisher="exact",
                          likelihood="categorical")
 
 
@@ -511,7 +522,7 @@ def test_refresh_counts_follow_stats_every_inverse_every_and_stale_fisher():
   def run(steps, vary_batch, lr, **kw):
     tx = optax.chain(kfac.kfac(layers, **kw), optax.sgd(lr))
     state = state_for(model, jnp.zeros(shape), tx)
-    step = jax.jit(kfac.make_train_step(model, layers, mse, tx))
+    step = jax.jit(kfac_step(model, layers, mse, tx))
     for i in range(steps):
       state, _ = step(state, batch_for(shape, seed=i if vary_batch else 0))
     return state.opt_state[0]
@@ -536,7 +547,7 @@ def test_factors_average_uniformly_until_the_ema_weighs_more():
   layers = kfac.find_layers(model, jnp.zeros(shape))
   tx = optax.chain(kfac.kfac(layers, factor_decay=0.7), optax.sgd(0.0))
   state = state_for(model, jnp.zeros(shape), tx)
-  step = jax.jit(kfac.make_train_step(model, layers, mse, tx))
+  step = jax.jit(kfac_step(model, layers, mse, tx))
   expected = None
   for i, weight in enumerate((1.0, 1 / 2, 1 / 3, 0.3)):
     batch = batch_for(shape, seed=10 + i)
@@ -556,7 +567,7 @@ def test_chained_with_momentum_and_schedule_compiles_once():
                    kfac.kfac(layers, damping=0.01, inverse_every=2, kl_clip=1e-2,
                              learning_rate=schedule),
                    optax.add_decayed_weights(1e-4), optax.sgd(schedule, momentum=0.9))
-  step = jax.jit(chex.assert_max_traces(kfac.make_train_step(model, layers, mse, tx), n=1))
+  step = jax.jit(chex.assert_max_traces(kfac_step(model, layers, mse, tx), n=1))
   state = state_for(model, batch["x"], tx)
   losses = []
   for i in range(6):
@@ -583,7 +594,7 @@ def test_phased_steps_equal_the_counter_driven_step(on_mesh, factored):
   kw = dict(damping=0.02, stats_every=2, inverse_every=3, stale_tolerance=1e-9,
             inversion="cholesky", axis_names=axes)
   tx = optax.chain(kfac.kfac(layers, **kw), optax.sgd(0.1, momentum=0.9))
-  fn = kfac.make_train_step(model, layers, mse, tx, **step_kw)
+  fn = kfac_step(model, layers, mse, tx, **step_kw)
   counter = jax.jit(fn)
   phased = jax.jit(chex.assert_max_traces(fn, n=4), static_argnames="phase")
   a = b = state_for(model, batch["x"], tx)
@@ -689,7 +700,7 @@ def test_distributed_update_equals_one_device(axes, shape, option, axis_type):
 
   def train(tx, **step_kw):
     state = state_for(model, batch["x"], tx)
-    step = jax.jit(kfac.make_train_step(model, layers, mse, tx, **step_kw))
+    step = jax.jit(kfac_step(model, layers, mse, tx, **step_kw))
     for i in range(steps):
       state, _ = step(state, batch_for(batch_shape, seed=i))
     return state
@@ -718,7 +729,7 @@ def test_collectives_are_hierarchical_low_precision_and_inverses_split():
   mesh = mesh_of((2, 4), axes, AxisType.Auto)
   tx = kfac.kfac(layers, axis_names=axes, comm_dtype=jnp.bfloat16, damping=0.05)
   state = state_for(model, batch["x"], tx)
-  step = jax.jit(kfac.make_train_step(model, layers, mse, tx, mesh=mesh, axis_names=axes,
+  step = jax.jit(kfac_step(model, layers, mse, tx, mesh=mesh, axis_names=axes,
                                       grad_dtype=jnp.bfloat16))
   # What the program asks for (a backend may widen bf16 reductions it cannot do natively).
   hlo = step.lower(state, batch).as_text()
@@ -747,7 +758,7 @@ def test_bf16_factor_storage_inverts_in_fp32():
   layers = kfac.find_layers(model, batch["x"])
   tx = kfac.kfac(layers, damping=0.05, factor_dtype=jnp.bfloat16)
   state = state_for(model, batch["x"], tx)
-  new, _ = jax.jit(kfac.make_train_step(model, layers, mse, tx))(state, batch)
+  new, _ = jax.jit(kfac_step(model, layers, mse, tx))(state, batch)
   assert all(f.dtype == jnp.bfloat16 for f in jax.tree.leaves(new.opt_state.factors))
   assert all(i.dtype == jnp.float32 for i in jax.tree.leaves(new.opt_state.inverses))
   _, got = one_update(model, layers, tx, batch)

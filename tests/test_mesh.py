@@ -6,7 +6,7 @@ from experiments.configs import cosmoflow as cosmoflow_configs
 from sdl.parallel import ConfigError, Partitioner, make_mesh
 from sdl.parallel.sharding import VOLUME_AXES
 from sdl.parallel.spatial import Window, check_spatial_plan, max_spatial_layers
-from sdl.train.cosmoflow import validate
+from experiments.trainers.cosmoflow import validate
 
 
 @pytest.mark.parametrize("shape", [(1, 8), (2, 4), (4, 2), (8, 1), (2, 2, 2), (-1, 2)])

@@ -10,8 +10,9 @@ import pytest
 
 from experiments.configs import cosmoflow as configs
 from sdl.data import loader
-from sdl.parallel import make_mesh
-from sdl.train import cosmoflow
+from sdl.parallel import ConfigError, make_mesh
+from experiments.trainers import cosmoflow
+from sdl.data import cosmoflow as cosmoflow_data
 from sdl.train.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +25,7 @@ class Crash(Exception):
 @pytest.fixture(scope="module")
 def smoke():
   config = configs.get_config("smoke")
-  return config, cosmoflow.make_datasets(config)
+  return config, cosmoflow_data.make_datasets(config)
 
 
 def test_interrupted_run_resumes_to_identical_parameters(smoke, tmp_path):
@@ -119,7 +120,7 @@ def test_train_step_compiles_once_and_keeps_shardings(smoke):
   c = cosmoflow.build(config, plan, make_mesh(plan.mesh_shape, config.mesh.axes))
   state = c.init_state()
   batch = config.train.batch_size
-  source = loader.ArraySource(train_set.volumes, train_set.labels, c.batch_sharding)
+  source = loader.ArraySource.of_volumes(train_set.volumes, train_set.labels, c.batch_sharding)
   for i in range(3):  # the smoke set holds 2 batches
     state, metrics = c.train_step(state, source.batch(np.arange(batch) + (i % 2) * batch))
   assert c.train_step._cache_size() == 1  # no silent recompiles from step to step
@@ -146,9 +147,9 @@ def test_disk_and_memory_sources_train_like_generated_data(smoke, tmp_path):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   c = config.copy_and_resolve_references()
   c.data.update(source="disk", path=str(tmp_path / "data"), input_size=16)
-  with pytest.raises(cosmoflow.ConfigError, match=r"volumes of \[32, 32, 32, 4\] but "
+  with pytest.raises(ConfigError, match=r"volumes of \[32, 32, 32, 4\] but "
                      r"data.input_size=16"):
-    cosmoflow.open_datasets(c)
+    cosmoflow_data.open_datasets(c)
   c.data.path = ""
-  with pytest.raises(cosmoflow.ConfigError, match="set data.path"):
+  with pytest.raises(ConfigError, match="set data.path"):
     cosmoflow.validate(c, 8)

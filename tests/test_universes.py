@@ -4,6 +4,7 @@ import pytest
 from scipy import integrate
 
 from sdl.data import synthetic, universes as U
+from sdl.data.sampler import EpochSampler
 
 
 def test_growth_factor_matches_exact_integral():
@@ -104,12 +105,12 @@ def test_parameters_are_learnable_from_the_volume():
 
 
 def test_epoch_sampler_visits_each_sample_once_per_epoch():
-  sampler = synthetic.EpochSampler(num_samples=22, batch_size=4, seed=3)
+  sampler = EpochSampler(num_samples=22, batch_size=4, seed=3)
   assert sampler.steps_per_epoch == 5
   epochs = [np.concatenate([sampler.indices(e * 5 + s) for s in range(5)]) for e in range(3)]
   for seen in epochs:
     assert len(set(seen.tolist())) == 20  # no repeats within an epoch
   assert not np.array_equal(epochs[0], epochs[1])
-  again = synthetic.EpochSampler(22, 4, 3)
+  again = EpochSampler(22, 4, 3)
   np.testing.assert_array_equal(again.indices(7), sampler.indices(7))
-  assert not np.array_equal(synthetic.EpochSampler(22, 4, 4).indices(0), sampler.indices(0))
+  assert not np.array_equal(EpochSampler(22, 4, 4).indices(0), sampler.indices(0))

@@ -52,11 +52,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  weight_decay=0.0, clip_norm=1.0)
   c.mesh = dict(
       shape=(2, 2),             # devices per axis; one entry may be -1 (the rest)
-      axes=("data", "spatial"),
+      axes=("data", "spatial"),  # any distinct names; `rules` map logical axes onto them
+      # logical axis -> mesh axis: batch (data parallel), depth and height (spatial)
+      rules=(("batch", "data"), ("depth", "spatial"), ("height", "spatial_h")),
+      params="replicated",      # params and optimiser state: "replicated" | "fsdp" (over data)
       cpu_devices=4,            # emulate this many devices on a CPU host (None: real devices)
   )
   c.train = dict(steps=150, batch_size=4, log_every=10, eval_every=50,
                  checkpoint_every=50, keep_checkpoints=2)
+  c.log = dict(shown=("loss", "mae", "lr", "eval_loss", "eval_mae"),  # on the progress line
+               plot_train=("loss",), plot_eval=("eval_loss", "eval_mae"))
 
   if arg == "smoke":
     c.model.variant = "lbann"  # the cheaper network: seconds per step even on one core

@@ -8,7 +8,7 @@ channel mean and standard deviation. Grayscale images are repeated to three chan
 A batch is decoded in parallel by a small thread pool, each thread opening and reading one
 image at a time. Do not issue several `ts.open` calls on image drivers from one thread and
 then wait on them: with tensorstore 0.1.86 that deadlocked within two batches, even
-for two files (`tests/test_kfac_study.py::test_image_folder_survives_many_batched_reads`);
+for two files (`tests/test_kfac_compare.py::test_image_folder_survives_many_batched_reads`);
 one open in flight per thread never did in 8 threads x 1,500 opens.
 """
 import concurrent.futures

@@ -71,21 +71,30 @@ def labels_array(labels: np.ndarray, sharding) -> jax.Array:
 
 
 class ArraySource:
-  """Batches from in-memory arrays; each process materialises only its addressable shards."""
+  """Batches from named in-memory arrays (`sdl.data.source.BatchSource`), each `[n, ...]`
+  and laid out by `shardings[name]`; each process materialises only its addressable
+  shards, gathering just their samples."""
 
-  def __init__(self, volumes: np.ndarray, labels: np.ndarray, shardings: dict):
-    self.volumes, self.labels, self.shardings = volumes, labels, shardings
+  def __init__(self, arrays: dict[str, np.ndarray], shardings: dict):
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(f"ArraySource: arrays of different lengths {lengths}")
+    self.arrays, self.shardings = arrays, shardings
+
+  @classmethod
+  def of_volumes(cls, volumes: np.ndarray, labels: np.ndarray, shardings: dict) -> "ArraySource":
+    """CosmoFlow's layout: `volume` `[n, D, H, W, C]` and `label` `[n, 4]`."""
+    return cls({"volume": volumes, "label": labels}, shardings)
 
   def __len__(self) -> int:
-    return len(self.labels)
+    return len(next(iter(self.arrays.values())))
 
   def batch(self, indices: np.ndarray) -> dict:
-    volumes, sharding = self.volumes, self.shardings["volume"]
-    shape = (len(indices), *volumes.shape[1:])
-    volume = jax.make_array_from_callback(  # gathers only each shard's region
-        shape, sharding, lambda idx: volumes[(indices[idx[0]], *idx[1:])])
-    labels = labels_array(self.labels[indices], self.shardings["label"])
-    return {"volume": volume, "label": labels}
+    def gather(array, sharding):
+      shape = (len(indices), *array.shape[1:])
+      return jax.make_array_from_callback(
+          shape, sharding, lambda idx: array[(indices[idx[0]], *idx[1:])])
+    return {name: gather(array, self.shardings[name]) for name, array in self.arrays.items()}
 
 
 def _key(index: tuple[slice, ...]) -> tuple:

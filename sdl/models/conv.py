@@ -25,7 +25,6 @@ its own slab. Parameters are those of `flax.linen.Conv` (`kernel` `[kd, kh, kw, 
 `bias` `[O]`, same initialisers), so the lowering can change without touching checkpoints.
 """
 import functools
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from sdl.kernels import conv3d as direct_kernels
+from sdl.ops.windows import window_patches
 from sdl.parallel.halo import exchange_halo
 from sdl.parallel.sharding import VOLUME_AXES, Partitioner
 
@@ -177,19 +177,6 @@ def _plane_out(x, kernel, strides, width_padding):
   h_out = (x.shape[2] - kernel.shape[1]) // strides[1] + 1
   w_out = (x.shape[3] + sum(width_padding) - kernel.shape[2]) // strides[2] + 1
   return h_out * w_out
-
-
-def window_patches(x, window: Sequence[int], strides: Sequence[int]):
-  """Valid windows of channels-last `x` `[N, *spatial, C]` (already padded) as
-  `[N, *out, prod(window) * C]`: taps in row-major window order, channels last (the
-  order of `kernel.reshape(-1, c_out)`)."""
-  n, c = x.shape[0], x.shape[-1]
-  outs = [(size - k) // s + 1 for size, k, s in zip(x.shape[1:-1], window, strides)]
-  taps = [lax.slice(x, (0, *offset, 0),
-                    (n, *(t + s * (m - 1) + 1 for t, s, m in zip(offset, strides, outs)), c),
-                    (1, *strides, 1))
-          for offset in itertools.product(*(range(k) for k in window))]
-  return jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
 
 
 def patches_gemm(x, kernel, strides, width_padding):

@@ -33,3 +33,14 @@ class DigitsCNN(nn.Module):
     x = nn.relu(nn.Conv(32, (3, 3), strides=2, padding="SAME")(x))
     x = nn.relu(nn.Dense(64)(x.reshape(x.shape[0], -1)))
     return nn.Dense(10)(x)
+
+
+class DigitsBatchNormMLP(nn.Module):
+  """dense 64 → BatchNorm → ReLU → 10 logits: the smallest model with model state
+  (BatchNorm's running statistics, collection `batch_stats`)."""
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    x = nn.Dense(64)(x.reshape(x.shape[0], -1))
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.Dense(10)(nn.relu(x))

@@ -13,12 +13,13 @@ the factored Tikhonov damping of Martens & Grosse §6.3 with
 `π = sqrt((tr A / dim A) / (tr G / dim G))` (or `π = 1` with `pi_damping=False`).
 
 How statistics reach the transform. Models stay pure Flax modules; `find_layers` records
-which `nn.Dense`, `nn.Conv` (1D/2D/3D, any stride and padding) and `sdl.models.conv.Conv3D`
-layers the model calls, with their static geometry. `apply` runs the model with a Flax
+the dense and convolution layers (1D/2D/3D, any stride and padding) the model calls, read
+by their attributes (`features`, `use_bias`, `kernel_size`, `strides`, `padding`), whatever
+their class, with their static geometry. `tagged_forward` runs the model with a Flax
 method interceptor that `sow`s each such layer's input and `perturb`s its output, so one
-`jax.vjp` gives the parameter gradients and the output gradients. `make_train_step` wraps
-it all into the project's `(state, batch) -> (state, metrics)` step and hands the
-transform a `LayerStats` through optax's extra arguments. Every other parameter (norm
+`jax.vjp` gives the parameter gradients and the output gradients. `gradients(...)` is the
+gradients function that the project's one train step (`sdl.train.step.make_train_step`)
+calls; it hands the transform a `LayerStats` through optax's extra arguments. Every other parameter (norm
 scales, embeddings, layers called twice) gets the fallback: the identity, or a diagonal
 Fisher `g / (EMA(g²) + λ)`.
 
@@ -42,12 +43,12 @@ What the options do (all periodic work is a pure function of the step count):
                    so that its lr² ⟨update, grad⟩ ≤ kl_clip / modules: one module's large
                    step (the identity fallback's raw gradient, a head layer's) no longer
                    shrinks every other module's. On the CosmoFlow probes it brought the end
-                   of the plateau forward (docs/benchmarks.md, session 9);
+                   of the plateau forward (docs/benchmarks.md, K-FAC);
   norm_clip        cap the preconditioned update's global norm;
   adaptive         step size and momentum from the exact quadratic model (Martens & Grosse
                    §7): the step is α Δ + μ δ, with Δ the preconditioned gradient and δ the
                    previous step, (α, μ) minimising gᵀs + ½ sᵀ(C + λ I)s where C is the
-                   loss's Gauss-Newton matrix on this batch (`make_train_step` hands the
+                   loss's Gauss-Newton matrix on this batch (`gradients` hands the
                    transform its 2 x 2 products, two Jacobian-vector products a step).
                    The transform then returns -(the step): chain it with `optax.sgd(1.0)`
                    (or another lr as a multiplier, which it needs as `learning_rate`), no
@@ -66,18 +67,19 @@ What the options do (all periodic work is a pure function of the step count):
                    multiply-adds (`prefers_grad_factors`). The same numbers; for CosmoFlow's
                    conv5 at 32³, batch 4 (P = 32), 15 x fewer flops, and the amortised
                    K-FAC step 1.31 x SGD's where it had been 1.50 x (`experiments.
-                   kfac_profile`, docs/benchmarks.md, session 10). `make_train_step` tags
+                   kfac_profile`, docs/benchmarks.md). `gradients` tags
                    those layers (only) on steps without statistics too.
 
-Distributed: with `axis_names` (inside `shard_map`, which `make_train_step` sets up)
+Distributed: with `axis_names` (inside `shard_map`, which the train step sets up with
+`batch_axes`)
 factor statistics are summed over those mesh axes; with two axes `("node", "local")` the
 sum is hierarchical (reduce-scatter within the node, all-reduce across nodes, all-gather
 within the node), and the inverses are split across the devices layer by layer (greedy by
 cost `d³`): each layer is inverted by its owner only, which shares the result with an
 all-reduce of that layer's inverses (the other devices contribute zeros).
 """
+import contextlib
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -88,12 +90,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from sdl.kernels import conv3d as direct_kernels
-from sdl.models.conv import Conv3D, window_patches
-from sdl.train.state import global_norm
+from sdl.ops.windows import window_patches
+from sdl.optim.gradients import Gradients, split_state
+from sdl.parallel.collectives import all_reduce_sum, device_count, device_index
 
 INPUTS = "kfac_inputs"    # collection the interceptor sows layer inputs into
 OUTPUTS = "kfac_outputs"  # collection of the zero perturbations on layer outputs
@@ -151,46 +151,58 @@ def _explicit_padding(padding, spatial, kernel, strides):
   return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
 
 
+def _tuple(value, nd: int) -> tuple:
+  value = 1 if value is None else value
+  return (value,) * nd if isinstance(value, int) else tuple(value)
+
+
 def _layer_spec(module, x) -> LayerSpec | None:
+  """A layer K-FAC can factor, read from the module's attributes (any class): `features`
+  and `use_bias`, plus `kernel_size`, `strides` and `padding` for a convolution (no
+  dilation, no feature groups). Its `kernel` parameter must have the implied shape."""
   path = tuple(module.scope.path)
-  if isinstance(module, nn.Dense):
-    return LayerSpec(path, "dense", (x.shape[-1], module.features), module.use_bias)
-  if isinstance(module, Conv3D):
-    return LayerSpec(path, "conv", (*module.kernel_size, x.shape[-1], module.features),
-                     module.use_bias, tuple(module.strides),
-                     tuple(tuple(p) for p in module.padding))
-  if isinstance(module, nn.Conv):
-    k = module.kernel_size
-    k = (k,) if isinstance(k, int) else tuple(k)
-    nd = len(k)
-    s = module.strides if module.strides is not None else 1
-    s = (s,) * nd if isinstance(s, int) else tuple(s)
-    dilated = any(d not in (None, 1) and d != (1,) * nd
-                  for d in (module.input_dilation, module.kernel_dilation))
-    if dilated or module.feature_group_count != 1 or x.ndim != nd + 2:
+  features, use_bias = getattr(module, "features", None), getattr(module, "use_bias", None)
+  if not isinstance(features, int) or not isinstance(use_bias, bool):
+    return None
+  kernel = module.variables.get("params", {}).get("kernel")
+  size = getattr(module, "kernel_size", None)
+  if size is None:  # dense: x @ kernel over the last axis
+    if getattr(module, "axis", -1) not in (-1, (-1,)) or kernel is None:
       return None
-    pads = _explicit_padding(module.padding, x.shape[1:-1], k, s)
+    spec = LayerSpec(path, "dense", (x.shape[-1], features), use_bias)
+  else:
+    k = _tuple(size, 1)
+    nd = len(k)
+    dilated = any(_tuple(getattr(module, name, 1), nd) != (1,) * nd
+                  for name in ("input_dilation", "kernel_dilation"))
+    if dilated or getattr(module, "feature_group_count", 1) != 1 or x.ndim != nd + 2:
+      return None
+    s = _tuple(getattr(module, "strides", 1), nd)
+    pads = _explicit_padding(getattr(module, "padding", "VALID"), x.shape[1:-1], k, s)
     if pads is None:
       return None
-    return LayerSpec(path, "conv", (*k, x.shape[-1], module.features), module.use_bias, s, pads)
-  return None
+    spec = LayerSpec(path, "conv", (*k, x.shape[-1], features), use_bias, s, pads)
+  if kernel is None or tuple(kernel.shape) != spec.kernel_shape:
+    return None
+  return spec
 
 
 def find_layers(model: nn.Module, *args, **kwargs) -> dict[str, LayerSpec]:
-  """The layers K-FAC can factor, found by tracing `model.init` abstractly with `args`.
+  """The layers K-FAC can factor, found by tracing `model.init` abstractly with `args`:
+  any module whose attributes describe a dense or convolution layer (`_layer_spec`).
 
   A layer whose module is called more than once (shared weights) is left to the fallback.
   """
   found, calls = {}, {}
 
   def record(next_fun, a, kw, context):
-    module = context.module
-    if context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.Conv, Conv3D)):
-      spec = _layer_spec(module, a[0])
+    out = next_fun(*a, **kw)  # first: the kernel exists once the call has run
+    if context.method_name == "__call__" and a and hasattr(a[0], "shape"):
+      spec = _layer_spec(context.module, a[0])
       if spec is not None:
         calls[spec.name] = calls.get(spec.name, 0) + 1
         found[spec.name] = spec
-    return next_fun(*a, **kw)
+    return out
 
   rngs = {"params": jax.random.key(0), **kwargs.pop("rngs", {})}
   with nn.intercept_methods(record):
@@ -229,36 +241,45 @@ def _tagger(layers: dict[str, LayerSpec]):
   return tag
 
 
-def apply(model: nn.Module, layers: dict[str, LayerSpec], params, perturbations, *args,
-          **kwargs):
-  """`model.apply` that also returns each tagged layer's input `{name: x}`.
+def tagged_forward(forward, layers: dict[str, LayerSpec], params, perturbations):
+  """`forward` (see `sdl.optim.gradients`) that also returns each tagged layer's input
+  `{name: x}` and the model's updated state collections.
 
   `perturbations` (from `zero_perturbations`) are added to the tagged layers' outputs, so
   the gradient with respect to them is the gradient with respect to those outputs.
   """
   with nn.intercept_methods(_tagger(layers)):
-    out, cols = model.apply({"params": params, OUTPUTS: perturbations}, *args,
-                            mutable=[INPUTS], **kwargs)
-  inputs = {"/".join(path[:-1]): x[0] for path, x in _flat(cols[INPUTS]).items()}
-  return out, inputs
+    out, cols = forward(params, {OUTPUTS: perturbations}, mutable=(INPUTS,))
+  inputs = {"/".join(path[:-1]): x[0] for path, x in flatten_paths(cols[INPUTS]).items()}
+  return out, (inputs, split_state(cols, (INPUTS, OUTPUTS)))
 
 
-def zero_perturbations(model: nn.Module, layers: dict[str, LayerSpec], params, *args,
-                       **kwargs):
+def zero_perturbations(forward, layers: dict[str, LayerSpec], params):
   with nn.intercept_methods(_tagger(layers)):
-    shapes = jax.eval_shape(lambda: model.apply({"params": params}, *args, mutable=[OUTPUTS],
-                                                **kwargs))[1][OUTPUTS]
+    shapes = jax.eval_shape(lambda: forward(params, None, mutable=(OUTPUTS,)))[1][OUTPUTS]
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _flat(tree) -> dict[tuple[str, ...], Any]:
+def module_forward(model: nn.Module, *args, **kwargs):
+  """A `forward` for `model.apply(variables, *args, **kwargs)`, for tests and benchmarks
+  that call K-FAC's pieces without the train step."""
+  def forward(params, extra=None, mutable=()):
+    out = model.apply({"params": params, **(extra or {})}, *args, mutable=list(mutable),
+                      **kwargs)
+    return out if mutable else (out, {})
+  return forward
+
+
+def flatten_paths(tree) -> dict[tuple[str, ...], Any]:
+  """`{(key, ...): leaf}` of a nested dict (tuples of sown values are leaves)."""
   return {tuple(getattr(k, "key", k) for k in path): v
           for path, v in jax.tree_util.tree_flatten_with_path(
               tree, is_leaf=lambda x: isinstance(x, tuple))[0]}
 
 
-def _by_layer(perturbation_grads) -> dict[str, jax.Array]:
-  return {"/".join(path[:-1]): g for path, g in _flat(perturbation_grads).items()}
+def by_layer(perturbation_grads) -> dict[str, jax.Array]:
+  """`{layer name: array}` of a tree shaped like the perturbations (one leaf a layer)."""
+  return {"/".join(path[:-1]): g for path, g in flatten_paths(perturbation_grads).items()}
 
 
 # ---- statistics ------------------------------------------------------------------------
@@ -319,39 +340,6 @@ def phase_at(step: int, stats_every: int, inverse_every: int) -> Phase:
 # ---- collectives -----------------------------------------------------------------------
 
 
-def all_reduce_sum(tree, axis_names: Sequence[str], dtype=None):
-  """Sum over mesh axes; with `("node", "local")`, hierarchically (module docstring)."""
-  if not axis_names:
-    return tree
-  leaves, treedef = jax.tree.flatten(tree)
-  flat = jnp.concatenate([jnp.ravel(x).astype(dtype or x.dtype) for x in leaves])
-  if tuple(axis_names) == ("node", "local"):
-    local = lax.axis_size("local")
-    pad = -flat.size % local
-    part = lax.psum_scatter(jnp.pad(flat, (0, pad)), "local", tiled=True)
-    part = lax.psum(part, "node")
-    flat = lax.all_gather(part, "local", tiled=True)[:flat.size]
-  else:
-    flat = lax.psum(flat, tuple(axis_names))
-  out, at = [], 0
-  for x in leaves:
-    out.append(flat[at:at + x.size].reshape(x.shape).astype(x.dtype))
-    at += x.size
-  return jax.tree.unflatten(treedef, out)
-
-
-def _devices(axis_names) -> int:
-  """How many devices share the batch over `axis_names` (1 outside `shard_map`)."""
-  return math.prod(lax.axis_size(a) for a in axis_names) if axis_names else 1
-
-
-def _device_index(axis_names):
-  index = 0
-  for name in axis_names:
-    index = index * lax.axis_size(name) + lax.axis_index(name)
-  return index
-
-
 def assign_inverses(layers: dict[str, LayerSpec], devices: int) -> dict[str, int]:
   """Greedy longest-processing-time split of the layers' inversion work (`d³` per factor)."""
   load = [0] * devices
@@ -377,7 +365,8 @@ class KfacState(NamedTuple):
   previous: Any = None                # adaptive: the last step taken (or None)
 
 
-def _damped_inverse(m, damping, method):
+def damped_inverse(m, damping, method):
+  """`(m + damping I)⁻¹` in fp32, by `eigh` (negative eigenvalues clipped) or Cholesky."""
   m = m.astype(jnp.float32)
   eye = jnp.eye(m.shape[0], dtype=jnp.float32)
   if method == "eigh":
@@ -518,7 +507,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
 
   def split_params(tree):
     """(layer name -> (kernel, bias or None), the rest with layer leaves set to None)."""
-    flat = _flat(tree)
+    flat = flatten_paths(tree)
     covered = {}
     for name, spec in layers.items():
       kernel = flat.get((*spec.path, "kernel"))
@@ -543,7 +532,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
       x, g = stats.inputs.get(name), stats.loss_output_grads.get(name)
       if x is None or g is None:
         continue
-      if prefers_grad_factors(spec, math.prod(g.shape[:-1]) * _devices(axis_names)):
+      if prefers_grad_factors(spec, math.prod(g.shape[:-1]) * device_count(axis_names)):
         x, g = gradient_factors(spec, x, g)
         if axis_names:
           x, g = (lax.all_gather(v, axis_names, tiled=True) for v in (x, g))
@@ -586,15 +575,15 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
 
   def refresh(state, factors):
     """Re-invert the layers whose factors moved (all of them without stale Fisher)."""
-    owner = assign_inverses(layers, _devices(axis_names))
-    me = _device_index(axis_names) if axis_names else 0
+    owner = assign_inverses(layers, device_count(axis_names))
+    me = device_index(axis_names) if axis_names else 0
     inverses, inversions, inverted = {}, {}, {}
     for name in layers:
       a, g = factors[name]
 
       def invert(a=a, g=g):
         da, dg = factored_damping(a, g, damping, pi_damping, relative_damping)
-        return _damped_inverse(a, da, inversion), _damped_inverse(g, dg, inversion)
+        return damped_inverse(a, da, inversion), damped_inverse(g, dg, inversion)
 
       if stale_tolerance:
         last_a, last_g = state.inverted_factors[name]
@@ -623,10 +612,11 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
              **unused):
     del params, unused
     if adaptive and kfac_curvature is None:
-      raise ValueError("kfac adaptive=True needs kfac_curvature (from make_train_step)")
+      raise ValueError("kfac adaptive=True needs kfac_curvature (from kfac.gradients)")
     if kfac_stats is None and (kfac_phase is None or kfac_phase.stats):
-      raise ValueError("kfac.update needs kfac_stats=LayerStats(...); use "
-                       "sdl.optim.kfac.make_train_step, or pass it as an optax extra argument")
+      raise ValueError("kfac.update needs kfac_stats=LayerStats(...): build the train step "
+                       "with gradients=sdl.optim.kfac.gradients(...), or pass it as an optax "
+                       "extra argument")
     keep = lambda: (state.inverses, state.inversions, state.inverted_factors)
     if kfac_phase is None:  # decided on device
       do_stats = state.count % stats_every == 0
@@ -650,7 +640,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
       kernel, bias = covered[name]
       if name in factored:
         u_kernel, u_bias = precondition_factored(spec, kernel, bias, *factored[name],
-                                                 *inverses[name], 1 / _devices(axis_names))
+                                                 *inverses[name], 1 / device_count(axis_names))
       else:
         u_kernel, u_bias = precondition(spec, kernel, bias, *inverses[name])
       updates[(*spec.path, "kernel")] = u_kernel
@@ -676,7 +666,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
                  for k in keys)
         return jnp.minimum(1.0, jnp.sqrt(budget / jnp.maximum(jnp.abs(vg) * step_lr ** 2,
                                                                1e-30)))
-      flat_out, flat_g = _flat(out), _flat(grads)
+      flat_out, flat_g = flatten_paths(out), flatten_paths(grads)
       if kl_clip_per_layer:  # one share of the budget per module (path without its leaf)
         modules = {}
         for key in flat_out:
@@ -688,7 +678,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
       else:
         scale = kl_scale(list(flat_out), kl_clip)
     if norm_clip:
-      scale = jnp.minimum(scale, norm_clip / jnp.maximum(global_norm(out), 1e-30))
+      scale = jnp.minimum(scale, norm_clip / jnp.maximum(optax.global_norm(out), 1e-30))
     out = jax.tree.map(lambda u: (u * scale).astype(u.dtype), out)
     previous = state.previous
     if adaptive:
@@ -753,28 +743,30 @@ def sample_output_grads(likelihood: str, outputs, rng):
   raise ValueError(f"kfac likelihood={likelihood!r}: choose one of {LIKELIHOODS}")
 
 
-def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Callable,
-                    tx: optax.GradientTransformationExtraArgs, *, fisher: str = "empirical",
-                    likelihood: str | None = None, model_inputs: Callable = lambda b: (b["x"],),
-                    model_kwargs: Callable = lambda rng: {}, mesh=None,
-                    axis_names: Sequence[str] = (), grad_dtype=None):
-  """The step `(TrainState, batch) -> (TrainState, metrics)` for a K-FAC chain `tx`.
+def gradients(layers: dict[str, LayerSpec], *, fisher: str = "empirical",
+              likelihood: str | None = None, axis_names: Sequence[str] = (),
+              grad_factors: bool = True,
+              transposable: Callable[[], contextlib.AbstractContextManager] =
+              contextlib.nullcontext):
+  """K-FAC's gradients function for the one train step (`sdl.optim.gradients`): the
+  parameter gradients plus what the transform needs, as optax extra arguments
+  (`kfac_stats`, `kfac_phase`, `kfac_curvature`).
 
-  `loss_fn(outputs, batch) -> (loss, metrics)`, the loss a mean over the batch; the model
-  is called as `model.apply(v, *model_inputs(batch), **model_kwargs(rng))`. The step takes
-  an optional static `phase` (a `Phase`, from `phase_at(step, ...)`; jit it with
-  `static_argnames="phase"`): steps without statistics then run the plain model, and none
-  carries branches it does not take. On the CosmoFlow profile that made the amortised
-  K-FAC step 1.6 -> 1.3 x SGD's (`experiments.kfac_profile`, docs/benchmarks.md). With a
-  `mesh`, the step runs in `shard_map` with the batch split over `axis_names` and
-  everything else replicated; gradients are averaged in `grad_dtype` (bf16 halves the
-  traffic) and `tx` must have been built with the same `axis_names`. The caller jits it.
+  The step passes a static `phase` (a `Phase`, from `phase_at(step, ...)`; jit the step
+  with `static_argnames="phase"`): steps without statistics then run the plain model, and
+  none carries branches it does not take. On the CosmoFlow profile that made the amortised
+  K-FAC step 1.6 -> 1.3 x SGD's (`experiments.kfac_profile`, docs/design/kfac-phases.md).
+  Under the step's `shard_map` (`make_train_step(..., batch_axes=...)`) `axis_names` must
+  be those batch axes, as for `kfac(...)`.
 
   `fisher` sets where the output-gradient factors G come from: "empirical" (the loss's own
   gradients), "sampled" (one target drawn from the model's `likelihood`, the true Fisher)
   or "exact" (gaussian likelihood: one pullback per output, the Gauss-Newton factor with
   no sampling noise, for models with few outputs; CosmoFlow's 4 cost 3 more backward
-  passes on statistics steps).
+  passes on statistics steps). `transposable()` is a context under which the model can be
+  linearly transposed, for `kfac(adaptive=True)`'s curvature products: a caller whose
+  model holds a custom call without a transpose rule passes a switch that turns it off
+  (sdl's CPU convolution kernel: `sdl.kernels.conv3d.disabled`).
   """
   if fisher not in FISHERS:
     raise ValueError(f"kfac fisher={fisher!r}: choose one of {FISHERS}")
@@ -785,58 +777,44 @@ def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Cal
                      f"gaussian likelihood: set likelihood='gaussian', not {likelihood!r}")
   axis_names = tuple(axis_names)
 
-  def plain_grads(state, batch, rng):
-    args, kwargs = model_inputs(batch), model_kwargs(rng)
-
-    def loss(params):
-      outputs = model.apply({"params": params}, *args, **kwargs)
-      return loss_fn(outputs, batch)
-    (loss, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-    return loss, metrics, grads, None
-
-  def tagged_grads(state, batch, rng, tagged=layers):
-    args, kwargs = model_inputs(batch), model_kwargs(rng)
-    perturbations = zero_perturbations(model, tagged, state.params, *args, **kwargs)
-    outputs, pullback, inputs = jax.vjp(
-        lambda p, e: apply(model, tagged, p, e, *args, **kwargs), state.params, perturbations,
+  def tagged(forward, loss_fn, params, rng, tagged=layers):
+    perturbations = zero_perturbations(forward, tagged, params)
+    outputs, pullback, (inputs, model_state) = jax.vjp(
+        lambda p, e: tagged_forward(forward, tagged, p, e), params, perturbations,
         has_aux=True)
-    (loss, metrics), d_outputs = jax.value_and_grad(lambda o: loss_fn(o, batch),
-                                                    has_aux=True)(outputs)
+    (loss, metrics), d_outputs = jax.value_and_grad(loss_fn, has_aux=True)(outputs)
     grads, d_layer_outputs = pullback(d_outputs)
     n = outputs.shape[0]
 
     def output_grads():
       if fisher == "empirical":  # gradients of the mean loss, rescaled to one example's
-        return jax.tree.map(lambda g: g * n, _by_layer(d_layer_outputs))
+        return jax.tree.map(lambda g: g * n, by_layer(d_layer_outputs))
       if fisher == "exact":
         # G = Σ_o E[g_o g_oᵀ], g_o pulled back from output o: the Gauss-Newton matrix
         # with H_f = I, exactly, with one pullback per output (no sampling noise). Rows of
         # all outputs stacked along the batch: `layer_factors` divides by the batch size.
         width = outputs.shape[-1]
         units = jnp.eye(width, dtype=outputs.dtype)
-        per_output = [_by_layer(pullback(jnp.broadcast_to(units[o], outputs.shape))[1])
+        per_output = [by_layer(pullback(jnp.broadcast_to(units[o], outputs.shape))[1])
                       for o in range(width)]
         return jax.tree.map(lambda *gs: jnp.concatenate(gs, axis=0), *per_output)
       sampled = sample_output_grads(likelihood, outputs, jax.random.fold_in(rng, 1))
-      return _by_layer(pullback(sampled.astype(outputs.dtype))[1])
-    return loss, metrics, grads, LayerStats(inputs, output_grads, _by_layer(d_layer_outputs))
+      return by_layer(pullback(sampled.astype(outputs.dtype))[1])
+    stats = LayerStats(inputs, output_grads, by_layer(d_layer_outputs))
+    return loss, metrics, grads, model_state, stats
 
-  def curvature(state, batch, rng):
+  def curvature(forward, loss_fn, params):
     """`vectors -> [vᵢᵀ C vⱼ]`, C the loss's Gauss-Newton matrix on this (global) batch;
     only traced if the transform asks for it (`kfac(adaptive=True)`)."""
-    args, kwargs = model_inputs(batch), model_kwargs(rng)
-
     def gram(vectors):
       # J v as the transpose of the pullback v ↦ Jᵀv: reverse mode only, since models
       # may hold custom_vjp functions (sdl's CPU convolutions and pooling), which forward
-      # mode cannot differentiate. sdl's native convolution kernel (a custom call) has no
-      # transpose rule, so this pass traces the model without it (same numbers, XLA's ops).
-      with direct_kernels.disabled():
-        outputs, pullback = jax.vjp(lambda p: model.apply({"params": p}, *args, **kwargs),
-                                    state.params)
+      # mode cannot differentiate.
+      with transposable():
+        outputs, pullback = jax.vjp(lambda p: forward(p)[0], params)
       jvp = jax.linear_transpose(pullback, outputs)
-      d_loss = jax.grad(lambda o: loss_fn(o, batch)[0])
-      jv = [jvp((jax.tree.map(lambda v, p: v.astype(p.dtype), v, state.params),))[0]
+      d_loss = jax.grad(lambda o: loss_fn(o)[0])
+      jv = [jvp((jax.tree.map(lambda v, p: v.astype(p.dtype), v, params),))[0]
             for v in vectors]
       hjv = [jax.jvp(d_loss, (outputs,), (t,))[1] for t in jv]
       f32 = lambda x: x.astype(jnp.float32)
@@ -844,48 +822,29 @@ def make_train_step(model: nn.Module, layers: dict[str, LayerSpec], loss_fn: Cal
       return lax.pmean(m, axis_names) if axis_names else m
     return gram
 
-  def factored(state, batch, rng) -> dict[str, LayerSpec]:
+  def factored(forward, params) -> dict[str, LayerSpec]:
     """The layers whose gradients are cheaper to precondition from their factors
     (`kfac(grad_factors=True)`): few positions, so tagging them costs next to nothing."""
-    args, kwargs = model_inputs(batch), model_kwargs(rng)
-    shapes = jax.eval_shape(lambda: zero_perturbations(model, layers, state.params, *args,
-                                                       **kwargs))
-    return {name: layers[name] for name, y in _by_layer(shapes).items()
+    if not grad_factors:
+      return {}
+    shapes = jax.eval_shape(lambda: zero_perturbations(forward, layers, params))
+    return {name: layers[name] for name, y in by_layer(shapes).items()
             if prefers_grad_factors(layers[name],
-                                    math.prod(y.shape[:-1]) * _devices(axis_names))}
+                                    math.prod(y.shape[:-1]) * device_count(axis_names))}
 
-  def local_step(state, batch, phase: Phase | None = None):
-    rng = jax.random.fold_in(state.rng, state.step)
+  def compute(forward, loss_fn, params, *, rng, phase: Phase | None = None) -> Gradients:
     if phase is None or phase.stats:
-      loss, metrics, grads, stats = tagged_grads(state, batch, rng)
-    elif few := factored(state, batch, rng):  # a statistics-free step: only those layers
-      loss, metrics, grads, stats = tagged_grads(state, batch, rng, few)
+      loss, metrics, grads, model_state, stats = tagged(forward, loss_fn, params, rng)
+    elif few := factored(forward, params):  # a statistics-free step: only those layers
+      loss, metrics, grads, model_state, stats = tagged(forward, loss_fn, params, rng, few)
     else:
-      loss, metrics, grads, stats = plain_grads(state, batch, rng)
-    if axis_names:
-      size = _devices(axis_names)
-      grads = jax.tree.map(lambda g: g / size, all_reduce_sum(grads, axis_names, grad_dtype))
-      loss = lax.pmean(loss, axis_names)
-      metrics = lax.pmean(metrics, axis_names)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, kfac_stats=stats,
-                                   kfac_phase=phase,
-                                   kfac_curvature=curvature(state, batch, rng))
-    params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": global_norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  if mesh is None:
-    return local_step
-  batch_sharding = NamedSharding(mesh, P(axis_names))
-  sharded = lambda phase: jax.shard_map(
-      functools.partial(local_step, phase=phase), mesh=mesh, in_specs=(P(), P(axis_names)),
-      out_specs=(P(), P()), check_vma=False)
-
-  explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-  # Explicit meshes need the batch already laid out as in_specs says (a reshard in the type
-  # system); under Auto axes a sharding constraint does the same.
-  lay_out = jax.reshard if explicit else lax.with_sharding_constraint
-
-  def step(state, batch, phase: Phase | None = None):
-    return sharded(phase)(state, jax.tree.map(lambda x: lay_out(x, batch_sharding), batch))
-  return step
+      def plain_loss(p):
+        outputs, mutated = forward(p)
+        value, metrics = loss_fn(outputs)
+        return value, (metrics, mutated)
+      (loss, (metrics, mutated)), grads = jax.value_and_grad(plain_loss, has_aux=True)(params)
+      model_state, stats = split_state(mutated), None
+    return Gradients(loss, metrics, grads, model_state,
+                     {"kfac_stats": stats, "kfac_phase": phase,
+                      "kfac_curvature": curvature(forward, loss_fn, params)})
+  return compute

@@ -3,7 +3,8 @@
 A mesh is written in a config as data::
 
     config.mesh.shape = (2, 2)              # devices along each axis
-    config.mesh.axes = ("data", "spatial")  # names: data, spatial (depth), spatial_h (height)
+    config.mesh.axes = ("data", "spatial")  # any distinct names; config.mesh.rules map
+                                            # logical axes onto them (sdl.parallel.sharding)
 
 One entry may be -1: that axis takes the devices the others leave, e.g. (-1, 2).
 
@@ -15,8 +16,6 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-
-KNOWN_AXES = ("data", "spatial", "spatial_h", "node", "local")
 
 
 class ConfigError(ValueError):
@@ -45,9 +44,8 @@ def check_mesh_config(shape: Sequence[int], axes: Sequence[str], num_devices: in
     raise ConfigError(
         f"mesh.shape {shape} has {len(shape)} entries but mesh.axes {axes} has {len(axes)}; "
         "give one size per axis name")
-  unknown = [a for a in axes if a not in KNOWN_AXES]
-  if unknown or len(set(axes)) != len(axes):
-    raise ConfigError(f"mesh.axes {axes}: names must be distinct and among {KNOWN_AXES}")
+  if len(set(axes)) != len(axes) or not all(isinstance(a, str) and a for a in axes):
+    raise ConfigError(f"mesh.axes {axes}: give distinct, non-empty names, one per axis")
   if any(int(s) < 1 for s in shape):
     raise ConfigError(f"mesh.shape {shape}: every axis needs at least 1 device")
   size = int(np.prod(shape))

@@ -1,12 +1,19 @@
 """Logical axis names → mesh axes.
 
 Model code names the axes of its activations logically (`batch`, `depth`, `height`,
-`width`, `channels`); a `Partitioner` maps them onto a mesh. Volumes are NDHWC:
-batch over `data`, depth over `spatial`, height over `spatial_h` when the mesh has it.
-XLA's SPMD partitioner then inserts the halo exchanges that convolutions over a split
-depth axis need.
+`width`, `channels`); a `Partitioner` maps them onto a mesh with rules that are
+configuration (`config.mesh.rules`, as maxtext's logical-axis rules). By default volumes
+are NDHWC with batch over `data`, depth over `spatial`, height over `spatial_h` when the
+mesh has it. XLA's SPMD partitioner then inserts the halo exchanges that convolutions over
+a split depth axis need.
+
+Parameters and optimiser state follow `config.mesh.params`: "replicated" (every device
+holds all of it), or "fsdp" (each leaf split over the batch's mesh axis along its largest
+dimension that divides evenly, as in fully sharded data parallelism; XLA gathers a
+parameter where a layer needs it whole and reduce-scatters its gradient).
 """
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -21,6 +28,8 @@ DEFAULT_RULES = (
 )
 
 LogicalAxes = Sequence[str | None]
+PARAM_SHARDINGS = ("replicated", "fsdp")
+FSDP_MIN_SIZE = 2 ** 12  # smaller leaves (biases, scalars) stay replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,3 +63,24 @@ class Partitioner:
 
   def constrain(self, x: jax.Array, logical: LogicalAxes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, self.sharding(logical))
+
+  def state_shardings(self, abstract_tree, mode: str = "replicated"):
+    """A sharding for every leaf of `abstract_tree` (params, optimiser state): replicated,
+    or "fsdp" (module docstring) over the mesh axis that `batch` maps to."""
+    if mode not in PARAM_SHARDINGS:
+      raise ValueError(f"mesh.params={mode!r}: choose one of {PARAM_SHARDINGS}")
+    axis = self.mesh_axis("batch")
+    if mode == "replicated" or axis is None:
+      return jax.tree.map(lambda _: self.replicated(), abstract_tree)
+    shards = self.mesh.shape[axis]
+
+    def fsdp(leaf):
+      shape = tuple(getattr(leaf, "shape", ()))
+      dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d])
+              if shape[d] % shards == 0]
+      if not dims or math.prod(shape) < FSDP_MIN_SIZE:
+        return self.replicated()
+      spec = [None] * len(shape)
+      spec[dims[0]] = axis
+      return NamedSharding(self.mesh, PartitionSpec(*spec))
+    return jax.tree.map(fsdp, abstract_tree)

@@ -40,10 +40,9 @@ def read_jsonl(path: str) -> list[dict]:
 class Progress:
   """`step 40/200 | loss 0.1234 | 3.21 steps/s | ETA 0:00:50` lines, plus compile time."""
 
-  shown = ("loss", "mae", "lr", "eval_loss", "eval_mae")
-
-  def __init__(self, total_steps: int, start_step: int, stream=sys.stdout):
-    self.total, self.stream = total_steps, stream
+  def __init__(self, total_steps: int, start_step: int, stream=sys.stdout,
+               shown: tuple[str, ...] = ("loss", "lr")):
+    self.total, self.stream, self.shown = total_steps, stream, shown
     self.last_step, self.last_time = start_step, time.perf_counter()
 
   def rate(self, step: int) -> float:

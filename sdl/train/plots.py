@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sdl.train.metrics import read_jsonl  # noqa: E402
 
 
-def plot_metrics(workdir: str, train_keys=("loss",), eval_keys=("eval_loss", "eval_mae"),
+def plot_metrics(workdir: str, train_keys=("loss",), eval_keys=("eval_loss",),
                  filename: str = "loss_curves.png") -> str:
   """Plot training and eval series from `workdir/metrics.jsonl`; returns the PNG path."""
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sdl.data.synthetic import EpochSampler
+from sdl.data.sampler import EpochSampler
 from sdl.optim import kfac
+from sdl.train.losses import sigmoid_xent, softmax_xent
 from sdl.train.metrics import Progress
-from sdl.train.state import TrainState, make_train_step
+from sdl.train.step import Model, TrainState, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -47,16 +48,6 @@ def array_batches(train: dict, batch_size: int, seed: int) -> Callable[[int], di
   return lambda step: {k: v[sampler.indices(step)] for k, v in train.items()}
 
 
-def sigmoid_xent(outputs, batch):
-  target = batch["x"].reshape(outputs.shape)
-  return jnp.mean(optax.sigmoid_binary_cross_entropy(outputs, target)), {}
-
-
-def softmax_xent(outputs, batch):
-  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, batch["y"]))
-  return loss, {"accuracy": jnp.mean(jnp.argmax(outputs, -1) == batch["y"])}
-
-
 def make_problem(config) -> Problem:
   name = config.experiment
   if name.startswith("digits"):
@@ -69,9 +60,9 @@ def make_problem(config) -> Problem:
       return Problem(Autoencoder(), sigmoid_xent, "bernoulli", batches, train)
     return Problem(DigitsCNN(), softmax_xent, "categorical", batches, train)
   if name == "cosmoflow":
+    from sdl.data.cosmoflow import make_datasets
     from sdl.models.cosmoflow import CosmoFlow
-    from sdl.train import cosmoflow as trainer
-    train_set, _ = trainer.make_datasets(config)
+    train_set, _ = make_datasets(config)
     model = CosmoFlow(variant=config.model.variant, input_size=config.data.input_size,
                       spatial_layers=0, conv_lowering=config.model.conv_lowering)
 
@@ -125,15 +116,15 @@ def make_tx(name: str, lr: float, config, layers):
 
 
 def make_step(problem: Problem, name: str, tx, layers, fisher: str):
+  """The project's one train step, with K-FAC's gradients function for "kfac"."""
+  model = Model(problem.model, inputs=lambda batch: (batch["x"],),
+                kwargs=lambda rng, train: problem.model_kwargs(rng))
   if name == "kfac":
-    return kfac.make_train_step(problem.model, layers, problem.loss_fn, tx, fisher=fisher,
-                                likelihood=problem.likelihood,
-                                model_kwargs=problem.model_kwargs)
-
-  def loss_fn(params, batch, rng, train):
-    out = problem.model.apply({"params": params}, batch["x"], **problem.model_kwargs(rng))
-    return problem.loss_fn(out, batch)
-  return make_train_step(loss_fn, tx)
+    from sdl.kernels import conv3d as direct_kernels  # the kernel workaround: the caller's
+    grads = kfac.gradients(layers, fisher=fisher, likelihood=problem.likelihood,
+                           transposable=direct_kernels.disabled)
+    return make_train_step(model, problem.loss_fn, tx, gradients=grads)
+  return make_train_step(model, problem.loss_fn, tx)
 
 
 class JitStep:

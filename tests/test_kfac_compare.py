@@ -13,12 +13,12 @@ from PIL import Image  # matplotlib's dependency: writes the test images, decode
 from experiments.configs import kfac as kfac_configs
 from sdl.data import image_folder
 from sdl.optim import kfac
-from sdl.train import kfac_study
+from experiments.trainers import kfac_compare
 
 
 def test_digits_autoencoder_study_writes_runs_summary_plots_and_resumes(tmp_path, capsys):
   config = kfac_configs.get_config("digits_autoencoder,smoke")
-  summary = kfac_study.compare(config, str(tmp_path))
+  summary = kfac_compare.compare(config, str(tmp_path))
   for name in ("summary.json", "summary.md", "loss_vs_steps.png", "loss_vs_seconds.png"):
     assert os.path.getsize(tmp_path / name) > 0
   runs = sorted(os.listdir(tmp_path / "runs"))
@@ -29,7 +29,7 @@ def test_digits_autoencoder_study_writes_runs_summary_plots_and_resumes(tmp_path
   assert history[-1]["loss"] < history[0]["loss"]
   assert set(summary["best"]) == {"kfac", "sgd", "adam"}
   capsys.readouterr()
-  kfac_study.compare(config, str(tmp_path))  # a rerun finds every run done
+  kfac_compare.compare(config, str(tmp_path))  # a rerun finds every run done
   assert capsys.readouterr().out.count("done earlier") == 3
 
 
@@ -44,7 +44,7 @@ def test_summary_ratios_against_the_best_first_order_run():
           run("sgd", 0.1, [0.9, 0.8, 0.7, 0.6, 0.45], 0.01),
           run("sgd", 0.3, [0.9, 0.8, float("nan")], 0.01),
           run("adam", 0.01, [0.9, 0.7, 0.6, 0.49], 0.01)]
-  s = kfac_study.summarize(config, runs)
+  s = kfac_compare.summarize(config, runs)
   assert s["best"]["adam"]["steps"] == 30 and s["best"]["sgd"]["steps"] == 40
   r = s["kfac_vs_best_first_order"]
   assert r["steps_ratio"] == pytest.approx(20 / 30)
@@ -52,7 +52,7 @@ def test_summary_ratios_against_the_best_first_order_run():
   assert r["step_time_vs_sgd"] == pytest.approx(2.0)
   assert "met before training" not in s["table"]
   config.train.target_loss = 0.95  # every run starts below it: no ratio, and a hint
-  s = kfac_study.summarize(config, runs)
+  s = kfac_compare.summarize(config, runs)
   assert s["kfac_vs_best_first_order"]["steps_ratio"] is None
   assert "met before training (initial loss 0.9000" in s["table"]
 
@@ -110,7 +110,7 @@ def test_resnet_problem_on_a_tiny_folder_factors_every_conv(tmp_path):
   config = kfac_configs.get_config("resnet50_imagenet,smoke")
   config.data.path = str(data)
   config.optimizers = ("kfac",)
-  problem = kfac_study.make_problem(config)
+  problem = kfac_compare.make_problem(config)
   layers = kfac.find_layers(problem.model, problem.example)
   params = problem.model.init(jax.random.key(0), problem.example)["params"]
   kernels = [p for p in jax.tree_util.tree_leaves_with_path(params)
@@ -118,7 +118,7 @@ def test_resnet_problem_on_a_tiny_folder_factors_every_conv(tmp_path):
   assert len(layers) == len(kernels) == 1 + 4 * 4 + 1  # stem, 4 blocks (3 convs + proj), fc
   assert problem.eval_batch["x"].shape == (8, 32, 32, 3)
   config.train.update(steps=3, eval_every=3)
-  run = kfac_study.train_one(config, problem, "kfac", 0.3, progress=False)
+  run = kfac_compare.train_one(config, problem, "kfac", 0.3, progress=False)
   assert [h["step"] for h in run["history"]] == [0, 3]
   assert all(np.isfinite(h["loss"]) for h in run["history"])
 
@@ -138,18 +138,18 @@ def test_image_folder_survives_many_batched_reads(tmp_path):
 
 def test_digits_cnn_kfac_learns_in_a_few_steps():
   config = kfac_configs.get_config("digits_cnn,smoke")
-  problem = kfac_study.make_problem(config)
+  problem = kfac_compare.make_problem(config)
   assert len(kfac.find_layers(problem.model, problem.example)) == 4  # 2 convs, 2 dense
-  run = kfac_study.train_one(config, problem, "kfac", 0.3, progress=False)
+  run = kfac_compare.train_one(config, problem, "kfac", 0.3, progress=False)
   losses = [h["loss"] for h in run["history"]]
   assert losses[-1] < 0.8 * losses[0]  # cross-entropy from ~log(10) on all 1,437 images
 
 
 def test_profile_whole_steps_by_kind_and_inversion_exponent():
-  from sdl.bench import kfac_profile
+  from experiments.trainers import kfac_profile
   config = kfac_configs.get_config("digits_autoencoder,smoke")
   config.kfac.update(stats_every=2, inverse_every=4)
-  steps = kfac_profile.whole_steps(config, kfac_study.make_problem(config), cycles=2)
+  steps = kfac_profile.whole_steps(config, kfac_compare.make_problem(config), cycles=2)
   assert steps["sgd"] > 0 and steps["kfac"] > 0 and steps["cycles"] == 2
   assert set(steps["kfac_by_kind"]) == {"plain", "statistics", "inversion"}
   widths = [64, 128, 256, 512]
@@ -165,7 +165,7 @@ def test_jit_step_compiles_every_phase_ahead_so_timed_steps_never_trace():
     add = 1.0 + (2.0 if phase.stats else 0.0) + (4.0 if phase.inverse else 0.0)
     return state + add * batch, {"loss": state.sum()}
 
-  step = kfac_study.JitStep(fn, (2, 3))
+  step = kfac_compare.JitStep(fn, (2, 3))
   state, batch = jnp.zeros(3), jnp.ones(3)
   step.compile(state, batch)
   assert sorted(traces) == sorted({kfac.phase_at(i, 2, 3) for i in range(6)})  # 4 phases

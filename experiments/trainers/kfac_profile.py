@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.trainers.kfac_compare import Problem, jit_step, make_problem, make_tx
 from sdl.bench.timing import measure
 from sdl.optim import kfac
-from sdl.train.kfac_study import Problem, jit_step, make_problem, make_tx
-from sdl.train.state import TrainState
+from sdl.train.step import TrainState
 
 
 def _timed(fn, *args, runs):
@@ -53,9 +53,10 @@ def step_parts(config, problem: Problem | None = None, runs: int = 10) -> dict:
                                               batch)[0])(params)
 
   def tagged(params, batch):
-    eps = kfac.zero_perturbations(model, layers, params, batch["x"], **kw)
-    out, pullback, inputs = jax.vjp(lambda p, e: kfac.apply(model, layers, p, e, batch["x"],
-                                                            **kw), params, eps, has_aux=True)
+    forward = kfac.module_forward(model, batch["x"], **kw)
+    eps = kfac.zero_perturbations(forward, layers, params)
+    out, pullback, (inputs, _) = jax.vjp(
+        lambda p, e: kfac.tagged_forward(forward, layers, p, e), params, eps, has_aux=True)
     d_out = jax.grad(lambda o: problem.loss_fn(o, batch)[0])(out)
     grads, d_layers = pullback(d_out)
     return grads, d_layers, inputs, out, pullback
@@ -69,7 +70,7 @@ def step_parts(config, problem: Problem | None = None, runs: int = 10) -> dict:
     return grads, d_layers, inputs, pullback(sampled.astype(out.dtype))[1]
 
   grads, d_layers, inputs = jax.jit(tagged_only)(params, batch)
-  out_grads = {name: g * n for name, g in kfac._by_layer(d_layers).items()}
+  out_grads = {name: g * n for name, g in kfac.by_layer(d_layers).items()}
 
   def statistics(inputs, out_grads):
     return {name: kfac.layer_factors(spec, inputs[name], out_grads[name])
@@ -82,14 +83,14 @@ def step_parts(config, problem: Problem | None = None, runs: int = 10) -> dict:
     out = {}
     for name, (a, g) in factors.items():
       da, dg = kfac.factored_damping(a, g, k.damping, k.pi_damping, k.relative_damping)
-      out[name] = (kfac._damped_inverse(a, da, k.inversion),
-                   kfac._damped_inverse(g, dg, k.inversion))
+      out[name] = (kfac.damped_inverse(a, da, k.inversion),
+                   kfac.damped_inverse(g, dg, k.inversion))
     return out
 
   inverses = jax.jit(inversion)(factors)
 
   def precondition(inverses, grads, inputs, d_layers):
-    flat, out = kfac._flat(grads), []
+    flat, out = kfac.flatten_paths(grads), []
     for name, spec in layers.items():
       kernel = flat[(*spec.path, "kernel")]
       bias = flat.get((*spec.path, "bias")) if spec.has_bias else None
@@ -109,7 +110,7 @@ def step_parts(config, problem: Problem | None = None, runs: int = 10) -> dict:
       "statistics": _timed(statistics, inputs, out_grads, runs=runs),
       "inversion": _timed(inversion, factors, runs=max(3, runs // 3)),
       "preconditioning": _timed(precondition, inverses, grads, inputs,
-                                kfac._by_layer(d_layers), runs=runs),
+                                kfac.by_layer(d_layers), runs=runs),
   }
   parts["fisher backward"] = max(parts.pop("forward/backward + fisher backward")
                                  - parts["forward/backward (tagged)"], 0.0)
@@ -190,7 +191,7 @@ def inversion_scaling(widths=(64, 128, 256, 512, 1024, 2048), runs: int = 3) -> 
     m = jnp.asarray(a.T @ a / (2 * d))
     row = {"width": d}
     for method in kfac.INVERSIONS:
-      row[method] = measure(jax.jit(lambda m, method=method: kfac._damped_inverse(m, 1e-3, method)),
+      row[method] = measure(jax.jit(lambda m, method=method: kfac.damped_inverse(m, 1e-3, method)),
                             m, runs=runs).median_s
     rows.append(row)
   return rows

@@ -1,0 +1,179 @@
+"""The CosmoFlow trainer, top to bottom: validate, mesh, data, model, step, loop.
+
+Hybrid data x spatial parallelism: the batch is split over the mesh axis that the `batch`
+rule names (`data`) and each volume's depth over the one `depth` names (`spatial`); XLA's
+SPMD partitioner exchanges the convolution halos. Parameters and optimiser state are
+replicated, or split FSDP-style over `data` (`config.mesh.params`). After
+`model.spatial_layers` conv/pool layers the activations are constrained to pure data
+parallelism. Fork this file to train another model family on the same library.
+"""
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdl.data import cosmoflow as data
+from sdl.data import loader
+from sdl.data.sampler import EpochSampler
+from sdl.kernels import conv3d as direct_kernels
+from sdl.models.conv import LOWERINGS
+from sdl.models.cosmoflow import VARIANTS, CosmoFlow, resolve_spatial_layers
+from sdl.optim import make_optimizer
+from sdl.parallel import ConfigError, Partitioner, make_mesh
+from sdl.parallel.mesh import check_mesh_config, resolve_mesh_shape
+from sdl.parallel.sharding import PARAM_SHARDINGS, VOLUME_AXES
+from sdl.train import loop
+from sdl.train.checkpoint import abstract_like
+from sdl.train.evaluate import evaluate
+from sdl.train.step import Model, TrainState, init_state, make_eval_step, make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a validated config resolves to; the rest of the trainer reads only this."""
+  mesh_shape: tuple[int, ...]
+  mesh_axes: tuple[str, ...]
+  rules: tuple[tuple[str, str], ...]
+  data_shards: int
+  depth_shards: int
+  spatial_layers: int
+  params: str
+
+
+def validate(config, num_devices: int) -> Plan:
+  """Every check that can fail before compiling; errors name the field and the fix."""
+  m, d, t = config.model, config.data, config.train
+  if m.variant not in VARIANTS:
+    raise ConfigError(f"model.variant={m.variant!r}: choose one of {VARIANTS}")
+  if m.compute_dtype not in DTYPES:
+    raise ConfigError(f"model.compute_dtype={m.compute_dtype!r}: choose one of {tuple(DTYPES)}")
+  if m.conv_lowering not in LOWERINGS:
+    raise ConfigError(f"model.conv_lowering={m.conv_lowering!r}: choose one of {LOWERINGS}")
+  check_mesh_config(config.mesh.shape, config.mesh.axes, num_devices)
+  shape = resolve_mesh_shape(config.mesh.shape, num_devices)
+  axes = tuple(config.mesh.axes)
+  rules = tuple((str(logical), str(mesh_axis)) for logical, mesh_axis in config.mesh.rules)
+  # A rule whose mesh axis this mesh lacks leaves that logical axis unsplit (the default
+  # rules name spatial_h, which a data x spatial mesh does not have).
+  if not any(logical == "batch" and mesh_axis in axes for logical, mesh_axis in rules):
+    raise ConfigError(f"mesh.rules {rules} map 'batch' onto none of mesh.axes {axes}: add a "
+                      "rule ('batch', AXIS) for the data-parallel axis")
+  if config.mesh.params not in PARAM_SHARDINGS:
+    raise ConfigError(f"mesh.params={config.mesh.params!r}: choose one of {PARAM_SHARDINGS}")
+  sizes, mapped = dict(zip(axes, shape)), dict(rules)
+  size_of = lambda logical: sizes.get(mapped.get(logical), 1)
+  data_shards, depth, height = size_of("batch"), size_of("depth"), size_of("height")
+  if t.batch_size % data_shards:
+    raise ConfigError(
+        f"train.batch_size={t.batch_size} is not divisible by the '{mapped.get('batch')}' "
+        f"mesh axis ({data_shards} devices); use a multiple of {data_shards} or change "
+        "mesh.shape")
+  if d.input_size > d.universe_size:
+    raise ConfigError(f"data.input_size={d.input_size} exceeds data.universe_size="
+                      f"{d.universe_size}; crops are cut from universes")
+  if d.source not in data.SOURCES:
+    raise ConfigError(f"data.source={d.source!r}: choose one of {data.SOURCES}")
+  if d.source != "generate" and not d.path:
+    raise ConfigError(f"data.source={d.source!r} reads a dataset: set data.path to a directory "
+                      "written by `python -m experiments.make_dataset`")
+  layers = resolve_spatial_layers(m.variant, d.input_size, depth, height, m.spatial_layers)
+  return Plan(shape, axes, rules, data_shards, depth, layers, config.mesh.params)
+
+
+def build_model(config, plan: Plan, partitioner: Partitioner | None) -> CosmoFlow:
+  return CosmoFlow(variant=config.model.variant, input_size=config.data.input_size,
+                   spatial_layers=plan.spatial_layers, partitioner=partitioner,
+                   dtype=DTYPES[config.model.compute_dtype],
+                   conv_lowering=config.model.conv_lowering)
+
+
+def step_model(module: CosmoFlow) -> Model:
+  """How the train step calls CosmoFlow: dropout's rng only when training."""
+  def kwargs(rng, train):
+    return {"train": train, **({"rngs": {"dropout": rng}} if train else {})}
+  return Model(module, inputs=lambda batch: (batch["volume"],), kwargs=kwargs)
+
+
+def loss_fn(pred, batch):
+  """Mean squared error on the four parameters; MAE overall and per parameter."""
+  err = pred - batch["label"]
+  return jnp.mean(err ** 2), {"mae": jnp.mean(jnp.abs(err)),
+                              "mae_param": jnp.mean(jnp.abs(err), axis=0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """The jitted pieces of a CosmoFlow run on one mesh."""
+  model: CosmoFlow
+  init_state: Callable[[], TrainState]
+  train_step: Callable
+  eval_step: Callable
+  schedule: Callable[[int], float]
+  phase_of: Callable[[int], object] | None
+  abstract_state: TrainState  # shapes + shardings, for restores and memory analysis
+  batch_sharding: dict
+
+
+def build(config, plan: Plan, mesh) -> Compiled:
+  """Model, optimiser and the jitted init/train/eval functions with explicit shardings."""
+  part = Partitioner.create(mesh, dict(plan.rules))
+  module = build_model(config, plan, part)
+  model = step_model(module)
+  sample = data.sample_batch(config)
+  # K-FAC's curvature products transpose the model, which sdl's direct CPU conv kernel
+  # (a custom call) cannot: that pass runs with the kernel off.
+  optimizer = make_optimizer(config.optim, config.train.steps, model=module,
+                             example=(sample["volume"],), transposable=direct_kernels.disabled)
+  init = lambda: init_state(model, optimizer.tx, sample, config.seed)
+
+  # Created directly in its shardings, never whole on one device first.
+  state_shape = jax.eval_shape(init)
+  state_sharding = part.state_shardings(state_shape, plan.params)
+  batch_sharding = {"volume": part.sharding(VOLUME_AXES), "label": part.sharding(("batch", None))}
+  step = make_train_step(model, loss_fn, optimizer.tx, gradients=optimizer.gradients)
+  train_step = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, part.replicated()), donate_argnums=0,
+                       static_argnums=2)  # the phase
+  eval_step = jax.jit(make_eval_step(model, loss_fn),
+                      in_shardings=(state_sharding.params, state_sharding.model_state,
+                                    batch_sharding),
+                      out_shardings=part.replicated())
+  return Compiled(module, jax.jit(init, out_shardings=state_sharding), train_step, eval_step,
+                  optimizer.schedule, optimizer.phase_of,
+                  abstract_like(state_shape, state_sharding), batch_sharding)
+
+
+def abstract_batch(config, batch_sharding: dict) -> dict:
+  sample = data.sample_batch(config, config.train.batch_size)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding[k])
+          for k, v in sample.items()}
+
+
+def run(config, workdir: str, *, datasets=None, hooks=()) -> TrainState:
+  """Train CosmoFlow as `config` says, in `workdir` (resuming if it holds checkpoints)."""
+  plan = validate(config, jax.device_count())
+  mesh = make_mesh(plan.mesh_shape, plan.mesh_axes)
+  print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; "
+        f"{plan.spatial_layers} conv/pool layers depth-split", flush=True)
+  c = build(config, plan, mesh)
+  train_source, val_source = data.make_sources(config, c.batch_sharding, datasets)
+  batch_size = config.train.batch_size
+  sampler = EpochSampler(len(train_source), batch_size, config.seed)
+  # Sorted: cheaper gathers and reads, the same set of samples.
+  get_batch = loader.Prefetcher(lambda step: train_source.batch(np.sort(sampler.indices(step))),
+                                depth=config.data.prefetch)
+  try:
+    state = loop.fit(workdir=workdir, config=config, init_state=c.init_state,
+                     abstract_state=c.abstract_state, train_step=c.train_step,
+                     get_batch=get_batch, schedule=c.schedule, phase_of=c.phase_of,
+                     evaluate=lambda s: evaluate(c.eval_step, s, val_source, batch_size),
+                     hooks=hooks)
+  finally:
+    get_batch.close()
+  print(f"input pipeline ({config.data.source}): the loop waited {get_batch.wait_seconds:.2f} s "
+        f"for {get_batch.batches} batches", flush=True)
+  return state

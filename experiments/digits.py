@@ -1,23 +1,8 @@
-"""Train on the 8x8 digits: `python -m experiments.digits --config=experiments/configs/digits.py:autoencoder_kfac --workdir=runs/digits`."""
-from absl import app, flags, logging
-from ml_collections import config_flags
+"""Train on the 8x8 digits: `python -m experiments.digits --config=experiments/configs/digits.py:autoencoder_kfac --workdir=runs/digits`.
 
-from sdl.parallel import ensure_cpu_devices
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/digits.py:autoencoder", "Config file (and :variant).",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Checkpoints, metrics, plots.")
-
-
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-  ensure_cpu_devices(config.mesh.cpu_devices)  # before JAX starts its backend
-  from experiments.trainers import digits  # noqa: PLC0415 (jax-heavy, after the above)
-  digits.run(config, _WORKDIR.value)
-
+The trainer is `experiments/trainers/digits.py`.
+"""
+from experiments.trainers import entry
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.main("digits", "experiments/configs/digits.py:autoencoder", "runs/digits")

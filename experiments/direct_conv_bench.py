@@ -8,7 +8,7 @@ cubic `side + 2` input. For each, the forward pass and the kernel gradient throu
 `sdl.kernels.conv3d` (`forward`, `kernel_grad`) and through the depth-folded lowering
 (`sdl.models.conv.fold_depth` and its kernel gradient), jitted, median of `--runs` after
 a warm-up, in GFLOP/s (2 x positions x 27 x C x O per pass). These are the measurements
-behind `sdl.kernels.conv3d.use_direct`'s thresholds (docs/benchmarks.md, session 11).
+behind `sdl.kernels.conv3d.use_direct`'s thresholds (docs/design/direct-kernel.md).
 `--stream_bytes` overrides `sdl.kernels.conv3d.STREAM_BYTES` (-1: no streaming stores).
 """
 import numpy as np

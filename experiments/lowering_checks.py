@@ -1,4 +1,4 @@
-r"""Checks behind some of sdl's CPU choices (docs/benchmarks.md, sessions 12 and 13).
+r"""Checks behind some of sdl's CPU choices (docs/design/).
 
     python -m experiments.lowering_checks --check=planes       # fold vs one GEMM per shape
     python -m experiments.lowering_checks --check=steps        # GEMM_MAX_PLANE 4 vs 16, whole nets
@@ -13,7 +13,7 @@ forward + backward (input and kernel gradients), GFLOP/s, median of `--runs` in 
 `steps`: forward + backward of CosmoFlow networks compiled with `GEMM_MAX_PLANE` 4 and 16,
 timed in turns. `after_torch`: sdl's folded layer timed alone, then with a PyTorch conv3d
 between its calls (`sdl.bench.timing.LEAD_IN_S`, set by `--lead_in_s`, gives each short call
-untimed runs of its own first; 0 times it right after PyTorch, as before session 12).
+untimed runs of its own first; 0 times it right after PyTorch, with no lead-in).
 `host_memory`: CosmoFlow's first layer (`HOST_MEMORY_LAYER`, direct kernel forward) in two
 fresh processes, `SDL_KEEP_FREED_MEMORY=0` and the default (`sdl.host_memory`): median
 time per call, page faults per call (`getrusage`), GFLOP/s. `step_faults`: the same two

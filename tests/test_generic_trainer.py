@@ -132,3 +132,36 @@ def test_checkpoints_of_an_older_sdl_or_another_config_get_a_clear_message(tmp_p
   with pytest.raises(CheckpointError, match=r"written by an older sdl.*no model_state.*"
                                             r"another --workdir, or delete"):
     trainer.run(smoke("autoencoder", train__steps=8), workdir)
+
+
+@pytest.mark.parametrize("configure", [True, False])
+def test_entry_point_records_the_process_settings_it_applied(configure, tmp_path):
+  """`python -m experiments.digits`: the process settings are applied (or, with the config
+  knob off, not) before anything else, and `config.json` says which."""
+  import json
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.digits",
+       "--config=experiments/configs/digits.py:autoencoder,smoke", f"--workdir={tmp_path}",
+       "--config.train.steps=2", "--config.train.eval_every=2",
+       f"--config.process.configure={configure}"],
+      cwd=root, capture_output=True, text=True, timeout=600,
+      env={k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "OPENBLAS_THREAD_TIMEOUT", "SDL_PROCESS_SETTINGS")})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "step 2/2 | loss" in out.stdout
+  config = json.loads((tmp_path / "config.json").read_text())
+  applied = config["process"]["applied"]
+  assert config["process"]["configure"] is configure and applied["enabled"] is configure
+  if configure:
+    assert applied["openblas_idle"] is True  # in time: before numpy loaded
+    assert applied["allocator"] is (host_memory_supported())
+  else:
+    assert applied["allocator"] is None and applied["lapack_threads"] is None
+
+
+def host_memory_supported() -> bool:
+  from sdl import host_memory
+  return host_memory._glibc() is not None

@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == "digits_autoencoder":
     # Mean sigmoid cross-entropy per pixel over the training set: about where the best tuned
-    # first-order run ends after 300 steps (set from a first sweep, 2026-11-26).
+    # first-order run ends after 300 steps (set from a first sweep).
     c.train.target_loss = 0.245
     # Batch 1024 (of 1,437 images): at batch 256, about the width of the widest layers,
     # preconditioning alone costs 0.44 x the forward/backward FLOPs and the statistics
@@ -84,10 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # each module gets its own share of the KL budget (`kl_clip_per_layer`): with one
     # global clip, the largest module's step shrank every other's. Conv5's 32 positions
     # make its gradient cheaper to precondition from the batch's factors (`grad_factors`,
-    # the default): 0.53 x Adam's steps to the target and 0.67 x its seconds, at 1.31 x
-    # an SGD step (docs/benchmarks.md, CosmoFlow, session 10); 0.56 x, 0.81 x and 1.50 x
-    # without it (session 9); with the identity fallback and one clip, 0.78 x, 0.95 x and
-    # 1.30 x (session 8).
+    # the default), which cuts the step's preconditioning cost (the amortised K-FAC step
+    # went from 1.50 x to 1.31 x an SGD step; docs/benchmarks.md, K-FAC).
     # Statistics every 10 steps: conv2's and conv3's patch factors (865 and 1,729 wide over
     # 16³ and 8³ positions) cost more than the step itself.
     # λ = 0.1: with 1e-2 K-FAC oscillated and saturated the tanh output at every lr in a
@@ -99,8 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # was best without momentum, while the batch-4 noise, which does not persist, is
     # averaged over about 10 steps. Without momentum (κ 1e-2) K-FAC first reached the
     # target at step 100; with it, 90 or sooner in 120-step probes with β 0.5, 0.8 and 0.9
-    # at the same κ / (1 - β)² (docs/benchmarks.md, CosmoFlow, session 14). Momentum 0.9
-    # with κ 1e-3 (100 x the persistent step) took 1.56 x Adam's steps (session 7).
+    # at the same κ / (1 - β)² (docs/benchmarks.md, K-FAC). Momentum 0.9 with κ 1e-3
+    # (a persistent step of 0.1, 10 x that) took 1.56 x Adam's steps.
     c.kfac.update(inversion="cholesky", damping=0.1, max_factor_dim=2048, stats_every=10,
                   momentum=0.9, kl_clip=1e-4, wide_conv="channels", kl_clip_per_layer=True)
     c.sweep = dict(sgd=(0.01, 0.03), adam=(1e-4, 3e-4, 1e-3), kfac=(1.0, 3.0))

@@ -56,7 +56,7 @@ def times_interleaved(calls: Sequence[tuple[Callable, tuple]], warmup: int = 2,
   a loop of its own ops, once the previous library's idle threads have stopped spinning:
   PyTorch's OpenMP threads spin for milliseconds after each op, and on the 2-core VM the sdl
   layer timed right after one ran up to 2 x slower (lbann conv5, 4³ x 128 → 256: 146 → 75
-  GFLOP/s forward; `experiments.lowering_checks --check=after_torch`, session 12).
+  GFLOP/s forward; `experiments.lowering_checks --check=after_torch`).
   """
   last = [0.0] * len(calls)
   for j, (fn, args) in enumerate(calls):

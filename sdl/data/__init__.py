@@ -1,1 +1,2 @@
-"""Data: synthetic universes and in-memory datasets."""
+"""Data: synthetic universes, datasets on disk and in memory, batch sources and the
+epoch sampler, CosmoFlow's and the digits' data."""

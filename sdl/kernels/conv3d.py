@@ -31,7 +31,7 @@ from sdl.kernels import build
 
 FORWARD, KERNEL_GRAD = "sdl_conv3d_f32", "sdl_conv3d_kernel_grad_f32"
 # Which layers go direct (`use_direct`), from per-layer timings on the 2-core EPYC VM
-# (docs/benchmarks.md, session 11): with at most `MAX_CHANNELS` input channels always
+# (`experiments.direct_conv_bench`, docs/design/direct-kernel.md): with at most `MAX_CHANNELS` input channels always
 # (im2col + GEMM is starved there); otherwise where output rows are at least `MIN_WIDTH`
 # long and the kernel at most `MAX_KERNEL_BYTES`. The kernel is re-read from cache for
 # every row tile, so at 8³ with a 14 MB kernel the folded GEMM lowering wins 2-3 x,
@@ -45,7 +45,7 @@ LANES = 16  # output channels come in vectors of 16 floats (conv3d.cc)
 # larger than the caches, they would only evict the input and kernel on their way to
 # memory. With them CosmoFlow's first layer (2 x 128³ x 4 → 32, 537 MB out) ran at 198
 # GFLOP/s against 152 without (`experiments.direct_conv_bench [--stream_bytes=-1]`,
-# docs/benchmarks.md, session 13). 0 streams every output, -1 none.
+# docs/design/direct-kernel.md). 0 streams every output, -1 none.
 STREAM_BYTES = 64 << 20
 
 _lock = threading.Lock()

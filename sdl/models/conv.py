@@ -1,7 +1,7 @@
 """3D convolution with a lowering chosen per backend: native, or depth-folded onto 2D.
 
 XLA:CPU's native 3D convolution is slow (4-38 GFLOP/s on 2 cores where oneDNN reaches
-37-112 for the same layers, ../shared/DESIGN.md). Folding the depth taps into channels
+37-112 for the same layers; docs/design/folded-conv.md). Folding the depth taps into channels
 turns a `kd x kh x kw` 3D convolution into one 2D convolution over `batch * depth_out`
 images with `kd * C` input channels,
 
@@ -169,7 +169,7 @@ def extend(x, axis_name, dim, kernel, stride, padding):
 # backward as a GEMM (`experiments.layer_bench`, docs/benchmarks.md). 4³ layers (planes of
 # 16) gain too: 4³ x 128 → 256, batch 2, forward / forward + backward 123 / 115 GFLOP/s
 # folded, 141 / 147 as a GEMM; at 8³ (64) not on every pass (`experiments.lowering_checks
-# --check=planes`, session 12).
+# --check=planes`, docs/design/folded-conv.md).
 GEMM_MAX_PLANE = 16
 
 

@@ -755,7 +755,7 @@ def gradients(layers: dict[str, LayerSpec], *, fisher: str = "empirical",
   The step passes a static `phase` (a `Phase`, from `phase_at(step, ...)`; jit the step
   with `static_argnames="phase"`): steps without statistics then run the plain model, and
   none carries branches it does not take. On the CosmoFlow profile that made the amortised
-  K-FAC step 1.6 -> 1.3 x SGD's (`experiments.kfac_profile`, docs/design/kfac-phases.md).
+  K-FAC step 1.6 -> 1.3 x SGD's (`experiments.kfac_profile`, docs/benchmarks.md).
   Under the step's `shard_map` (`make_train_step(..., batch_axes=...)`) `axis_names` must
   be those batch axes, as for `kfac(...)`.
 

@@ -17,5 +17,10 @@ jax.config.update("jax_num_cpu_devices", 8)
 # source, a resumed run) are compiled once per session.
 import tempfile  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="sdl-jax-cache-"))
+CACHE = tempfile.mkdtemp(prefix="sdl-jax-cache-")
+jax.config.update("jax_compilation_cache_dir", CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Subprocess tests (the command line, kill -9, SIGTERM) share the cache through the
+# environment, so that each compiles what another already compiled only once.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"

@@ -13,7 +13,7 @@ from experiments.configs import digits as configs
 from experiments.trainers import digits as trainer
 from sdl.data import digits
 from sdl.parallel import make_mesh
-from sdl.train.checkpoint import MARKER, CheckpointError
+from sdl.errors import CheckpointError
 from sdl.train.metrics import read_jsonl
 
 
@@ -123,13 +123,15 @@ def test_any_mesh_axis_names(tmp_path):
 
 
 def test_checkpoints_of_an_older_sdl_or_another_config_get_a_clear_message(tmp_path):
+  import shutil
   config = smoke("autoencoder", train__steps=4)
   workdir = str(tmp_path / "run")
   trainer.run(config, workdir)
-  with pytest.raises(CheckpointError, match="does not match this run's train state"):
+  with pytest.raises(CheckpointError, match="model.name: 'autoencoder' in the checkpoint"):
     trainer.run(smoke("batchnorm_mlp", train__steps=8), workdir)
-  os.remove(os.path.join(workdir, "checkpoints", MARKER))  # as an older sdl left them
-  with pytest.raises(CheckpointError, match=r"written by an older sdl.*no model_state.*"
+  for step in os.listdir(os.path.join(workdir, "checkpoints")):  # as an older sdl left them
+    shutil.rmtree(os.path.join(workdir, "checkpoints", step, "meta"), ignore_errors=True)
+  with pytest.raises(CheckpointError, match=r"written by an older sdl.*without the config.*"
                                             r"another --workdir, or delete"):
     trainer.run(smoke("autoencoder", train__steps=8), workdir)
 

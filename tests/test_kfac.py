@@ -482,11 +482,53 @@ def test_find_layers_leaves_shared_and_unsupported_layers_to_the_fallback():
       shared = nn.Dense(4, name="shared")
       x = shared(shared(x))
       x = nn.Conv(4, (3,), padding="CIRCULAR", name="circular")(x[:, :, None])
+      x = nn.ConvTranspose(4, (3,), strides=(2,), name="transposed")(x)
+      x = nn.Conv(4, (3,), kernel_dilation=2, name="dilated")(x)
+      x = nn.Conv(4, (3,), feature_group_count=2, name="grouped")(x)
       x = nn.LayerNorm(name="norm")(x)
+      x = nn.Embed(3, 2, name="embed")(jnp.zeros(x.shape[:1], jnp.int32)) + x.sum()
       return nn.Dense(2, name="head")(x.reshape(x.shape[0], -1))
 
   x = jnp.ones((2, 4))
   assert set(kfac.find_layers(Mixed(), x)) == {"head"}
+
+
+def test_find_layers_reads_attributes_not_classes():
+  """A layer class sdl has never seen is factored when its attributes say what it is."""
+  class MyDense(nn.Module):
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+      kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+      return x @ kernel + self.param("bias", nn.initializers.zeros, (self.features,))
+
+  class MyConv(nn.Module):
+    features: int
+    kernel_size: tuple = (3, 3)
+    strides: tuple = (2, 1)
+    padding: str = "SAME"
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+      kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                          (*self.kernel_size, x.shape[-1], self.features))
+      return lax.conv_general_dilated(x, kernel, self.strides, self.padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = MyConv(4, name="conv")(x)
+      return MyDense(3, name="dense")(x.reshape(x.shape[0], -1))
+
+  layers = kfac.find_layers(Net(), jnp.ones((2, 6, 5, 2)))
+  # 'SAME' at stride 2 over 6 rows pads (0, 1), as XLA does
+  assert layers["conv"] == kfac.LayerSpec(("conv",), "conv", (3, 3, 2, 4), False, (2, 1),
+                                          ((0, 1), (1, 1)))
+  assert layers["dense"] == kfac.LayerSpec(("dense",), "dense", (60, 3), True)
 
 
 def test_diagonal_fallback_and_norm_clip():

@@ -66,7 +66,7 @@ def test_nan_loss_stops_with_the_step(smoke, tmp_path):
   config.optim.lr = 1e30
   config.optim.clip_norm = 0.0
   with pytest.raises(FloatingPointError,
-                     match=r"loss is nan at step \d+ \(mean of steps \d+-\d+\); lower optim.lr"):
+                     match=r"loss is nan at step \d+ \(mean of steps \d+-\d+\): lower optim.lr"):
     cosmoflow.run(config, str(tmp_path), datasets=datasets)
 
 

@@ -59,7 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       cpu_devices=4,            # emulate this many devices on a CPU host (None: real devices)
   )
   c.train = dict(steps=150, batch_size=4, log_every=10, eval_every=50,
-                 checkpoint_every=50, keep_checkpoints=2)
+                 checkpoint_every=50, keep_checkpoints=2,
+                 skip_nonfinite=False)  # True: skip NaN/inf updates (counted), go on
   c.log = dict(shown=("loss", "mae", "lr", "eval_loss", "eval_mae"),  # on the progress line
                plot_train=("loss",), plot_eval=("eval_loss", "eval_mae"))
 

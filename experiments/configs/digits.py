@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = dict(shape=(-1,), axes=("data",), rules=(("batch", "data"),), params="replicated",
                 cpu_devices=0)  # emulate N CPU devices (0: the real ones)
   c.train = dict(steps=300, batch_size=1024, log_every=10, eval_every=50,
-                 checkpoint_every=50, keep_checkpoints=2)
+                 checkpoint_every=50, keep_checkpoints=2,
+                 skip_nonfinite=False)  # True: skip NaN/inf updates (counted), go on
   c.eval = dict(batch_size=120)  # the 360 held-out digits in 3 batches
   c.log = dict(shown=("loss", "lr", "eval_loss"), plot_train=("loss",),
                plot_eval=("eval_loss",))

@@ -19,7 +19,7 @@ from sdl.data import loader
 from sdl.data.sampler import EpochSampler
 from sdl.kernels import conv3d as direct_kernels
 from sdl.models.conv import LOWERINGS
-from sdl.models.cosmoflow import VARIANTS, CosmoFlow, resolve_spatial_layers
+from sdl.models.cosmoflow import VARIANTS, CosmoFlow, head_widths, resolve_spatial_layers
 from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
 from sdl.parallel.mesh import check_mesh_config, resolve_mesh_shape
@@ -72,6 +72,11 @@ def validate(config, num_devices: int) -> Plan:
         f"train.batch_size={t.batch_size} is not divisible by the '{mapped.get('batch')}' "
         f"mesh axis ({data_shards} devices); use a multiple of {data_shards} or change "
         "mesh.shape")
+  loop.check_train_config(config)
+  if not head_widths(m.variant, d.input_size):
+    smallest = next(s for s in range(8, 1025, 8) if head_widths(m.variant, s))
+    raise ConfigError(f"data.input_size={d.input_size} is too small for the {m.variant} network "
+                      f"(its pools shrink it to nothing); use data.input_size>={smallest}")
   if d.input_size > d.universe_size:
     raise ConfigError(f"data.input_size={d.input_size} exceeds data.universe_size="
                       f"{d.universe_size}; crops are cut from universes")
@@ -80,6 +85,19 @@ def validate(config, num_devices: int) -> Plan:
   if d.source != "generate" and not d.path:
     raise ConfigError(f"data.source={d.source!r} reads a dataset: set data.path to a directory "
                       "written by `python -m experiments.make_dataset`")
+  if d.source == "generate" and d.val_universes * d.crops_per_universe < t.batch_size:
+    raise ConfigError(
+        f"the validation set (data.val_universes={d.val_universes} x data.crops_per_universe="
+        f"{d.crops_per_universe} = {d.val_universes * d.crops_per_universe} samples) is smaller "
+        f"than train.batch_size={t.batch_size}; add validation universes")
+  if d.source == "generate" and d.train_universes * d.crops_per_universe < t.batch_size:
+    raise ConfigError(
+        f"the training set ({d.train_universes * d.crops_per_universe} samples) is smaller than "
+        f"train.batch_size={t.batch_size}; add data.train_universes")
+  spatial = str(m.spatial_layers)
+  if spatial != "auto" and not spatial.isdigit():
+    raise ConfigError(f"model.spatial_layers={m.spatial_layers!r}: give 'auto' or a number of "
+                      "leading conv/pool layers")
   layers = resolve_spatial_layers(m.variant, d.input_size, depth, height, m.spatial_layers)
   return Plan(shape, axes, rules, data_shards, depth, layers, config.mesh.params)
 
@@ -134,7 +152,8 @@ def build(config, plan: Plan, mesh) -> Compiled:
   state_shape = jax.eval_shape(init)
   state_sharding = part.state_shardings(state_shape, plan.params)
   batch_sharding = {"volume": part.sharding(VOLUME_AXES), "label": part.sharding(("batch", None))}
-  step = make_train_step(model, loss_fn, optimizer.tx, gradients=optimizer.gradients)
+  step = make_train_step(model, loss_fn, optimizer.tx, gradients=optimizer.gradients,
+                         skip_nonfinite=config.train.skip_nonfinite)
   train_step = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, part.replicated()), donate_argnums=0,
                        static_argnums=2)  # the phase
@@ -156,10 +175,14 @@ def abstract_batch(config, batch_sharding: dict) -> dict:
 def run(config, workdir: str, *, datasets=None, hooks=()) -> TrainState:
   """Train CosmoFlow as `config` says, in `workdir` (resuming if it holds checkpoints)."""
   plan = validate(config, jax.device_count())
+  loop.check_workdir(workdir)
   mesh = make_mesh(plan.mesh_shape, plan.mesh_axes)
   print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; "
         f"{plan.spatial_layers} conv/pool layers depth-split", flush=True)
   c = build(config, plan, mesh)
+  done = loop.finished(workdir, config, c.abstract_state)
+  if done is not None:  # nothing to train: no data to make either
+    return done
   train_source, val_source = data.make_sources(config, c.batch_sharding, datasets)
   batch_size = config.train.batch_size
   sampler = EpochSampler(len(train_source), batch_size, config.seed)

@@ -42,6 +42,7 @@ class Plan:
 
 
 def validate(config, num_devices: int) -> Plan:
+  loop.check_train_config(config)
   if config.model.name not in MODELS:
     raise ConfigError(f"model.name={config.model.name!r}: choose one of {tuple(MODELS)}")
   shape = tuple(config.mesh.shape)
@@ -90,7 +91,8 @@ def build(config, mesh, example: dict) -> Compiled:
   state_sharding = part.state_shardings(state_shape, config.mesh.params)
   batch_sharding = {"x": part.sharding(("batch", None, None, None)),
                     "y": part.sharding(("batch",))}
-  step = make_train_step(model, loss_fn, optimizer.tx, gradients=optimizer.gradients)
+  step = make_train_step(model, loss_fn, optimizer.tx, gradients=optimizer.gradients,
+                         skip_nonfinite=config.train.skip_nonfinite)
   train_step = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, part.replicated()), donate_argnums=0,
                        static_argnums=2)  # the phase
@@ -105,9 +107,13 @@ def build(config, mesh, example: dict) -> Compiled:
 def run(config, workdir: str, *, hooks=()) -> TrainState:
   """Train as `config` says, in `workdir` (resuming if it holds checkpoints)."""
   plan = validate(config, jax.device_count())
+  loop.check_workdir(workdir)
   mesh = make_mesh(plan.mesh_shape, config.mesh.axes, devices=jax.devices()[:plan.devices])
   x, y, test_x, test_y = digits.load(config.seed)
   c = build(config, mesh, {"x": x[:1], "y": y[:1]})
+  done = loop.finished(workdir, config, c.abstract_state)
+  if done is not None:
+    return done
   train = ArraySource({"x": x, "y": y}, c.batch_sharding)
   test = ArraySource({"x": test_x, "y": test_y}, c.batch_sharding)
   sampler = EpochSampler(len(train), config.train.batch_size, config.seed)

@@ -1,25 +1,100 @@
 """The thin command line of a trainer: `--config` (file and `:variant`) and `--workdir`,
-then `trainer.run(config, workdir)` once the CPU devices the config asks for exist."""
+then `trainer.run(config, workdir)` once the CPU devices the config asks for exist.
+
+A user's mistake (a bad flag or override, a config that cannot run, bad data, a checkpoint
+that does not fit: `sdl.errors.UserError`) prints one line, `error: ...`, and exits with
+status 2; `--traceback` (or `SDL_TRACEBACK=1`) shows the whole traceback instead. A run
+stopped by SIGTERM saves a checkpoint and exits with status 143 (128 + SIGTERM).
+"""
 import importlib
+import os
+import re
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sdl.errors import Preempted, UserError
 from sdl.parallel import ensure_cpu_devices
+
+EXIT_USER_ERROR, EXIT_PREEMPTED = 2, 143
+
+
+def wants_traceback(argv=sys.argv) -> bool:
+  return "--traceback" in argv or os.environ.get("SDL_TRACEBACK", "") not in ("", "0")
+
+
+def fail(message: str, status: int = EXIT_USER_ERROR):
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def parse_flags(argv):
+  """absl's parsing, but a bad flag, override or config file is one line and status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as error:  # noqa: BLE001 (absl's errors and the config overrides' alike)
+    if wants_traceback(argv):
+      raise
+    fail(flag_error_message(error))
+
+
+def flag_error_message(error: Exception) -> str:
+  """One line for a flag-parsing error: the flag and the innermost message (a config file
+  that raised has its traceback inside absl's message)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  flag = re.match(r"flag (--\S+): ", lines[0]) if lines else None
+  if any(line.startswith("Traceback") or "Traceback (most recent" in line for line in lines):
+    text = re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
+  else:
+    text = " ".join(lines)
+  text = text.replace("\\n", " ").replace('\\"', '"')
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a repr'd KeyError
+    text = text[1:-1]
+  return f"{flag[1]}: {text}" if flag and not text.startswith(flag[0]) else text
+
+
+def override_error_message(error: Exception, argv) -> str:
+  """One line for a `--config.a.b=...` override that names no field: the override and
+  ml_collections' suggestion."""
+  text = str(error).replace("\\n", " ").replace("\\'", "'").replace('\\"', '"').strip("'\"")
+  key = re.match(r"'?(\w+)'?", text)
+  suggestion = re.search(r"Did you mean .*", text)
+  for arg in argv:
+    name = arg.split("=", 1)[0]
+    if key and name.startswith("--config.") and f".{key[1]}." in name + ".":
+      return (f"{arg}: the config has no field {key[1]!r}"
+              + (f"; {suggestion[0]}" if suggestion else ""))
+  return flag_error_message(error)
 
 
 def main(trainer: str, default_config: str, default_workdir: str) -> None:
   """Define the flags and run `experiments.trainers.<trainer>.run` (call it under
   `if __name__ == "__main__"`)."""
-  config_flag = config_flags.DEFINE_config_file(
-      "config", default_config, "Config file (and :variant).", lock_config=True)
+  try:  # ml_collections reads the overrides in sys.argv already here
+    config_flag = config_flags.DEFINE_config_file(
+        "config", default_config, "Config file (and :variant).", lock_config=True)
+  except Exception as error:  # noqa: BLE001 (a misspelled or ill-typed override)
+    if wants_traceback():
+      raise
+    fail(override_error_message(error, sys.argv))
   workdir_flag = flags.DEFINE_string("workdir", default_workdir, "Checkpoints, metrics, plots.")
+  flags.DEFINE_bool("traceback", False, "Show the full traceback of a user error.")
 
   def run(argv):
     del argv
     config = config_flag.value
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    ensure_cpu_devices(config.mesh.cpu_devices)  # before JAX starts its backend
-    # jax-heavy: imported once the devices are set
-    importlib.import_module(f"experiments.trainers.{trainer}").run(config, workdir_flag.value)
-  app.run(run)
+    # orbax's and absl's warnings on every save and resume say nothing a user can act on
+    logging.set_verbosity(logging.ERROR)
+    try:
+      ensure_cpu_devices(config.mesh.cpu_devices)  # before JAX starts its backend
+      # jax-heavy: imported once the devices are set
+      importlib.import_module(f"experiments.trainers.{trainer}").run(config, workdir_flag.value)
+    except Preempted as stop:
+      print(stop, file=sys.stderr, flush=True)
+      sys.exit(EXIT_PREEMPTED)
+    except UserError as error:
+      if wants_traceback():
+        raise
+      fail(str(error))
+  app.run(run, flags_parser=parse_flags)

@@ -10,11 +10,11 @@ large GEMMs) and a roofline PNG. Returns the markdown.
 import csv
 import os
 import platform
-import sys
 import time
 
 import jax
 
+from sdl import console
 from sdl.bench import layers, problems, roofline
 from sdl.bench.timing import measure_interleaved
 
@@ -104,9 +104,7 @@ def run(config, workdir: str) -> str:
       for pass_ in config.passes:
         rows += measure_cell_group(problem, precision, pass_, config, backend, device)
     elapsed = time.perf_counter() - start
-    print(f"\r[{i}/{len(todo)}] {problem.name} ({elapsed:.0f} s)", end="", file=sys.stderr,
-          flush=True)
-  print(file=sys.stderr)
+    console.progress(f"[{i}/{len(todo)}] {problem.name} ({elapsed:.0f} s)", final=i == len(todo))
   write_csv(os.path.join(workdir, "results.csv"), rows)
   points = [(f"{r['kind']} {r['layer']}", r["intensity"], r["tflops"] * 1e12) for r in rows
             if r["impl"] in ("xla", "xla-folded", "xla-blas") and r["precision"] == "highest"

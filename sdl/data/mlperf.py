@@ -18,11 +18,11 @@ import concurrent.futures
 import dataclasses
 import os
 import re
-import sys
 import time
 
 import numpy as np
 
+from sdl import console
 from sdl.data import store
 
 CHANNELS = 4
@@ -157,7 +157,7 @@ def import_cosmoflow(root: str, out: str, *, crop: int | None = None, workers: i
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       for done, _ in enumerate(pool.map(one, enumerate(sources)), 1):
         if progress:
-          print(f"\rimporting {root}: {done}/{len(sources)} files "
-                f"({time.perf_counter() - start:.1f} s)", end="\n" if done == len(sources)
-                else "", file=sys.stderr, flush=True)
+          console.progress(f"importing {root}: {done}/{len(sources)} files "
+                           f"({time.perf_counter() - start:.1f} s)",
+                           final=done == len(sources))
     return writer.commit()

@@ -1,7 +1,9 @@
 """Which samples each step trains on: a fresh permutation of all of them every epoch.
 
 Generic over datasets: anything with a length (volumes, graphs, audio windows) is sampled
-by index; the batch source then reads those indices.
+by index; the batch source then reads those indices. The order depends only on (seed,
+epoch), and the batch of step `s` is a pure function of `s`, so a run resumed at step `s`
+sees exactly the batches an uninterrupted run would.
 """
 import dataclasses
 

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorstore as ts
 
+from sdl.errors import DataError
+
 FORMAT = "sdl.cosmoflow-volumes"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,7 +44,7 @@ VOLUME_DTYPE, LABEL_DTYPE = np.dtype(np.int16), np.dtype(np.float32)
 MAX_CHUNK_DEPTH = 16  # 2 MiB chunks at 128² x 4 int16: few files, slabs of 8 shards aligned
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError, ValueError):
   """A dataset that is missing, incomplete or corrupt; the message names the file."""
 
 

@@ -1,21 +1,17 @@
-"""In-memory CosmoFlow datasets made of synthetic universes, and their batch order.
+"""In-memory CosmoFlow datasets made of synthetic universes.
 
 A dataset is `volumes` int16 `[sample, depth, height, width, 4]` and `labels` float32
 `[sample, 4]` (parameters scaled to [-1, 1]). Samples are crops of universes; the crops of
 one universe share its label. Training and validation use disjoint universes (disjoint
 seeds), so validation measures generalisation to new cosmologies, not new crops.
-
-The order of training samples depends only on (seed, epoch): each epoch is a fresh global
-permutation, and the batch of step `s` is a pure function of `s`. A run resumed at step
-`s` therefore sees exactly the batches an uninterrupted run would.
 """
 import concurrent.futures
 import dataclasses
-import sys
 import time
 
 import numpy as np
 
+from sdl import console
 from sdl.data import store, universes
 
 
@@ -58,8 +54,8 @@ def for_each_universe(seeds, spec: universes.UniverseSpec, crop_size: int,
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # numpy's FFTs release the GIL
     for done, _ in enumerate(pool.map(one, enumerate(seeds)), 1):
       if progress and (done == len(seeds) or done % max(1, len(seeds) // 10) == 0):
-        print(f"\rgenerating {desc}: {done}/{len(seeds)} ({time.perf_counter() - start:.1f} s)",
-              end="\n" if done == len(seeds) else "", file=sys.stderr, flush=True)
+        console.progress(f"generating {desc}: {done}/{len(seeds)} "
+                         f"({time.perf_counter() - start:.1f} s)", final=done == len(seeds))
 
 
 def make_dataset(seeds, spec: universes.UniverseSpec, crop_size: int, crops_per_universe: int,

@@ -164,6 +164,8 @@ def _layer_spec(module, x) -> LayerSpec | None:
   features, use_bias = getattr(module, "features", None), getattr(module, "use_bias", None)
   if not isinstance(features, int) or not isinstance(use_bias, bool):
     return None
+  if getattr(module, "transpose_kernel", None) is not None:  # a transposed convolution
+    return None
   kernel = module.variables.get("params", {}).get("kernel")
   size = getattr(module, "kernel_size", None)
   if size is None:  # dense: x @ kernel over the last axis

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from sdl.errors import ConfigError
 
-class ConfigError(ValueError):
-  """A config that cannot run; the message names the field and the fix."""
+
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

@@ -6,17 +6,29 @@ trainer for a new model family only builds its model, data and loss (see
 `eval_every`, `checkpoint_every`, `keep_checkpoints`, and (optional) `log.shown` (the
 metrics on the progress line) and `log.plot_train` / `log.plot_eval` (the series in the
 plot).
+
+What it guarantees:
+- No NaN reaches a checkpoint: the step's sticky `finite` flag is read before every save,
+  and a non-finite state stops the run with an error naming the last checkpoint, which
+  is then the one a rerun resumes from. A resume refuses a non-finite checkpoint.
+- A resume checks its checkpoint: the config saved with it is compared with the new one
+  (`sdl.train.run_config`), before `config.json` is touched.
+- The records after a resume equal the uninterrupted run's: the partial metric window is
+  saved with each checkpoint.
+- SIGTERM (a scheduler's preemption notice) saves a checkpoint and raises `Preempted`.
 """
-import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
-from sdl import process
+from sdl.errors import ConfigError, NonFiniteError, Preempted
+from sdl.train import run_config
 from sdl.train.checkpoint import Checkpointer
 from sdl.train.evaluate import scalars
 from sdl.train.metrics import MetricWriter, Progress, is_writer
@@ -25,19 +37,69 @@ from sdl.train.step import TrainState
 
 SHOWN = ("loss", "lr", "eval_loss")
 PLOT_TRAIN, PLOT_EVAL = ("loss",), ("eval_loss",)
+SKIPPED = "skipped_updates"  # a count in the records, not a mean
 
 
-def write_config(workdir: str, config) -> None:
-  """`workdir/config.json`: the resolved config, plus the process settings applied
-  (`sdl.process.applied()`) under `process.applied`."""
-  if not is_writer():
-    return
-  resolved = json.loads(config.to_json_best_effort())
-  resolved.setdefault("process", {})["applied"] = process.applied()
-  tmp = os.path.join(workdir, "config.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(resolved, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, "config.json"))
+class _Window:
+  """The metrics since the last record: device arrays of recent steps, plus host sums of
+  earlier ones (after a save, or carried over from the checkpoint a run resumed)."""
+
+  def __init__(self, carried: dict | None = None):
+    carried = carried or {}
+    self.sums = {k: np.asarray(v, np.float64) for k, v in carried.get("sums", {}).items()}
+    self.count = int(carried.get("count", 0))
+    self.pending = []
+
+  def add(self, metrics) -> None:
+    self.pending.append(metrics)
+
+  def collect(self) -> None:
+    """Move the pending steps' metrics into the host sums (one transfer)."""
+    if self.pending:
+      host = _host_sums(self.pending)
+      self.sums = {k: self.sums.get(k, 0.0) + v for k, v in host.items()}
+      self.count += len(self.pending)
+      self.pending = []
+
+  def __len__(self) -> int:
+    return self.count + len(self.pending)
+
+  def record(self) -> dict:
+    """The means (`skipped_updates`: the count) over the window, which is then emptied."""
+    self.collect()
+    skipped = float(self.sums.get(SKIPPED, 0.0))
+    kept = max(self.count - skipped, 1) if SKIPPED in self.sums else self.count
+    out = scalars({k: v for k, v in self.sums.items() if k != SKIPPED}, kept)
+    if SKIPPED in self.sums:
+      out[SKIPPED] = int(round(skipped))
+    self.sums, self.count = {}, 0
+    return out
+
+  def saved(self) -> dict:
+    self.collect()
+    return {"sums": {k: np.asarray(v).tolist() for k, v in self.sums.items()},
+            "count": self.count}
+
+
+class _Sigterm:
+  """Notes a SIGTERM (main thread only; elsewhere the default handling stays)."""
+
+  def __init__(self):
+    self.received = False
+    self.previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, self._note)
+    return self
+
+  def _note(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
 
 
 def fit(*, workdir: str, config, init_state: Callable[[], TrainState], abstract_state: TrainState,
@@ -47,7 +109,7 @@ def fit(*, workdir: str, config, init_state: Callable[[], TrainState], abstract_
         hooks: Sequence[Callable[[int, TrainState], None]] = ()) -> TrainState:
   """Train for `config.train.steps` steps, resuming from the latest checkpoint in `workdir`.
 
-  `train_step` is the jitted `(state, batch, phase=...) -> (state, metrics)`; `phase_of(i)`
+  `train_step` is the jitted `(state, batch, phase) -> (state, metrics)`; `phase_of(i)`
   gives update `i`'s static phase (K-FAC's; None: the step takes no phase);
   `get_batch(step)` returns the global batch of `step` as sharded jax arrays;
   `evaluate(state)` returns eval metrics. `hooks(step, state)` run after every step
@@ -55,21 +117,99 @@ def fit(*, workdir: str, config, init_state: Callable[[], TrainState], abstract_
   """
   train = config.train
   log = config.get("log") or {}
-  os.makedirs(workdir, exist_ok=True)
-  write_config(workdir, config)
+  run_config.check_workdir(workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), train.checkpoint_every,
                       train.keep_checkpoints)
-  state = ckpt.restore(abstract_state)
-  if state is None:
-    state = init_state()
-  else:
-    print(f"resumed from {workdir}/checkpoints at step {int(state.step)}", flush=True)
-  start = int(state.step)
+  try:
+    saved = ckpt.read_meta()  # the config first: its message says more than the state's
+    changed = {} if saved is None else run_config.check_resume(
+        saved["config"], config, f"the checkpoint in {ckpt.directory}")
+    restored = ckpt.restore(abstract_state)
+    if restored is None:
+      state, carried = init_state(), None
+    else:
+      state, meta = restored
+      carried = meta.get("window")
+      note = f" with changes: {run_config.describe(changed)}" if changed else ""
+      print(f"resumed from {workdir}/checkpoints at step {int(state.step)}{note}", flush=True)
+    start = int(state.step)
+    if is_writer():
+      run_config.write(workdir, config, start_step=start, changed=changed)
+    state = _train(config, log, ckpt, state, start, workdir, train_step, get_batch, evaluate,
+                   schedule, phase_of, hooks, _Window(carried))
+  finally:
+    ckpt.close()
+  if is_writer():
+    png = plot_metrics(workdir, train_keys=tuple(log.get("plot_train", PLOT_TRAIN)),
+                       eval_keys=tuple(log.get("plot_eval", PLOT_EVAL)))
+    print(f"wrote {png}", flush=True)
+  return state
+
+
+def check_train_config(config) -> None:
+  """The `train` fields the loop reads, checked before anything expensive."""
+  t = config.train
+  for field in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
+                "keep_checkpoints"):
+    value = t.get(field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ConfigError(f"train.{field}={value!r}: give a whole number of at least 1")
+
+
+check_workdir = run_config.check_workdir
+
+
+def finished(workdir: str, config, abstract_state) -> TrainState | None:
+  """The final state if `workdir` already holds a checkpoint at `train.steps` or later
+  (checked as a resume would be), else None; a trainer asks before preparing its data."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  ckpt = Checkpointer(directory, config.train.checkpoint_every, config.train.keep_checkpoints)
+  try:
+    step = ckpt.latest_step()
+    if step is None or step < config.train.steps:
+      return None
+    run_config.check_resume(ckpt.read_meta()["config"], config,
+                            f"the checkpoint in {ckpt.directory}")
+    state, _ = ckpt.restore(abstract_state)
+  finally:
+    ckpt.close()
+  print(f"{workdir} is already trained to step {step} (train.steps={config.train.steps}): "
+        "nothing to do; raise train.steps to train on, or use another --workdir", flush=True)
+  return state
+
+
+def _train(config, log, ckpt, state, start, workdir, train_step, get_batch, evaluate, schedule,
+           phase_of, hooks, window: _Window) -> TrainState:
+  train = config.train
   writer = MetricWriter(workdir, resume_step=start)
   progress = Progress(train.steps, start, shown=tuple(log.get("shown", SHOWN)))
-  window = []  # metrics (still on device) of the steps since the last record
   waited = 0.0  # input wait already reported
-  try:
+  meta = lambda: {"config": run_config.as_dict(config), "window": window.saved()}
+
+  def nonfinite(what: str) -> NonFiniteError:
+    last = ckpt.latest_step()
+    fixes = ("lower optim.lr, enable optim.clip_norm, set train.skip_nonfinite=True to skip "
+             "such updates, or check the data")
+    if last is not None and last == start:  # resumed, and no checkpoint since
+      earlier = [s for s in ckpt.manager.all_steps() if s < last]
+      before = (f"delete {ckpt.directory}/{last} to resume from checkpoint {max(earlier)}"
+                if earlier else f"delete {ckpt.directory} to start from scratch")
+      return NonFiniteError(
+          f"{what}; this run resumed from checkpoint {last}, which leads there again: it is "
+          f"finite but already diverging. {before}, and {fixes}")
+    resume = (f"a rerun resumes from checkpoint {last}, the last verified finite"
+              if last is not None else "nothing was saved, so a rerun starts from scratch")
+    return NonFiniteError(f"{what}: {fixes}; {resume}")
+
+  def verified(step):
+    """Raise unless the state after `step` is finite (a host sync: read at saves only)."""
+    if not bool(jax.device_get(state.finite)):
+      raise nonfinite(f"the train state is not finite after step {step} (a NaN or infinity "
+                      "in the loss, the gradients or the update)")
+
+  with _Sigterm() as sigterm:
     for step in range(start + 1, train.steps + 1):
       t0 = time.perf_counter()
       batch = get_batch(step - 1)
@@ -77,28 +217,25 @@ def fit(*, workdir: str, config, init_state: Callable[[], TrainState], abstract_
         state, metrics = train_step(state, batch)
       else:
         state, metrics = train_step(state, batch, phase_of(step - 1))
-      window.append(metrics)
-      if len(window) > 1:
+      window.add(metrics)
+      if len(window.pending) > 1:
         # At most two steps in flight: with many multi-device steps queued, XLA:CPU's
         # virtual devices (4 on 2 cores) could abort in a collective-permute rendezvous
         # (docs/design/host-metric-sums.md); a device is still fed one step ahead.
-        jax.block_until_ready(window[-2])
+        jax.block_until_ready(window.pending[-2])
       if step == start + 1:
         jax.block_until_ready(metrics)
         print(f"first step (compile + run): {time.perf_counter() - t0:.1f} s", flush=True)
+        progress.restart(step)  # rates and ETA without the compile
       eval_now = evaluate is not None and (step % train.eval_every == 0 or step == train.steps)
       if eval_now or step % train.log_every == 0 or step == train.steps:
-        # Training metrics are means over the steps since the last record, not one noisy step.
-        # Summed on the host: small multi-device adds queued between steps could wedge
-        # XLA:CPU (see `_host_sums`).
-        first, sums = step - len(window) + 1, _host_sums(window)
-        record = {"step": step, **scalars(sums, len(window))}
-        window = []
-        if not math.isfinite(record["loss"]):
-          raise FloatingPointError(
-              f"loss is {record['loss']} at step {step} (mean of steps {first}-{step}); lower "
-              "optim.lr, enable optim.clip_norm, or check the data (last good checkpoint: "
-              f"{ckpt.latest_step()})")
+        # Training metrics are means over the steps since the last record, not one noisy
+        # step, summed on the host (`_host_sums`).
+        first = step - len(window) + 1
+        record = {"step": step, **window.record()}
+        if not math.isfinite(record.get("loss", 0.0)):
+          raise nonfinite(f"loss is {record['loss']} at step {step} (mean of steps "
+                          f"{first}-{step})")
         record["lr"] = float(schedule(step - 1))
         if hasattr(get_batch, "wait_seconds"):  # a Prefetcher: exposed input time
           record["input_wait_s"] = get_batch.wait_seconds - waited
@@ -108,15 +245,14 @@ def fit(*, workdir: str, config, init_state: Callable[[], TrainState], abstract_
           record.update({f"eval_{k}": v for k, v in evaluate(state).items()})
         writer.write(record)
         progress.line(step, record["steps_per_sec"], record)
-      ckpt.save(step, state, force=step == train.steps)
+      if sigterm.received or ckpt.should_save(step) or step == train.steps:
+        verified(step)
+        ckpt.save(step, state, meta(), force=True)
       for hook in hooks:
         hook(step, state)
-  finally:
-    ckpt.close()
-  if is_writer():
-    png = plot_metrics(workdir, train_keys=tuple(log.get("plot_train", PLOT_TRAIN)),
-                       eval_keys=tuple(log.get("plot_eval", PLOT_EVAL)))
-    print(f"wrote {png}", flush=True)
+      if sigterm.received and step < train.steps:
+        raise Preempted(f"SIGTERM at step {step}: saved checkpoint {step} in "
+                        f"{ckpt.directory}; rerun the same command to resume")
   return state
 
 

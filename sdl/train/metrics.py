@@ -45,6 +45,10 @@ class Progress:
     self.total, self.stream, self.shown = total_steps, stream, shown
     self.last_step, self.last_time = start_step, time.perf_counter()
 
+  def restart(self, step: int) -> None:
+    """Measure rates from now on (after the first step, so the ETA leaves out its compile)."""
+    self.last_step, self.last_time = step, time.perf_counter()
+
   def rate(self, step: int) -> float:
     now = time.perf_counter()
     rate = (step - self.last_step) / max(now - self.last_time, 1e-9)

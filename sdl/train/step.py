@@ -35,6 +35,9 @@ class TrainState:
   opt_state: Any
   rng: jax.Array         # uint32[2] raw key; per-step keys are fold_in(rng, step)
   model_state: Any = flax.struct.field(default_factory=dict)  # e.g. {"batch_stats": ...}
+  # bool scalar, sticky: False once any update saw a non-finite loss, gradient or state.
+  # The loop reads it before every save, so that no NaN ever reaches a checkpoint.
+  finite: jax.Array = flax.struct.field(default_factory=lambda: jnp.array(True))
 
 
 LossFn = Callable[[Any, dict], tuple[jax.Array, dict]]
@@ -77,9 +80,18 @@ def global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
+def all_finite(*trees) -> jax.Array:
+  """One bool scalar: every floating-point value in `trees` is finite."""
+  leaves = [x for t in trees for x in jax.tree.leaves(t)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else (
+      jnp.array(True))
+
+
 def make_train_step(model: Model, loss_fn: LossFn, tx: optax.GradientTransformation, *,
                     gradients: gradients_lib.GradientsFn = gradients_lib.plain,
-                    mesh=None, batch_axes: Sequence[str] = (), grad_dtype=None):
+                    mesh=None, batch_axes: Sequence[str] = (), grad_dtype=None,
+                    skip_nonfinite: bool = False):
   """The pure step `(state, batch, phase=None) -> (state, metrics)`; the caller jits it
   (with the phase static, `static_argnums=2`, where the optimiser has phases; positional,
   as jit takes no keyword arguments with `in_shardings`), with shardings and
@@ -91,6 +103,12 @@ def make_train_step(model: Model, loss_fn: LossFn, tx: optax.GradientTransformat
   split over `batch_axes` and everything else replicated, for optimisers that write their
   own collectives (K-FAC's factor sums and split inverses): gradients are averaged in
   `grad_dtype` (bf16 halves the traffic), loss, metrics and model state are averaged too.
+
+  Every step checks that its loss, gradients and updated state are finite. By default a
+  non-finite update clears the state's sticky `finite` flag (the loop then refuses to save
+  and stops). With `skip_nonfinite` such an update is not applied: the state keeps its
+  values, the step counter moves on (the next batch comes), and `metrics["skipped_updates"]`
+  is 1; the other metrics of a skipped step are 0, so the loop can average over the rest.
   """
   batch_axes = tuple(batch_axes)
 
@@ -108,9 +126,21 @@ def make_train_step(model: Model, loss_fn: LossFn, tx: optax.GradientTransformat
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **g.tx_args)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": global_norm(grads)}
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    if state.model_state:
-      new = new.replace(model_state=model_state)
+    if not state.model_state:
+      model_state = state.model_state
+    ok = all_finite(loss, grads, params, opt_state, model_state)
+    if skip_nonfinite:
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+      params, opt_state, model_state = (keep(params, state.params),
+                                        keep(opt_state, state.opt_state),
+                                        keep(model_state, state.model_state))
+      metrics = {k: jnp.where(ok, v, jnp.zeros_like(v)) for k, v in metrics.items()}
+      metrics["skipped_updates"] = 1 - ok.astype(jnp.float32)
+      finite = state.finite
+    else:
+      finite = jnp.logical_and(state.finite, ok)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        model_state=model_state, finite=finite)
     return new, metrics
 
   if not batch_axes:
@@ -146,4 +176,4 @@ def init_state(model: Model, tx, batch, seed: int) -> TrainState:
   key = jax.random.PRNGKey(seed)
   params, model_state = model.init(key, batch)
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                    jax.random.fold_in(key, 1), model_state)
+                    jax.random.fold_in(key, 1), model_state, jnp.array(True))

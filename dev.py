@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The README's two set-up commands, needing nothing but Python and pip.
+"""The README's two set-up commands, needing nothing but Python (>= 3.11) and pip.
 
     python3 dev.py demo    # create/update .venv, train CosmoFlow on 4 virtual CPU devices
     python3 dev.py test    # create/update .venv, run the whole test suite
@@ -7,27 +7,71 @@
 Each command (re)installs the project into ./.venv when pyproject.toml changed since the
 last install, then runs inside that environment. Extra arguments are passed through, e.g.
 `python3 dev.py demo --config.train.steps=50` or `python3 dev.py test -k mesh`.
+`--python=PATH` (first) builds the environment with another interpreter. A `.venv` made by
+another Python version, or left half-installed, is rebuilt.
 """
+from __future__ import annotations  # annotations stay unevaluated on an old Python
+
 import hashlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
-import venv
 
 ROOT = pathlib.Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 STAMP = VENV / ".sdl-installed"
+MINIMUM = (3, 11)
+NEWER = ("python3.13", "python3.12", "python3.11")
 
 
-def ensure_venv() -> None:
-  wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+def version_of(python: str) -> tuple[int, int] | None:
+  """(major, minor) of the interpreter `python`, or None if it does not run."""
+  try:
+    out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return tuple(int(v) for v in out.split())
+  except (OSError, subprocess.SubprocessError, ValueError):
+    return None
+
+
+def too_old(version, python: str, command: str) -> str | None:
+  """The message for an interpreter older than MINIMUM (None if it will do)."""
+  if version is not None and version >= MINIMUM:
+    return None
+  found = next((p for p in NEWER if shutil.which(p)), None)
+  have = "does not run" if version is None else f"is Python {version[0]}.{version[1]}"
+  fix = (f"run `{found} dev.py {command}`, or `python3 dev.py --python={shutil.which(found)} "
+         f"{command}`" if found else
+         "install Python 3.11 or newer (Debian/Ubuntu: `apt-get install python3.11 "
+         "python3.11-venv`; or pyenv), then run `python3.11 dev.py " + command + "`")
+  return f"dev.py: sdl needs Python >= 3.11, and {python} {have}; {fix}"
+
+
+def venv_version() -> tuple[int, int] | None:
+  """The Python version `.venv` was made with (from its pyvenv.cfg), or None."""
+  try:
+    for line in (VENV / "pyvenv.cfg").read_text().splitlines():
+      key, _, value = line.partition("=")
+      if key.strip() in ("version", "version_info"):
+        return tuple(int(v) for v in value.strip().split(".")[:2])
+  except (OSError, ValueError):
+    pass
+  return None
+
+
+def ensure_venv(python: str, version: tuple[int, int]) -> None:
+  wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest() + f" py{version}"
   if STAMP.exists() and STAMP.read_text() == wanted and PY.exists():
     return
+  if VENV.exists() and (venv_version() != version or version_of(str(PY)) != version):
+    print(f"dev.py: {VENV} was made by another Python or is broken; rebuilding it", flush=True)
+    shutil.rmtree(VENV)
   if not PY.exists():
-    print(f"dev.py: creating {VENV}", flush=True)
-    venv.EnvBuilder(with_pip=True).create(VENV)
+    print(f"dev.py: creating {VENV} with {python}", flush=True)
+    subprocess.check_call([python, "-m", "venv", str(VENV)])
   print("dev.py: installing sdl and its dependencies into .venv (first time: ~2 min)", flush=True)
   subprocess.check_call([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"])
   subprocess.check_call([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]"])
@@ -35,11 +79,19 @@ def ensure_venv() -> None:
 
 
 def main(argv: list[str]) -> int:
+  python = sys.executable
+  if argv and argv[0].startswith("--python="):
+    python, argv = argv[0].split("=", 1)[1], argv[1:]
   if not argv or argv[0] not in ("demo", "test"):
     print(__doc__)
     return 2
-  ensure_venv()
   command, rest = argv[0], argv[1:]
+  version = tuple(sys.version_info[:2]) if python == sys.executable else version_of(python)
+  message = too_old(version, python, command)
+  if message:
+    print(message, file=sys.stderr)
+    return 2
+  ensure_venv(python, version)
   if command == "demo":
     args = [str(PY), "-m", "experiments.cosmoflow", "--workdir=runs/demo", *rest]
   else:

@@ -18,7 +18,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/cosmoflow.py:demo", "CosmoFlow config whose data to write.")
 _OUT = flags.DEFINE_string("out", None, "Dataset directory to create.", required=True)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset.")
-_CHECKSUM = flags.DEFINE_bool("checksum", False, "crc32c per chunk (slower reads).")
+_CHECKSUM = flags.DEFINE_bool("checksum", True,
+                               "crc32c per chunk, verified on every read (--nochecksum: off).")
 
 
 def main(argv):

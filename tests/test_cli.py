@@ -70,3 +70,16 @@ def test_another_models_checkpoints_are_one_line_and_config_json_is_kept(tmp_pat
 def test_traceback_on_request(tmp_path):
   out = cli(SMOKE, f"--workdir={tmp_path}", "--config.train.steps=-5", "--traceback")
   assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr
+
+
+def test_a_resume_prints_no_library_warnings(tmp_path):
+  first = cli(SMOKE, f"--workdir={tmp_path}", "--config.train.steps=2",
+              "--config.train.eval_every=2")
+  assert first.returncode == 0, first.stderr[-2000:]
+  again = cli(SMOKE, f"--workdir={tmp_path}", "--config.train.steps=4",
+              "--config.train.eval_every=2")
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "resumed from" in again.stdout and "train.steps 2 -> 4" in again.stdout
+  noise = [line for line in again.stderr.splitlines()
+           if not line.startswith("generating ")]  # the data's progress lines
+  assert noise == [], noise

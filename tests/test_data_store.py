@@ -94,8 +94,12 @@ def test_manifest_and_chunking(written):
   chunks = [f for _, _, files in os.walk(os.path.join(dataset.path, "volumes", "c"))
             for f in files]
   assert len(chunks) == 12 * SHAPE[0] // 4  # one file per sample depth slab
-  assert os.path.getsize(os.path.join(dataset.path, "volumes/c/0/0/0/0/0")) == (
-      volumes[0, :4].nbytes)  # raw little-endian, no container overhead
+  with open(os.path.join(dataset.path, "volumes/c/0/0/0/0/0"), "rb") as f:
+    chunk = f.read()
+  # raw little-endian, then the zarr crc32c codec's little-endian checksum, nothing else
+  assert len(chunk) == volumes[0, :4].nbytes + store.CRC_BYTES
+  assert chunk[:-4] == volumes[0, :4].tobytes()
+  assert int.from_bytes(chunk[-4:], "little") == crc32c_reference(chunk[:-4])
   assert store.default_chunk_depth(128) == 16 and store.default_chunk_depth(24) == 12
 
 
@@ -186,17 +190,51 @@ def test_truncated_or_missing_chunk_names_the_file(small):
     read_all(small)
 
 
-def test_checksum_catches_flipped_bits(tmp_path):
+def crc32c_reference(data: bytes) -> int:
+  """CRC-32C (Castagnoli, reflected 0x82F63B78), bit by bit: the independent reference."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc ^= byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+  return crc ^ 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("damage", ["flipped bit", "random bytes of the same size"])
+def test_a_corrupted_chunk_is_an_error_naming_its_file(tmp_path, damage):
   volumes, labels = random_volumes(2)
-  path = write(tmp_path / "ds", volumes, labels, chunk_depth=8, checksum=True)
-  assert store.open_dataset(path).raw is None  # checksummed chunks: tensorstore decodes them
+  path = write(tmp_path / "ds", volumes, labels, chunk_depth=8)  # checksummed by default
+  dataset = store.open_dataset(path)
+  assert dataset.raw is not None and dataset.raw.checksum and dataset.raw.verify
   np.testing.assert_array_equal(read_all(path), volumes)
   chunk = os.path.join(path, "volumes", "c", "1", "0", "0", "0", "0")
-  data = bytearray(open(chunk, "rb").read())
-  data[1000] ^= 0x10
-  open(chunk, "wb").write(bytes(data))
-  with pytest.raises(store.DatasetError, match=r"volumes/c/1/0/0/0/0\": Digest mismatch"):
+  with open(chunk, "rb") as f:
+    data = bytearray(f.read())
+  if damage == "flipped bit":
+    data[1000] ^= 0x10
+  else:
+    data = np.random.default_rng(1).integers(0, 256, len(data), dtype=np.uint8).tobytes()
+  with open(chunk, "wb") as f:
+    f.write(bytes(data))
+  with pytest.raises(store.DatasetError, match=r'chunk file "[^"]*volumes/c/1/0/0/0/0" is '
+                                               r"corrupt: its crc32c checksum does not match"):
     read_all(path)
+  with pytest.raises(store.DatasetError, match=r'chunk file "[^"]*volumes/c/1/0/0/0/0" is '
+                                               r"corrupt"):  # a read of part of that chunk
+    store.open_dataset(path).read([1], slice(2, 5)).result()
+  through_ts = store.open_dataset(path)
+  through_ts.raw = None  # tensorstore checks the same codec
+  with pytest.raises(store.DatasetError, match=r"volumes/c/1/0/0/0/0\": Digest mismatch"):
+    through_ts.read(slice(None)).result()
+
+
+def test_unchecksummed_datasets_read_directly_too(tmp_path):
+  volumes, labels = random_volumes(3)
+  path = write(tmp_path / "ds", volumes, labels, chunk_depth=4, checksum=False)
+  dataset = store.open_dataset(path)
+  assert dataset.raw is not None and not dataset.raw.checksum
+  np.testing.assert_array_equal(dataset.read([2, 0], slice(3, 13)).result(),
+                                volumes[[2, 0], 3:13])
 
 
 # --- MLPerf importer --------------------------------------------------------------------

@@ -211,3 +211,25 @@ def test_progress_redraws_in_place_only_on_a_terminal():
   console.progress("b", final=True, stream=tty)
   assert tty.getvalue() == "\ra\rb\n"
 
+
+
+def test_rates_and_eta_leave_out_the_first_steps_compile(tmp_path, capsys):
+  import time
+  config = smoke(train__steps=8, train__log_every=4, train__eval_every=8)
+  mesh = make_mesh((1,), ("data",), jax.devices()[:1])
+  x, y, _, _ = digits.load(0)
+  c = trainer.build(config, mesh, {"x": x[:1], "y": y[:1]})
+  calls = []
+
+  def slow_first(state, batch, *phase):
+    calls.append(None)
+    if len(calls) == 1:
+      time.sleep(2.0)  # a 2 s compile
+    return c.train_step(state, batch, *phase)
+  batch = {"x": jnp.asarray(x[:64]), "y": jnp.asarray(y[:64])}
+  loop.fit(workdir=str(tmp_path), config=config, init_state=c.init_state,
+           abstract_state=c.abstract_state, train_step=slow_first, get_batch=lambda s: batch,
+           evaluate=None, schedule=c.schedule, phase_of=c.phase_of)
+  first = read_jsonl(str(tmp_path / "metrics.jsonl"))[0]
+  assert first["steps_per_sec"] > 5  # 3 steps after the compile; with it, under 2
+  assert "first step (compile + run): 2." in capsys.readouterr().out

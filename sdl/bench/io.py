@@ -8,6 +8,8 @@ Five ways to move a dataset's volume bytes from the file system into this proces
 - `reader, through tensorstore`: the same, with the direct chunk reads
   (`store.RawChunks`) switched off, so tensorstore copies each chunk into the same
   page-aligned buffers.
+- `reader, checksums not verified` (checksummed datasets): the same direct reads with the
+  crc32c check switched off, so the difference is what verifying costs.
 - `cat`: `cat` of every chunk file to /dev/null: the bytes cross into a user buffer that
   stays in cache and is never written back to memory.
 - `readinto`: one Python thread reading each chunk file, in order, into one preallocated,
@@ -77,12 +79,20 @@ def throughput(dataset: store.Dataset, shardings: dict, batch_size: int,
   through_ts = copy.copy(dataset)
   through_ts.raw = None
   ts_reader = loader.ShardedReader(through_ts, shardings)
+  unverified = None
+  if dataset.raw is not None and dataset.raw.checksum:
+    unchecked = copy.copy(dataset)
+    unchecked.raw = copy.copy(dataset.raw)
+    unchecked.raw.verify = False
+    unverified = loader.ShardedReader(unchecked, shardings)
   aligned = store.aligned_empty((nbytes,), np.uint8)
   unaligned = store.aligned_empty((nbytes + 16,), np.uint8)[16:]
   for buf in (aligned, unaligned):
     buf[:] = 1  # touched: no page faults inside the timing
   methods = {"reader": lambda: time_reader(reader, batch_size) / usable,
              "reader, through tensorstore": lambda: time_reader(ts_reader, batch_size) / usable,
+             **({"reader, checksums not verified":
+                 lambda: time_reader(unverified, batch_size) / usable} if unverified else {}),
              "cat": lambda: time_cat(files),
              "readinto": lambda: time_readinto(files, aligned),
              "readinto, 16-byte aligned": lambda: time_readinto(files, unaligned)}

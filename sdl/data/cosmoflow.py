@@ -31,7 +31,7 @@ def make_datasets(config):
                for name, seeds in zip(("training", "validation"), universe_seeds(config)))
 
 
-def write_datasets(config, out: str, *, overwrite: bool = False, checksum: bool = False):
+def write_datasets(config, out: str, *, overwrite: bool = False, checksum: bool = True):
   """Write what `make_datasets(config)` generates to `out/train` and `out/val`."""
   d = config.data
   return tuple(synthetic.write_dataset(os.path.join(out, split), seeds, spec_of(config),

@@ -17,11 +17,13 @@ times both); zarr v3 is an open spec that zarr-python and other readers understa
 a `crc32c` checksum codec and a `sharding` codec that packs many chunks into one file for
 parallel file systems that dislike small files.
 
-Checksums are off by default: in a trial here, tensorstore's crc32c cut read throughput
-by more than half, and checksummed chunks cannot take the `RawChunks` path (not yet a
-benchmark command: `make_dataset --checksum` and `io_bench` on that dataset would be one).
-Without them a truncated or missing chunk is still an error naming its file (reads never
-fill in missing chunks); with `checksum=True` flipped bits are caught too.
+Checksums are on by default for the datasets sdl writes: each chunk file ends in the
+zarr v3 `crc32c` codec's 4-byte checksum, and `RawChunks` verifies it itself as it reads,
+with a hardware crc32c (the `crc32c` package: SSE4.2 or ARMv8 instructions, about
+15 GB/s here), so that a corrupted chunk is a `DatasetError` naming its file. Tensorstore's
+own crc32c path cut read throughput by more than half; `experiments.io_bench` times the
+checked and unchecked reads side by side (docs/benchmarks.md). A truncated or missing
+chunk is an error naming its file either way (reads never fill in missing chunks).
 """
 import concurrent.futures
 import dataclasses
@@ -32,6 +34,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+import crc32c
 import numpy as np
 import tensorstore as ts
 
@@ -108,7 +111,7 @@ class Writer:
   def __init__(self, path: str, num_samples: int, volume_shape: Sequence[int], *,
                param_names: Sequence[str], param_low: Sequence[float],
                param_high: Sequence[float], source: dict, chunk_depth: int | None = None,
-               checksum: bool = False, overwrite: bool = False):
+               checksum: bool = True, overwrite: bool = False):
     self.path, self.partial = os.path.abspath(path), os.path.abspath(path) + ".partial"
     if os.path.exists(self.path) and not overwrite:
       raise DatasetError(f"{self.path} already exists; delete it or pass overwrite")
@@ -185,6 +188,8 @@ def aligned_empty(shape: Sequence[int], dtype) -> np.ndarray:
 
 
 RAW_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
+CRC32C = {"name": "crc32c"}  # zarr v3: a little-endian crc32c of the chunk, appended
+CRC_BYTES = 4
 # Chunk reads of every dataset in this process (threads start on first use). More threads
 # than cores: a read from a disk or a network file system mostly waits.
 _CHUNK_READS = concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1),
@@ -199,15 +204,22 @@ class RawChunks:
   sample's depth range is one `preadv` per chunk into the caller's array: one copy out of
   the page cache. Tensorstore makes two (file -> its buffer -> the array): 3.9 against
   6.0 GB/s for the reader on the 2-core VM (`experiments.io_bench`, docs/benchmarks.md).
-  Used only where that layout is certain: metadata as `Writer` writes it without checksums, a
-  little-endian host, reads of whole height, width and channel extents. Everything else
-  (checksummed datasets, height-split meshes) reads through tensorstore.
+  Used only where that layout is certain: metadata as `Writer` writes it, a little-endian
+  host, reads of whole height, width and channel extents. Everything else (height-split
+  meshes) reads through tensorstore. With the `crc32c` codec each chunk is checked as it
+  is read: a read of a whole chunk lands in the caller's array with its checksum beside it;
+  a read of part of a chunk (a depth shard thinner than a chunk) reads the whole chunk
+  into a scratch buffer, checks it, and copies the part.
   """
 
-  def __init__(self, path: str, shape: tuple[int, ...], chunk_depth: int, dtype: np.dtype):
+  def __init__(self, path: str, shape: tuple[int, ...], chunk_depth: int, dtype: np.dtype,
+               checksum: bool = False):
     self.path, self.shape, self.chunk_depth, self.dtype = path, shape, chunk_depth, dtype
+    self.checksum = checksum  # the files carry a crc32c trailer
+    self.verify = checksum  # check it on every read (`experiments.io_bench` turns it off)
     self.plane_bytes = int(np.prod(shape[2:])) * dtype.itemsize
     self.chunk_bytes = chunk_depth * self.plane_bytes
+    self.file_bytes = self.chunk_bytes + (CRC_BYTES if checksum else 0)
 
   @classmethod
   def open(cls, path: str) -> "RawChunks | None":
@@ -217,13 +229,15 @@ class RawChunks:
         meta = json.load(f)
       chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
       shape = tuple(meta["shape"])
-      plain = (meta["codecs"] == RAW_CODECS and meta["chunk_grid"]["name"] == "regular"
+      checksum = meta["codecs"] == [*RAW_CODECS, CRC32C]
+      plain = ((meta["codecs"] == RAW_CODECS or checksum)
+               and meta["chunk_grid"]["name"] == "regular"
                and meta.get("chunk_key_encoding") in ({"name": "default"}, {
                    "name": "default", "configuration": {"separator": "/"}})
                and len(shape) >= 2 and chunks[0] == 1 and list(chunks[2:]) == list(shape[2:]))
       if not plain or sys.byteorder != "little":
         return None
-      return cls(path, shape, int(chunks[1]), np.dtype(meta["data_type"]))
+      return cls(path, shape, int(chunks[1]), np.dtype(meta["data_type"]), checksum)
     except (OSError, KeyError, TypeError, ValueError):
       return None  # tensorstore will name what is wrong
 
@@ -261,17 +275,43 @@ class RawChunks:
       raise DatasetError(f'chunk file "{name}": {e.strerror}') from None
     try:
       size = os.fstat(fd).st_size
-      if size != self.chunk_bytes:
+      if size != self.file_bytes:
         raise DatasetError(f'chunk file "{name}" has {size} bytes, a chunk has '
-                           f"{self.chunk_bytes}: truncated or not this array's")
-      view, done = memoryview(dest), 0
-      while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-          raise DatasetError(f'chunk file "{name}" ended early')
-        done += n
+                           f"{self.file_bytes}: truncated or not this array's")
+      if not self.verify:
+        _read_exactly(fd, name, memoryview(dest), offset)
+        return
+      whole = offset == 0 and dest.nbytes == self.chunk_bytes
+      chunk = memoryview(dest if whole else np.empty(self.chunk_bytes, np.uint8)).cast("B")
+      stored = bytearray(CRC_BYTES)
+      _read_exactly(fd, name, chunk, 0, memoryview(stored))
+      crc = crc32c.crc32c(chunk)
+      if crc != int.from_bytes(stored, "little"):
+        raise DatasetError(f'chunk file "{name}" is corrupt: its crc32c checksum does not '
+                           "match its contents; restore the file or write the dataset again")
+      if not whole:
+        np.copyto(dest, np.frombuffer(chunk, np.uint8)[offset:offset + dest.nbytes])
     finally:
       os.close(fd)
+
+
+def _read_exactly(fd: int, name: str, view: memoryview, offset: int,
+                  trailer: memoryview | None = None) -> None:
+  """Fill `view` (then `trailer`, the bytes after it) from file offset `offset`."""
+  buffers = [view.cast("B")] + ([trailer] if trailer is not None else [])
+  total, done = sum(len(b) for b in buffers), 0
+  while done < total:
+    rest, skip = [], done
+    for b in buffers:
+      if skip >= len(b):
+        skip -= len(b)
+        continue
+      rest.append(b[skip:])
+      skip = 0
+    n = os.preadv(fd, rest, offset + done)
+    if n == 0:
+      raise DatasetError(f'chunk file "{name}" ended early')
+    done += n
 
 
 @dataclasses.dataclass

@@ -76,7 +76,7 @@ def make_dataset(seeds, spec: universes.UniverseSpec, crop_size: int, crops_per_
 
 def write_dataset(path: str, seeds, spec: universes.UniverseSpec, crop_size: int,
                   crops_per_universe: int, *, desc: str = "universes", progress: bool = True,
-                  overwrite: bool = False, checksum: bool = False) -> str:
+                  overwrite: bool = False, checksum: bool = True) -> str:
   """`make_dataset`, streamed to an on-disk dataset at `path` (see `sdl.data.store`).
 
   Sample order and content equal `make_dataset(seeds, ...)` exactly, so a run reading the

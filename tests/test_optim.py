@@ -25,7 +25,7 @@ def test_warmup_then_cosine():
 
 
 def test_sgd_momentum_matches_hand_update():
-  tx, _ = make_optimizer(optim(warmup_steps=0, decay="constant"), 10)
+  tx = make_optimizer(optim(warmup_steps=0, decay="constant"), 10).tx
   params = {"w": np.array([1.0, -2.0])}
   state = tx.init(params)
   grads = [{"w": np.array([0.5, 0.25])}, {"w": np.array([-1.0, 2.0])}]

@@ -232,4 +232,7 @@ def test_rates_and_eta_leave_out_the_first_steps_compile(tmp_path, capsys):
            evaluate=None, schedule=c.schedule, phase_of=c.phase_of)
   first = read_jsonl(str(tmp_path / "metrics.jsonl"))[0]
   assert first["steps_per_sec"] > 5  # 3 steps after the compile; with it, under 2
-  assert "first step (compile + run): 2." in capsys.readouterr().out
+  import re
+  compile_s = float(re.search(r"first step \(compile \+ run\): ([\d.]+) s",
+                              capsys.readouterr().out)[1])
+  assert compile_s >= 2.0  # reported apart, with the compile

@@ -680,7 +680,7 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
       else:
         scale = kl_scale(list(flat_out), kl_clip)
     if norm_clip:
-      scale = jnp.minimum(scale, norm_clip / jnp.maximum(optax.global_norm(out), 1e-30))
+      scale = jnp.minimum(scale, norm_clip / jnp.maximum(_global_norm(out), 1e-30))
     out = jax.tree.map(lambda u: (u * scale).astype(u.dtype), out)
     previous = state.previous
     if adaptive:
@@ -711,6 +711,10 @@ def quadratic_model_step(direction, previous, grads, curvature: Callable, dampin
   b = jnp.where(first, b * jnp.array([1.0, 0.0], jnp.float32), b)
   coef = -jnp.linalg.solve(m, b)
   return jax.tree.map(lambda d, p: coef[0] * d + coef[1] * p, *vecs)
+
+
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def _keys(path) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ Variants (`:arg`, optionally `,smoke` for a seconds-long version used by the tes
                      Cholesky inverses every 20, KL clip), the settings of
                      `experiments/configs/kfac.py:digits_autoencoder`
   batchnorm_mlp      a BatchNorm classifier (model state), Adam
-Both autoencoders take about half a minute for 300 steps of batch 1024 on a 2-core CPU.
+autoencoder_kfac: 44 s in all on the 2-core EPYC VM (compile 8 s), final eval loss 0.257.
 """
 import ml_collections
 

@@ -19,8 +19,8 @@ parallel file systems that dislike small files.
 
 Checksums are on by default for the datasets sdl writes: each chunk file ends in the
 zarr v3 `crc32c` codec's 4-byte checksum, and `RawChunks` verifies it itself as it reads,
-with a hardware crc32c (the `crc32c` package: SSE4.2 or ARMv8 instructions, about
-15 GB/s here), so that a corrupted chunk is a `DatasetError` naming its file. Tensorstore's
+with a hardware crc32c (the `crc32c` package: SSE4.2 or ARMv8 instructions), so that a
+corrupted chunk is a `DatasetError` naming its file. Tensorstore's
 own crc32c path cut read throughput by more than half; `experiments.io_bench` times the
 checked and unchecked reads side by side (docs/benchmarks.md). A truncated or missing
 chunk is an error naming its file either way (reads never fill in missing chunks).

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sdl.models.conv import Conv3D
+from sdl.ops.activations import leaky_relu
 from sdl.models.pooling import avg_pool3d, max_pool3d
 from sdl.parallel.sharding import VOLUME_AXES, Partitioner
 from sdl.parallel.spatial import Window, check_spatial_plan, max_spatial_layers
@@ -136,7 +137,7 @@ class CosmoFlow(nn.Module):
                    padding=(w.padding,) * 3, use_bias=layer.use_bias, dtype=self.dtype,
                    lowering=self.conv_lowering, partitioner=self.partitioner,
                    logical=logical)(x)
-        x = nn.leaky_relu(x, slope)
+        x = leaky_relu(x, slope)
       elif layer.kind == "maxpool":
         x = max_pool3d(x, w.kernel, w.stride, w.padding, pool_lowering)
       else:  # average pooling counts the zero padding, as cuDNN's default mode does

@@ -20,12 +20,14 @@ default mode and `flax.linen.avg_pool(count_include_pad=True)` do). The forward 
 XLA's `reduce_window`, which is fast; its autodiff gradient is a `reduce_window` over a
 dilated, padded cotangent, which XLA:CPU runs slowly. The window sum is separable, so
 its transpose is too: along each axis, tap `t` of a stride-`s` window sends `g[o]` to
-position `s o + t`, i.e. `g` padded by `t` with `s - 1` zeros between elements; summing
-the `k` shifted pads per axis gives the input gradient (the lbann CosmoFlow step went from
-6.97 to 4.44 s with it; `experiments.cosmoflow_step_bench`, docs/benchmarks.md). Under a
+position `s o + t`; grouped by the position's phase mod `s` that is a sum of shifted
+copies of `g`, interleaved (`_scatter_windows`): one fused pass over the input gradient
+(the lbann CosmoFlow step went from 6.97 to 4.44 s with a separable gradient;
+`experiments.cosmoflow_step_bench`, docs/benchmarks.md). Under a
 partitioner the op runs per shard in `shard_map` with halos from the neighbours
 (`sdl.models.conv.per_shard`), as the folded convolution does, so a depth split costs no
-all-gather.
+all-gather; its gradient fetches the few pooled-size planes of the cotangent that reach
+a shard's own voxels from the neighbours, rather than sending halo gradients back.
 """
 import functools
 import itertools
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sdl.models.conv import extend, per_shard, resolve_lowering
+from sdl.parallel.halo import exchange_halo, halo_planes
 from sdl.parallel.sharding import VOLUME_AXES, Partitioner
 
 
@@ -103,36 +106,132 @@ def avg_pool3d(x, kernel: int, stride: int, padding: tuple[int, int] = (0, 0),
 
   def local(x, depth_axis=None, height_axis=None, reduce_axes=()):
     del reduce_axes  # no parameters
-    x = extend(x, depth_axis, 1, kernel, stride, padding)
-    x = extend(x, height_axis, 2, kernel, stride, padding)
-    x = extend(x, None, 3, kernel, stride, padding)
-    return _window_sum(x, kernel, stride) / kernel ** 3
+    return _avg_pool(x, kernel, stride, tuple(padding), (depth_axis, height_axis, None))
 
   return per_shard(local, x, partitioner=partitioner, logical=logical)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _window_sum(x, k, s):
-  """Sums over the valid `k`³ windows of NDHWC `x`, stride `s` (a `reduce_window`)."""
+SPATIAL = (1, 2, 3)  # the depth, height and width dimensions of NDHWC
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _avg_pool(x, k, s, padding, axis_names):
+  """One shard's average pooling; `axis_names[i]`: the mesh axis that spatial dimension
+  `i` is split over inside `shard_map`, or None (it is zero-padded instead)."""
+  split = [(dim, name) for dim, name in zip(SPATIAL, axis_names) if name is not None]
+  low, high = padding[0], k - padding[0] - s  # halo planes from the neighbours (`extend`)
+  if high < 0 or any(x.shape[dim] < k for dim, _ in split):
+    for dim, name in zip(SPATIAL, axis_names):  # general case: form the extended slab
+      x = extend(x, name, dim, k, s, padding)
+    return _window_sum(x, k, s, {}) / k ** 3
+  pads = {dim: (low, high) if name is not None else tuple(padding)
+          for dim, name in zip(SPATIAL, axis_names)}
+  return _halo_window_sum(x, k, s, split, pads) / k ** 3
+
+
+def _window_sum(x, k, s, pads):
+  """Window sums of `x` zero-padded by `pads[dim]` (none for dimensions not in it)."""
+  padding = [(0, 0)] + [pads.get(dim, (0, 0)) for dim in SPATIAL] + [(0, 0)]
   return lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, (1, k, k, k, 1),
-                           (1, s, s, s, 1), "VALID")
+                           (1, s, s, s, 1), padding)
 
 
-def _window_sum_fwd(x, k, s):
-  return _window_sum(x, k, s), x.shape
+def _halo_window_sum(x, k, s, split, pads):
+  """Window sums of `x` extended by its neighbours' planes along the `split` dimensions,
+  without forming the extended slab (a copy of the whole activation, at the step's memory
+  peak after the first convolution): the sums over zero padding in place of the halos,
+  whose first and last output planes are then recomputed from thin slabs (halo plus the
+  few own planes those windows cover)."""
+  if not split:
+    return _window_sum(x, k, s, pads)
+  (dim, name), rest = split[0], split[1:]
+  out = _halo_window_sum(x, k, s, rest, pads)  # exact but for the planes next to halos
+  low, high = pads[dim]
+  size = x.shape[dim]
+  before, after = halo_planes(x, name, dim, low, high)
+  valid = {**pads, dim: (0, 0)}
+  if low:
+    n = -(-low // s)  # outputs whose windows reach into the previous shard
+    thin = jnp.concatenate([before, lax.slice_in_dim(x, 0, s * (n - 1) + k - low, axis=dim)],
+                           axis=dim)
+    out = lax.dynamic_update_slice_in_dim(out, _halo_window_sum(thin, k, s, rest, valid),
+                                          0, axis=dim)
+  if high:
+    first = -(-(low + size - k + 1) // s)  # the first output reaching into the next shard
+    thin = jnp.concatenate([lax.slice_in_dim(x, s * first - low, size, axis=dim), after],
+                           axis=dim)
+    out = lax.dynamic_update_slice_in_dim(out, _halo_window_sum(thin, k, s, rest, valid),
+                                          first, axis=dim)
+  return out
 
 
-def _window_sum_bwd(k, s, shape, g):
-  zero = jnp.zeros((), g.dtype)
-  for axis in (3, 2, 1):  # separable: one axis at a time, ending at the input's shape
-    size, out = shape[axis], g.shape[axis]
-    taps = []
-    for t in range(k):
-      config = [(0, 0, 0)] * g.ndim
-      config[axis] = (t, size - t - s * (out - 1) - 1, s - 1)
-      taps.append(lax.pad(g, zero, config))
-    g = functools.reduce(jnp.add, taps)
-  return (g,)
+def _avg_pool_fwd(x, k, s, padding, axis_names):
+  return _avg_pool(x, k, s, padding, axis_names), x.shape
 
 
-_window_sum.defvjp(_window_sum_fwd, _window_sum_bwd)
+def _avg_pool_bwd(k, s, padding, axis_names, shape, g):
+  """The input gradient of this shard's own voxels, in one pass over them.
+
+  Voxel `i` (in padded coordinates) gets `g[o] / k³` from every window `o` that holds it.
+  Under a split, the windows of a shard's last voxels may belong to the next shard (and
+  its first voxels' to the previous one): those few planes of `g`, pooled-size, come over
+  by halo exchange, so the gradient is never formed for the halo and sent back.
+  """
+  low = padding[0]
+  offsets = []
+  for dim, name in zip(SPATIAL, axis_names):
+    if name is None:  # g holds every window of this dimension
+      offsets.append(low)
+      continue
+    assert g.shape[dim] * s == shape[dim], (shape, g.shape, s)  # sdl.parallel.spatial
+    before = (k - 1 - low) // s          # windows of the previous shard reaching here
+    after = (low - 1) // s + 1           # and of the next one
+    g = exchange_halo(g, name, dim, before, after)
+    offsets.append(low + s * before)
+  return (_scatter_windows(g / k ** 3, k, s, [shape[d] for d in SPATIAL], offsets),)
+
+
+_avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
+
+
+def _scatter_windows(g, k, s, sizes, offsets):
+  """The transpose of the stride-`s` `k`³ window sum, at positions `offsets[a]` to
+  `offsets[a] + sizes[a]` of each spatial axis (position `x` lies in windows
+  `o = (x - t) / s` for taps `t < k`; positions past `g`'s windows get zeros).
+
+  Along an axis, by phase `r = x mod s`: `x = s q + r` is tap `r + s j` of window `q - j`,
+  so each phase is a sum of shifted copies of `g`; the `s`³ phase combinations of the three
+  axes interleave (stacks and a reshape) into the output. Every read is of the pooled-size
+  `g`, so XLA fuses the whole gradient into one pass that writes only the input-sized
+  result (summing `k` dilated pads per axis, one axis at a time, left up to three
+  input-sized temporaries at the lbann CosmoFlow step's memory peak;
+  `experiments.cosmoflow_memory --peak`).
+  """
+  taps = [len(range(r, k, s)) for r in range(s)]  # windows that reach each phase
+  reach = max(taps) - 1
+  q = [-(-(offset + size) // s) for offset, size in zip(offsets, sizes)]  # per phase
+  pad = [(0, 0)] * g.ndim
+  for dim, n in zip(SPATIAL, q):
+    pad[dim] = (reach, max(0, n - g.shape[dim]))
+  g = jnp.pad(g, pad)
+
+  def shifted(js):
+    start, limit = [0] * g.ndim, list(g.shape)
+    for dim, j, n in zip(SPATIAL, js, q):
+      start[dim], limit[dim] = reach - j, reach - j + n
+    return lax.slice(g, start, limit)
+
+  def phase(rs):
+    terms = [shifted(js) for js in itertools.product(*(range(taps[r]) for r in rs))]
+    return functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(shifted((0,) * 3))
+
+  def interleave(rs):  # the phases rs + (r, ...) for every r of the remaining axes
+    if len(rs) == 3:
+      return phase(rs)
+    return jnp.stack([interleave((*rs, r)) for r in range(s)], axis=2 + len(rs))
+
+  x = interleave(())  # [n, qd, s, qh, s, qw, s, c]
+  x = x.reshape(x.shape[0], q[0] * s, q[1] * s, q[2] * s, x.shape[-1])
+  start = (0, *offsets, 0)
+  return lax.slice(x, start, (x.shape[0], *(o + n for o, n in zip(offsets, sizes)),
+                              x.shape[-1]))

@@ -24,14 +24,22 @@ def exchange_halo(x: jax.Array, axis_name: str | None, dim: int, low: int,
     pad = [(0, 0)] * x.ndim
     pad[dim] = (low, high)
     return jnp.pad(x, pad)
+  before, after = halo_planes(x, axis_name, dim, low, high)
+  parts = [p for p in (before, x, after) if p is not None]
+  return jnp.concatenate(parts, axis=dim) if len(parts) > 1 else x
+
+
+def halo_planes(x: jax.Array, axis_name: str, dim: int, low: int, high: int):
+  """The neighbours' planes alone: (`low` planes of the previous shard or None, `high`
+  of the next or None), zeros at the ends of the volume. For ops that use them without
+  forming the extended array (`sdl.models.pooling`)."""
   shards = lax.psum(1, axis_name)
   size = x.shape[dim]
-  parts = []
+  before = after = None
   if low:
-    parts.append(lax.ppermute(lax.slice_in_dim(x, size - low, size, axis=dim), axis_name,
-                              [(i, i + 1) for i in range(shards - 1)]))
-  parts.append(x)
+    before = lax.ppermute(lax.slice_in_dim(x, size - low, size, axis=dim), axis_name,
+                          [(i, i + 1) for i in range(shards - 1)])
   if high:
-    parts.append(lax.ppermute(lax.slice_in_dim(x, 0, high, axis=dim), axis_name,
-                              [(i + 1, i) for i in range(shards - 1)]))
-  return jnp.concatenate(parts, axis=dim) if len(parts) > 1 else x
+    after = lax.ppermute(lax.slice_in_dim(x, 0, high, axis=dim), axis_name,
+                         [(i + 1, i) for i in range(shards - 1)])
+  return before, after

@@ -1,7 +1,7 @@
 """Per-device memory of the CosmoFlow train step as the depth split P grows.
 
     python -m experiments.cosmoflow_memory [--variant=lbann] [--size=256] [--batch=1] \
-        [--splits=1,2,4,8] [--lowering=auto] [--params=fsdp] [--peak=0]
+        [--splits=1,2,4,8] [--lowering=auto] [--params=fsdp|replicated] [--peak=0]
 
 Compiles (does not run) the full train step — forward, backward, optimiser update, with
 donated state — for a `1 x P` data x spatial mesh on P virtual CPU devices, and prints XLA's
@@ -19,8 +19,9 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Global batch size.")
 _SPLITS = flags.DEFINE_list("splits", ["1", "2", "4", "8"], "Depth splits P to compare.")
 _LOWERING = flags.DEFINE_enum("lowering", "auto", ["auto", "native", "folded"],
                               "model.conv_lowering (auto: this backend's default).")
-_PARAMS = flags.DEFINE_enum("params", None, ["replicated", "fsdp"],
-                            "mesh.params (default: the lbann config's).")
+_PARAMS = flags.DEFINE_enum("params", "fsdp", ["replicated", "fsdp"],
+                            "mesh.params: parameters and Adam moments split over the P "
+                            "devices, or whole on each (what does not shrink with P).")
 _PEAK = flags.DEFINE_integer("peak", 0, "List this many of the largest buffers at the peak.")
 
 # The targets of issue 22 (per-device footprint vs P=1, the default CPU lowering, lbann 256³):
@@ -64,7 +65,7 @@ def main(argv):
   ensure_cpu_devices(max(splits))
   rows, base = [], None
   print(f"CosmoFlow {_VARIANT.value} {_SIZE.value}^3 x 4, batch {_BATCH.value}, lowering "
-        f"{_LOWERING.value}, params {_PARAMS.value or 'as configured'}: train step memory "
+        f"{_LOWERING.value}, params {_PARAMS.value}: train step memory "
         "per device (XLA buffer assignment, MiB)")
   mib = lambda b: f"{b / 2 ** 20:,.1f}"
   table = ["| P | depth-split layers | arguments | outputs (aliased) | temporaries | total | "

@@ -121,6 +121,28 @@ def test_sharded_equals_single_device(variant, shape, lowering):
     assert feature_layers(variant, SIZE)[6].window.stride == 2 and layers >= 7
 
 
+def test_fsdp_state_over_data_and_spatial_equals_single_device():
+  """Parameters split over all 8 devices of a 2 x 4 data x spatial mesh: same outputs and
+  gradients as one device, and the gradients come back split the same way."""
+  x, y, params, ref_out, ref_grads = reference("lbann", "folded")
+  part = Partitioner.create(make_mesh((2, 4), ("data", "spatial")))
+  model = CosmoFlow("lbann", SIZE, spatial_layers=resolve_spatial_layers("lbann", SIZE, 4),
+                    partitioner=part, conv_lowering="folded")
+  shardings = part.state_shardings(params, "fsdp")
+  ps = jax.device_put(params, shardings)
+  kernel = ps["params"]["Conv3D_5"]["kernel"]
+  assert len({s.index for s in kernel.addressable_shards}) == 8  # 8 distinct slices
+  step = jax.jit(functools.partial(forward_and_grads, model), out_shardings=(None, shardings))
+  out, grads = step(ps, jax.device_put(x, part.sharding(VOLUME_AXES)),
+                    jax.device_put(y, part.sharding(("batch", None))))
+  assert rel_err(out, ref_out) < 1e-5
+  for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
+                              jax.tree.leaves(ref_grads)):
+    assert rel_err(g, g_ref) < 1e-5, jax.tree_util.keystr(path)
+  assert grads["params"]["Conv3D_5"]["kernel"].sharding.is_equivalent_to(
+      shardings["params"]["Conv3D_5"]["kernel"], 5)
+
+
 def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
   x, y, params, ref_out, _ = reference("mlperf")
   model = CosmoFlow("mlperf", SIZE, dtype=jnp.bfloat16)

@@ -91,3 +91,21 @@ def test_every_config_variant_validates(variant, devices):
   assert plan.spatial_layers >= 1  # every variant really splits depth
   with pytest.raises(ValueError, match="unknown cosmoflow config variant 'huge'"):
     cosmoflow_configs.get_config("huge")
+
+
+def test_fsdp_splits_state_over_every_device_else_over_data():
+  mesh = make_mesh((2, 4), ("data", "spatial"))
+  part = Partitioner.create(mesh)
+  tree = {"kernel": jax.ShapeDtypeStruct((3, 3, 3, 32, 256), "float32"),
+          "odd": jax.ShapeDtypeStruct((4098, 3), "float32"),     # 4098 = 2 x 2049
+          "bias": jax.ShapeDtypeStruct((256,), "float32")}
+  shardings = part.state_shardings(tree, "fsdp")
+  # the largest dimension that 8 divides, over both axes: one 32-column slice per device
+  assert tuple(shardings["kernel"].spec) == (None, None, None, None, ("data", "spatial"))
+  assert shardings["kernel"].shard_shape(tree["kernel"].shape) == (3, 3, 3, 32, 32)
+  assert tuple(shardings["odd"].spec) == ("data", None)  # no dimension divides by 8
+  assert shardings["bias"].is_fully_replicated           # below FSDP_MIN_SIZE
+  spatial_only = Partitioner.create(make_mesh((1, 8), ("data", "spatial")))
+  kernel = spatial_only.state_shardings(tree, "fsdp")["kernel"]
+  assert tuple(kernel.spec) == (None, None, None, None, "spatial")
+  assert all(s.is_fully_replicated for s in part.state_shardings(tree).values())

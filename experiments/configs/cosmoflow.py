@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       axes=("data", "spatial"),  # any distinct names; `rules` map logical axes onto them
       # logical axis -> mesh axis: batch (data parallel), depth and height (spatial)
       rules=(("batch", "data"), ("depth", "spatial"), ("height", "spatial_h")),
-      params="replicated",      # params and optimiser state: "replicated" | "fsdp" (over data)
+      params="replicated",      # params and optimiser state: "replicated" | "fsdp" (over all devices)
       cpu_devices=4,            # emulate this many devices on a CPU host (None: real devices)
   )
   c.train = dict(steps=150, batch_size=4, log_every=10, eval_every=50,

@@ -137,7 +137,9 @@ class CosmoFlow(nn.Module):
                    padding=(w.padding,) * 3, use_bias=layer.use_bias, dtype=self.dtype,
                    lowering=self.conv_lowering, partitioner=self.partitioner,
                    logical=logical)(x)
-        x = leaky_relu(x, slope)
+        # max pooling keeps its input for its gradient; the leaky ReLU can share it
+        pooled_by_max = i + 1 < len(layers) and layers[i + 1].kind == "maxpool"
+        x = leaky_relu(x, slope, keep="output" if pooled_by_max else "signs")
       elif layer.kind == "maxpool":
         x = max_pool3d(x, w.kernel, w.stride, w.padding, pool_lowering)
       else:  # average pooling counts the zero padding, as cuDNN's default mode does

@@ -8,9 +8,12 @@ mesh has it. XLA's SPMD partitioner then inserts the halo exchanges that convolu
 a split depth axis need.
 
 Parameters and optimiser state follow `config.mesh.params`: "replicated" (every device
-holds all of it), or "fsdp" (each leaf split over the batch's mesh axis along its largest
-dimension that divides evenly, as in fully sharded data parallelism; XLA gathers a
-parameter where a layer needs it whole and reduce-scatters its gradient).
+holds all of it), or "fsdp" (each leaf split along its largest dimension that divides
+evenly over all the mesh's devices, data and spatial axes alike, else over the data axis,
+as in fully sharded data parallelism / ZeRO-3; XLA gathers a parameter where a layer needs
+it whole and reduce-scatters its gradient). Under spatial partitioning the replicated
+parameters and Adam moments are the part of each device's memory that does not shrink
+with the split; "fsdp" makes it shrink too.
 """
 import dataclasses
 import math
@@ -66,21 +69,27 @@ class Partitioner:
 
   def state_shardings(self, abstract_tree, mode: str = "replicated"):
     """A sharding for every leaf of `abstract_tree` (params, optimiser state): replicated,
-    or "fsdp" (module docstring) over the mesh axis that `batch` maps to."""
+    or "fsdp" (module docstring) over every mesh axis with more than one device."""
     if mode not in PARAM_SHARDINGS:
       raise ValueError(f"mesh.params={mode!r}: choose one of {PARAM_SHARDINGS}")
-    axis = self.mesh_axis("batch")
-    if mode == "replicated" or axis is None:
+    axes = tuple(a for a in self.mesh.axis_names if self.mesh.shape[a] > 1)
+    if mode == "replicated" or not axes:
       return jax.tree.map(lambda _: self.replicated(), abstract_tree)
-    shards = self.mesh.shape[axis]
+    batch = self.mesh_axis("batch")
+    # All devices if a dimension divides evenly, else the data axis alone.
+    choices = [axes] + ([(batch,)] if batch in axes and len(axes) > 1 else [])
 
     def fsdp(leaf):
       shape = tuple(getattr(leaf, "shape", ()))
-      dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d])
-              if shape[d] % shards == 0]
-      if not dims or math.prod(shape) < FSDP_MIN_SIZE:
+      if math.prod(shape) < FSDP_MIN_SIZE:
         return self.replicated()
-      spec = [None] * len(shape)
-      spec[dims[0]] = axis
-      return NamedSharding(self.mesh, PartitionSpec(*spec))
+      for over in choices:
+        shards = math.prod(self.mesh.shape[a] for a in over)
+        dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d])
+                if shape[d] % shards == 0]
+        if dims:
+          spec = [None] * len(shape)
+          spec[dims[0]] = over if len(over) > 1 else over[0]
+          return NamedSharding(self.mesh, PartitionSpec(*spec))
+      return self.replicated()
     return jax.tree.map(fsdp, abstract_tree)

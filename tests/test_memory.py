@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import cosmoflow_memory
+from experiments.trainers.memory import measure
 from sdl.bench.memory import footprint, peak_buffers
 
 
@@ -38,7 +38,7 @@ REGRESSION = {2: 0.60, 4: 0.36}
 def test_spatial_split_keeps_cutting_per_device_memory():
   ratios, base = {}, None
   for p in (1, 2, 4):
-    _, fp, _ = cosmoflow_memory.measure("lbann", 128, 1, p, params="fsdp")
+    _, fp, _ = measure("lbann", 128, 1, p, params="fsdp")
     base = base or fp.total
     ratios[p] = fp.total / base
   for p, bound in REGRESSION.items():

@@ -125,10 +125,10 @@ def test_fsdp_state_over_data_and_spatial_equals_single_device():
   """Parameters split over all 8 devices of a 2 x 4 data x spatial mesh: same outputs and
   gradients as one device, and the gradients come back split the same way."""
   x, y, params, ref_out, ref_grads = reference("lbann", "folded")
-  part = Partitioner.create(make_mesh((2, 4), ("data", "spatial")))
+  part = Partitioner.create(make_mesh((2, 4), ("data", "spatial")), params="fsdp")
   model = CosmoFlow("lbann", SIZE, spatial_layers=resolve_spatial_layers("lbann", SIZE, 4),
                     partitioner=part, conv_lowering="folded")
-  shardings = part.state_shardings(params, "fsdp")
+  shardings = part.state_shardings(params)
   ps = jax.device_put(params, shardings)
   kernel = ps["params"]["Conv3D_5"]["kernel"]
   assert len({str(s.index) for s in kernel.addressable_shards}) == 8  # 8 distinct slices
@@ -141,6 +141,10 @@ def test_fsdp_state_over_data_and_spatial_equals_single_device():
     assert rel_err(g, g_ref) < 1e-5, jax.tree_util.keystr(path)
   assert grads["params"]["Conv3D_5"]["kernel"].sharding.is_equivalent_to(
       shardings["params"]["Conv3D_5"]["kernel"], 5)
+  # Each split convolution gathers its own kernel, inside its shard_map, after its input.
+  hlo = step.lower(ps, jax.device_put(x, part.sharding(VOLUME_AXES)),
+                   jax.device_put(y, part.sharding(("batch", None)))).as_text()
+  assert "all_gather" in hlo or "all-gather" in hlo
 
 
 def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():

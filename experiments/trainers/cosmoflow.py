@@ -138,7 +138,7 @@ class Compiled:
 
 def build(config, plan: Plan, mesh) -> Compiled:
   """Model, optimiser and the jitted init/train/eval functions with explicit shardings."""
-  part = Partitioner.create(mesh, dict(plan.rules))
+  part = Partitioner.create(mesh, dict(plan.rules), plan.params)
   module = build_model(config, plan, part)
   model = step_model(module)
   sample = data.sample_batch(config)

@@ -74,7 +74,7 @@ class Compiled:
 
 
 def build(config, mesh, example: dict) -> Compiled:
-  part = Partitioner.create(mesh, dict(config.mesh.rules))
+  part = Partitioner.create(mesh, dict(config.mesh.rules), config.mesh.params)
   module_cls, loss_fn, likelihood, collections, takes_train = MODELS[config.model.name]
   module = module_cls()
   kwargs = (lambda rng, train: {"train": train}) if takes_train else (lambda rng, train: {})
@@ -88,7 +88,7 @@ def build(config, mesh, example: dict) -> Compiled:
   optimizer = make_optimizer(optim, config.train.steps, model=module, example=(example["x"],))
   init = lambda: init_state(model, optimizer.tx, example, config.seed)
   state_shape = jax.eval_shape(init)
-  state_sharding = part.state_shardings(state_shape, config.mesh.params)
+  state_sharding = part.state_shardings(state_shape)
   batch_sharding = {"x": part.sharding(("batch", None, None, None)),
                     "y": part.sharding(("batch",))}
   step = make_train_step(model, loss_fn, optimizer.tx, gradients=optimizer.gradients,

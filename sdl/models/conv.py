@@ -186,17 +186,19 @@ def patches_gemm(x, kernel, strides, width_padding):
   return patches @ kernel.reshape(-1, kernel.shape[-1])
 
 
-def per_shard(local, x, *replicated, partitioner: Partitioner | None = None,
+def per_shard(local, x, *params, partitioner: Partitioner | None = None,
               logical: Sequence[str | None] = VOLUME_AXES):
   """Run the window op `local` on each shard of `x` inside `jax.shard_map`.
 
-  `local(x, *replicated, depth_axis=, height_axis=, reduce_axes=)` sees its own slab and
-  the names of the mesh axes its depth and height are split over (None: not split; it
-  pads instead of exchanging halos, see `extend`) and of every axis `x` is split over
-  (for sums of parameter gradients). Without a partitioner it runs once, unsplit.
+  `local(x, *params, depth_axis=, height_axis=, reduce_axes=)` sees its own slab, the whole
+  parameters, and the names of the mesh axes its depth and height are split over (None:
+  not split; it pads instead of exchanging halos, see `extend`) and of every axis `x` is
+  split over (for sums of parameter gradients). Without a partitioner it runs once,
+  unsplit. Parameters split by the partitioner's `params="fsdp"` enter as their shards and
+  are gathered here (`gather_param`), once this layer's input exists.
   """
   if partitioner is None:
-    return local(x, *replicated)
+    return local(x, *params)
   spec = partitioner.spec(logical)
   mesh = partitioner.mesh
   split = lambda axis: axis if axis is not None and mesh.shape[axis] > 1 else None
@@ -204,9 +206,39 @@ def per_shard(local, x, *replicated, partitioner: Partitioner | None = None,
                      for a in (entry if isinstance(entry, tuple) else (entry,)))
   axes = {"depth_axis": split(spec[1]), "height_axis": split(spec[2]),
           "reduce_axes": split_over}
-  return jax.shard_map(lambda x, *r: local(x, *r, **axes), mesh=mesh,
-                       in_specs=(spec, *(PartitionSpec(),) * len(replicated)),
-                       out_specs=spec)(x, *replicated)
+  param_specs = [partitioner.param_spec(p.shape) for p in params]
+
+  def body(x, *shards):
+    whole = [gather_param(p, s, x, split_over, mesh) for p, s in zip(shards, param_specs)]
+    return local(x, *whole, **axes)
+  return jax.shard_map(body, mesh=mesh, in_specs=(spec, *param_specs),
+                       out_specs=spec)(x, *params)
+
+
+def gather_param(shard, spec: PartitionSpec, after, after_axes=(), mesh=None):
+  """Inside `shard_map`: the whole parameter from this device's `shard` (split as `spec`).
+
+  Left to itself XLA gathers every layer's parameters at the start of the step, so all of
+  them are live at the first layer's memory peak (about 24 MiB per device for lbann's
+  convolutions 4-6 at P = 8). Adding `min(|after[0]|, 0)`, zero for any finite or infinite
+  value, makes the gather wait for the layer's input `after`. That input varies over the
+  mesh axes `after_axes`, and so would the parameter: it is gathered over those of size 1
+  too, so that it is the same on every device (unless its split does not cover them,
+  where it goes without the wait).
+  """
+  dims = [d for d, entry in enumerate(spec) if entry is not None]
+  if not dims:
+    return shard
+  (dim,) = dims
+  axes = spec[dim] if isinstance(spec[dim], tuple) else (spec[dim],)
+  trivial = tuple(a for a in after_axes if a not in axes and mesh.shape[a] == 1)
+  if set(after_axes) <= set(axes + trivial):
+    anchor = jnp.minimum(jnp.abs(lax.stop_gradient(after).reshape(-1)[0]), 0)
+    shard, axes = shard + anchor.astype(shard.dtype), axes + trivial
+  # "invarying": every device holds the same whole parameter, as if it entered replicated
+  # (so layers whose output is replicated over an axis type-check, and the hand-summed
+  # kernel gradients of `conv2d`/`direct` come back as one slice, not summed again)
+  return lax.all_gather(shard, axes, axis=dim, tiled=True, to="invarying")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

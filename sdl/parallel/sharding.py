@@ -40,11 +40,15 @@ class Partitioner:
   """Maps logical axes to a mesh; hashable so it can be a Flax module field."""
   mesh: jax.sharding.Mesh
   rules: tuple[tuple[str, str], ...] = DEFAULT_RULES
+  params: str = "replicated"  # how parameters are laid out: PARAM_SHARDINGS
 
   @classmethod
-  def create(cls, mesh, rules: Mapping[str, str] | None = None) -> "Partitioner":
+  def create(cls, mesh, rules: Mapping[str, str] | None = None,
+             params: str = "replicated") -> "Partitioner":
+    if params not in PARAM_SHARDINGS:
+      raise ValueError(f"mesh.params={params!r}: choose one of {PARAM_SHARDINGS}")
     rules = tuple(dict(rules).items()) if rules is not None else DEFAULT_RULES
-    return cls(mesh, rules)
+    return cls(mesh, rules, params)
 
   def mesh_axis(self, logical: str | None) -> str | None:
     """Mesh axis for a logical axis, or None when unmapped or absent from this mesh."""
@@ -67,29 +71,35 @@ class Partitioner:
   def constrain(self, x: jax.Array, logical: LogicalAxes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, self.sharding(logical))
 
-  def state_shardings(self, abstract_tree, mode: str = "replicated"):
+  def state_shardings(self, abstract_tree, mode: str | None = None):
     """A sharding for every leaf of `abstract_tree` (params, optimiser state): replicated,
-    or "fsdp" (module docstring) over every mesh axis with more than one device."""
+    or "fsdp" (module docstring) over every mesh axis with more than one device; `mode`
+    defaults to this partitioner's `params`."""
+    mode = self.params if mode is None else mode
     if mode not in PARAM_SHARDINGS:
       raise ValueError(f"mesh.params={mode!r}: choose one of {PARAM_SHARDINGS}")
-    axes = tuple(a for a in self.mesh.axis_names if self.mesh.shape[a] > 1)
-    if mode == "replicated" or not axes:
-      return jax.tree.map(lambda _: self.replicated(), abstract_tree)
-    batch = self.mesh_axis("batch")
-    # All devices if a dimension divides evenly, else the data axis alone.
-    choices = [axes] + ([(batch,)] if batch in axes and len(axes) > 1 else [])
+    spec = self.fsdp_spec if mode == "fsdp" else lambda shape: PartitionSpec()
+    return jax.tree.map(
+        lambda leaf: NamedSharding(self.mesh, spec(tuple(getattr(leaf, "shape", ())))),
+        abstract_tree)
 
-    def fsdp(leaf):
-      shape = tuple(getattr(leaf, "shape", ()))
-      if math.prod(shape) < FSDP_MIN_SIZE:
-        return self.replicated()
-      for over in choices:
-        shards = math.prod(self.mesh.shape[a] for a in over)
-        dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d])
-                if shape[d] % shards == 0]
-        if dims:
-          spec = [None] * len(shape)
-          spec[dims[0]] = over if len(over) > 1 else over[0]
-          return NamedSharding(self.mesh, PartitionSpec(*spec))
-      return self.replicated()
-    return jax.tree.map(fsdp, abstract_tree)
+  def param_spec(self, shape: Sequence[int]) -> PartitionSpec:
+    """Where a parameter of `shape` lives under this partitioner's `params` layout."""
+    return self.fsdp_spec(tuple(shape)) if self.params == "fsdp" else PartitionSpec()
+
+  def fsdp_spec(self, shape: tuple[int, ...]) -> PartitionSpec:
+    """The fsdp rule: the largest dimension that all devices divide, split over every
+    mesh axis with more than one device; else over the data axis; else replicated."""
+    axes = tuple(a for a in self.mesh.axis_names if self.mesh.shape[a] > 1)
+    if not axes or math.prod(shape) < FSDP_MIN_SIZE:
+      return PartitionSpec()
+    batch = self.mesh_axis("batch")
+    for over in [axes] + ([(batch,)] if batch in axes and len(axes) > 1 else []):
+      shards = math.prod(self.mesh.shape[a] for a in over)
+      dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d])
+              if shape[d] % shards == 0]
+      if dims:
+        spec = [None] * len(shape)
+        spec[dims[0]] = over if len(over) > 1 else over[0]
+        return PartitionSpec(*spec)
+    return PartitionSpec()

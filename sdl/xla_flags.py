@@ -1,4 +1,4 @@
-"""The one place that sets XLA compiler flags for sdl: today, XLA:CPU's kernel library.
+"""The one place that sets XLA compiler flags for sdl: XLA:CPU's kernel library and scheduler.
 
 XLA reads `XLA_FLAGS` once, when JAX starts its first backend, so `sdl.process.configure()`
 applies these defaults before then (`apply_defaults`), before any computation. A flag the user already
@@ -15,15 +15,24 @@ put in `XLA_FLAGS` is left as it is: that is also the way to opt out.
   (`experiments.layer_bench`, docs/benchmarks.md). The flag only affects the CPU backend;
   GPU and TPU compilers ignore it.
 
-Unknown flags abort XLA at start-up, and this one is marked experimental, so it is only
-set for the jaxlib versions it was measured with (`CPU_FLAGS_JAXLIB`); a newer jaxlib
+* `--xla_cpu_enable_concurrency_optimized_scheduler=false`. With XLA:CPU's default
+  scheduler, a sharded K-FAC step on 8 virtual devices (`tests/test_kfac.py`, phased steps
+  against the counter-driven one, data-parallel with a factored Conv3D) crashed inside the
+  in-process all-reduce (a segfault in `ReduceScatter`, or a rendezvous that never
+  completes) in about half the runs, and in every run with `stale_tolerance=0`; with the
+  list scheduler, none in 9 runs of that setting (jax 0.10.2 and 0.12). The reordering that
+  scheduler does for concurrency is what breaks collectives here, so sdl does without it.
+
+Unknown flags abort XLA at start-up, and the first one is marked experimental, so both are only
+set for the jaxlib versions they were measured with (`CPU_FLAGS_JAXLIB`); a newer jaxlib
 runs with its own defaults until someone measures again.
 """
 import os
 import re
 from importlib import metadata
 
-CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "individual_dot"}
+CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "individual_dot",
+             "xla_cpu_enable_concurrency_optimized_scheduler": "false"}
 CPU_FLAGS_JAXLIB = ((0, 10), (0, 13))  # [first, past-the-end) (major, minor) known to work
 
 

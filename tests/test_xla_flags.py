@@ -7,11 +7,12 @@ import sys
 from sdl import xla_flags
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
+SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def test_defaults_only_for_measured_jaxlib_versions():
-  assert xla_flags.with_defaults("", (0, 10)) == f"{YNN}=individual_dot"
-  assert xla_flags.with_defaults("", (0, 12)) == f"{YNN}=individual_dot"
+  assert xla_flags.with_defaults("", (0, 10)) == f"{YNN}=individual_dot {SCHEDULER}"
+  assert xla_flags.with_defaults("", (0, 12)) == f"{YNN}=individual_dot {SCHEDULER}"
   assert xla_flags.with_defaults("", (0, 9)) == ""
   assert xla_flags.with_defaults("", (0, 13)) == ""
   assert xla_flags.with_defaults("--a=1", None) == "--a=1"
@@ -19,10 +20,10 @@ def test_defaults_only_for_measured_jaxlib_versions():
 
 def test_the_users_setting_wins():
   for own in (f"{YNN}=", f"{YNN}=individual_dot,individual_convolution", f"--x=1 {YNN} --y"):
-    assert xla_flags.with_defaults(own, (0, 10)) == own
+    assert xla_flags.with_defaults(own, (0, 10)) == f"{own} {SCHEDULER}"
   # another flag that merely starts with the same name is not the same flag
   longer = f"{YNN}_other=1"
-  assert xla_flags.with_defaults(longer, (0, 10)) == f"{longer} {YNN}=individual_dot"
+  assert xla_flags.with_defaults(longer, (0, 10)) == f"{longer} {YNN}=individual_dot {SCHEDULER}"
 
 
 def test_configure_sets_flags_the_installed_jaxlib_accepts():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sdl.data import loader, mlperf, store
+from sdl.kernels import checksum
 from sdl.parallel import VOLUME_AXES, Partitioner, make_mesh
 
 MESHES = [((1, 8), ("data", "spatial")), ((2, 4), ("data", "spatial")),
@@ -200,8 +201,13 @@ def crc32c_reference(data: bytes) -> int:
   return crc ^ 0xFFFFFFFF
 
 
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass kernel", "crc32c package"])
 @pytest.mark.parametrize("damage", ["flipped bit", "random bytes of the same size"])
-def test_a_corrupted_chunk_is_an_error_naming_its_file(tmp_path, damage):
+def test_a_corrupted_chunk_is_an_error_naming_its_file(tmp_path, damage, one_pass,
+                                                       monkeypatch):
+  assert checksum.available()  # the machine has a C++ compiler: both paths are tested
+  if not one_pass:
+    monkeypatch.setattr(checksum, "available", lambda: False)
   volumes, labels = random_volumes(2)
   path = write(tmp_path / "ds", volumes, labels, chunk_depth=8)  # checksummed by default
   dataset = store.open_dataset(path)

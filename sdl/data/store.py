@@ -19,10 +19,13 @@ parallel file systems that dislike small files.
 
 Checksums are on by default for the datasets sdl writes: each chunk file ends in the
 zarr v3 `crc32c` codec's 4-byte checksum, and `RawChunks` verifies it itself as it reads,
-with a hardware crc32c (the `crc32c` package: SSE4.2 or ARMv8 instructions), so that a
-corrupted chunk is a `DatasetError` naming its file. Tensorstore's
-own crc32c path cut read throughput by more than half; `experiments.io_bench` times the
-checked and unchecked reads side by side (docs/benchmarks.md). A truncated or missing
+so that a corrupted chunk is a `DatasetError` naming its file. The check is one pass with
+the read (`sdl.kernels.checksum`: the CPU's crc instructions on each piece of the file
+while it is in cache, copied on to the caller's array in the same loop), so it costs a few
+per cent of the unchecked read, where a second pass over the array cost a fifth and
+tensorstore's own crc32c path more than half; `experiments.io_bench` times the checked and
+unchecked reads side by side (docs/benchmarks.md). Without a C++ compiler the check is a
+second pass with the `crc32c` package. A truncated or missing
 chunk is an error naming its file either way (reads never fill in missing chunks).
 """
 import concurrent.futures
@@ -39,6 +42,7 @@ import numpy as np
 import tensorstore as ts
 
 from sdl.errors import DataError
+from sdl.kernels import checksum
 
 FORMAT = "sdl.cosmoflow-volumes"
 FORMAT_VERSION = 1
@@ -207,9 +211,9 @@ class RawChunks:
   Used only where that layout is certain: metadata as `Writer` writes it, a little-endian
   host, reads of whole height, width and channel extents. Everything else (height-split
   meshes) reads through tensorstore. With the `crc32c` codec each chunk is checked as it
-  is read: a read of a whole chunk lands in the caller's array with its checksum beside it;
-  a read of part of a chunk (a depth shard thinner than a chunk) reads the whole chunk
-  into a scratch buffer, checks it, and copies the part.
+  is read: the whole chunk goes through `sdl.kernels.checksum.read_verified`, which
+  checksums every byte and copies the ones the caller asked for (a depth shard thinner
+  than a chunk gets its part) into the caller's array.
   """
 
   def __init__(self, path: str, shape: tuple[int, ...], chunk_depth: int, dtype: np.dtype,
@@ -281,16 +285,24 @@ class RawChunks:
       if not self.verify:
         _read_exactly(fd, name, memoryview(dest), offset)
         return
-      whole = offset == 0 and dest.nbytes == self.chunk_bytes
-      chunk = memoryview(dest if whole else np.empty(self.chunk_bytes, np.uint8)).cast("B")
       stored = bytearray(CRC_BYTES)
-      _read_exactly(fd, name, chunk, 0, memoryview(stored))
-      crc = crc32c.crc32c(chunk)
+      if checksum.available():  # one pass: read, check and copy (sdl/kernels/copycrc.cc)
+        crc = checksum.read_verified(fd, self.chunk_bytes, dest.reshape(-1), offset)
+        if crc is None:
+          raise DatasetError(f'chunk file "{name}" ended early')
+        _read_exactly(fd, name, memoryview(stored), self.chunk_bytes)
+      else:  # no C++ compiler: read, then check with the crc32c package
+        whole = offset == 0 and dest.nbytes == self.chunk_bytes
+        chunk = memoryview(dest if whole else np.empty(self.chunk_bytes, np.uint8)).cast("B")
+        _read_exactly(fd, name, chunk, 0, memoryview(stored))
+        crc = crc32c.crc32c(chunk)
+        if not whole:
+          np.copyto(dest, np.frombuffer(chunk, np.uint8)[offset:offset + dest.nbytes])
       if crc != int.from_bytes(stored, "little"):
         raise DatasetError(f'chunk file "{name}" is corrupt: its crc32c checksum does not '
                            "match its contents; restore the file or write the dataset again")
-      if not whole:
-        np.copyto(dest, np.frombuffer(chunk, np.uint8)[offset:offset + dest.nbytes])
+    except OSError as e:
+      raise DatasetError(f'chunk file "{name}": {e.strerror}') from None
     finally:
       os.close(fd)
 

@@ -49,7 +49,9 @@ def test_crc32c_of_known_strings():
   assert checksum.crc32c(b"") == 0
 
 
-@pytest.mark.parametrize("n", [100, 12289, 196608 * 2 + 4097, (2 << 20) + 4])
+# the trailer in the last piece, just not, or alone after whole pieces
+@pytest.mark.parametrize("n", [100, 12289, checksum.PIECE - 4, checksum.PIECE - 2,
+                               checksum.PIECE, checksum.PIECE * 2 + 4097, (2 << 20) + 4])
 def test_read_verified_checks_every_byte_and_copies_the_asked_part(tmp_path, n):
   data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
   (tmp_path / "f").write_bytes(data.tobytes() + b"tail")
@@ -57,16 +59,16 @@ def test_read_verified_checks_every_byte_and_copies_the_asked_part(tmp_path, n):
   try:
     expected = crc32c_package.crc32c(data)
     whole = np.zeros(n, np.uint8)
-    assert checksum.read_verified(fd, n, whole) == expected
+    assert checksum.read_verified(fd, n, whole) == (expected, int.from_bytes(b"tail", "little"))
     np.testing.assert_array_equal(whole, data)
     # parts that start and end inside read pieces, at unaligned addresses
     for lo, hi in [(0, 1), (3, n // 2), (n // 3, n - 1), (n - 7, n)]:
       buffer = np.full(hi - lo + 3, 7, np.uint8)
       part = buffer[3:]  # not 16-byte aligned
-      assert checksum.read_verified(fd, n, part, lo) == expected
+      assert checksum.read_verified(fd, n, part, lo)[0] == expected
       np.testing.assert_array_equal(part, data[lo:hi])
       assert (buffer[:3] == 7).all()  # nothing written before the part
-    assert checksum.read_verified(fd, n + 10, np.zeros(4, np.uint8)) is None  # ended early
+    assert checksum.read_verified(fd, n + 1, np.zeros(4, np.uint8)) is None  # ended early
     with pytest.raises(ValueError, match="out of range"):
       checksum.read_verified(fd, n, np.zeros(8, np.uint8), n - 4)
   finally:

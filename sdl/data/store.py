@@ -285,20 +285,20 @@ class RawChunks:
       if not self.verify:
         _read_exactly(fd, name, memoryview(dest), offset)
         return
-      stored = bytearray(CRC_BYTES)
       if checksum.available():  # one pass: read, check and copy (sdl/kernels/copycrc.cc)
-        crc = checksum.read_verified(fd, self.chunk_bytes, dest.reshape(-1), offset)
-        if crc is None:
+        got = checksum.read_verified(fd, self.chunk_bytes, dest.reshape(-1), offset)
+        if got is None:
           raise DatasetError(f'chunk file "{name}" ended early')
-        _read_exactly(fd, name, memoryview(stored), self.chunk_bytes)
+        crc, stored = got
       else:  # no C++ compiler: read, then check with the crc32c package
         whole = offset == 0 and dest.nbytes == self.chunk_bytes
         chunk = memoryview(dest if whole else np.empty(self.chunk_bytes, np.uint8)).cast("B")
-        _read_exactly(fd, name, chunk, 0, memoryview(stored))
-        crc = crc32c.crc32c(chunk)
+        trailer = bytearray(CRC_BYTES)
+        _read_exactly(fd, name, chunk, 0, memoryview(trailer))
+        crc, stored = crc32c.crc32c(chunk), int.from_bytes(trailer, "little")
         if not whole:
           np.copyto(dest, np.frombuffer(chunk, np.uint8)[offset:offset + dest.nbytes])
-      if crc != int.from_bytes(stored, "little"):
+      if crc != stored:
         raise DatasetError(f'chunk file "{name}" is corrupt: its crc32c checksum does not '
                            "match its contents; restore the file or write the dataset again")
     except OSError as e:

@@ -3,7 +3,7 @@
 // The reader's plain path is one `preadv` from the page cache into the caller's array. A
 // checksum as a second pass reads the whole array again from memory, which on a 2-core
 // VM cost about a fifth of the throughput. Here the file is read in pieces that stay in
-// the L2 cache (`PIECE` bytes into a bounce buffer), and each piece is checksummed and
+// the L2 cache (a few hundred KiB into a bounce buffer), and each piece is checksummed and
 // copied to the destination in the same loop: the checksum reads what the copy loads
 // anyway, and the copy's stores bypass the cache on x86 (non-temporal), so the
 // destination is written to memory once and never read first.
@@ -34,7 +34,6 @@ static inline uint32_t step8(uint32_t c, uint8_t v) { return __crc32cb(c, v); }
 namespace {
 
 constexpr uint32_t POLY = 0x82F63B78u;  // crc32c (Castagnoli), bit-reflected
-constexpr size_t PIECE = 192 << 10;     // bytes per read: fits L2 beside the lanes' lines
 
 #ifdef SDL_CRC_TABLE
 struct Table {
@@ -239,13 +238,16 @@ uint32_t sdl_copy_crc32c(const uint8_t* src, uint8_t* dst, size_t n, uint32_t cr
 }
 
 // Read file bytes [0, n) of `fd`, checksumming all of them and copying bytes [lo, hi) to
-// `dst`, through `bounce` (PIECE bytes, 64-byte aligned). Returns 0, -1 where the file
-// ended first, or -errno; `*crc` receives the crc32c.
+// `dst`, through `bounce` (`piece` bytes, 64-byte aligned), then the 4 bytes after them
+// into `*trailer` (the zarr crc32c codec's stored checksum). Returns 0, -1 where the
+// file ended first, or -errno; `*crc` receives the crc32c of the n bytes.
 int sdl_read_crc32c(int fd, size_t n, size_t lo, size_t hi, uint8_t* dst, uint8_t* bounce,
-                    uint32_t* crc) {
+                    size_t piece, uint32_t* crc, uint32_t* trailer) {
   uint32_t reg = ~0u;
-  for (size_t at = 0; at < n;) {
-    size_t want = n - at < PIECE ? n - at : PIECE, got = 0;
+  for (size_t at = 0; at < n + 4;) {
+    // The last piece takes the trailer too when it fits, saving a system call.
+    size_t want = n - at <= piece - 4 ? n + 4 - at : (n - at < piece ? n - at : piece);
+    size_t got = 0;
     while (got < want) {
       ssize_t r = pread(fd, bounce + got, want - got, (off_t)(at + got));
       if (r < 0) {
@@ -255,14 +257,17 @@ int sdl_read_crc32c(int fd, size_t n, size_t lo, size_t hi, uint8_t* dst, uint8_
       if (r == 0) return -1;
       got += (size_t)r;
     }
-    // [at, at + want) splits into a part before `lo`, a part inside, a part after `hi`.
-    size_t end = at + want;
-    size_t in0 = at < lo ? (lo < end ? lo : end) : at;
-    size_t in1 = end < hi ? end : (hi > in0 ? hi : in0);
-    reg = update(bounce, nullptr, in0 - at, reg);
-    if (in1 > in0) reg = update(bounce + (in0 - at), dst + (in0 - lo), in1 - in0, reg);
-    reg = update(bounce + (in1 - at), nullptr, end - in1, reg);
-    at = end;
+    size_t end = at + want < n ? at + want : n;  // the data in this piece: [at, end)
+    if (at < n) {
+      // [at, end) splits into a part before `lo`, a part inside, a part after `hi`.
+      size_t in0 = at < lo ? (lo < end ? lo : end) : at;
+      size_t in1 = end < hi ? end : (hi > in0 ? hi : in0);
+      reg = update(bounce, nullptr, in0 - at, reg);
+      if (in1 > in0) reg = update(bounce + (in0 - at), dst + (in0 - lo), in1 - in0, reg);
+      reg = update(bounce + (in1 - at), nullptr, end - in1, reg);
+    }
+    if (at + want == n + 4) std::memcpy(trailer, bounce + (n - at), 4);  // little-endian
+    at += want;
   }
 #ifdef SDL_CRC_X86
   _mm_sfence();
@@ -270,8 +275,6 @@ int sdl_read_crc32c(int fd, size_t n, size_t lo, size_t hi, uint8_t* dst, uint8_
   *crc = ~reg;
   return 0;
 }
-
-size_t sdl_crc32c_piece() { return PIECE; }
 
 // How the crc is computed here: what `-march=native` made available.
 const char* sdl_crc32c_kind() {

@@ -24,10 +24,16 @@ def freed_block_returned():
   held = rss()
   del block
   return held - rss() > (200 << 20)
-before = {"env": dict(os.environ), "blas": blas(), "returned": freed_block_returned()}
+import sys, matplotlib
+plots = lambda: (str(dict.__getitem__(matplotlib.rcParams, "backend")),  # raw: unresolved
+                 "matplotlib.pyplot" in sys.modules)
+before = {"env": dict(os.environ), "blas": blas(), "returned": freed_block_returned(),
+          "plots": plots()}
 import sdl, sdl.parallel, sdl.models, sdl.data, sdl.optim, sdl.train, sdl.bench, sdl.kernels
-import sdl.models.cosmoflow, sdl.optim.kfac, sdl.train.loop
-after = {"env": dict(os.environ), "blas": blas(), "returned": freed_block_returned()}
+import sdl.models.cosmoflow, sdl.optim.kfac, sdl.train.loop, sdl.train.plots
+import sdl.bench.roofline, sdl.bench.suite, sdl.kernels.checksum, sdl.data.store
+after = {"env": dict(os.environ), "blas": blas(), "returned": freed_block_returned(),
+         "plots": plots()}
 from sdl import process
 record = process.configure()
 configured = {"env": dict(os.environ), "blas": blas(), "returned": freed_block_returned(),
@@ -53,6 +59,8 @@ def test_import_sdl_leaves_the_process_as_it_was_and_configure_changes_it():
   assert after["env"] == before["env"]
   assert "XLA_FLAGS" not in after["env"]
   assert after["blas"] == before["blas"]
+  # a notebook's inline plots keep working: no backend chosen, no pyplot loaded
+  assert after["plots"] == before["plots"] and not after["plots"][1], after["plots"]
   assert before["returned"] and after["returned"]  # glibc unmapped the freed block
   # The positive control: the same checks see what configure() does.
   record = configured["record"]

@@ -314,24 +314,28 @@ def _ratio(kfac_value: float, first_order: float) -> float | None:
   return kfac_value / first_order
 
 
+def loss_figure(runs: list[dict], summary: dict, axis: str = "step"):
+  """Loss of every run against `axis` ("step" or "seconds", compilation excluded), each
+  optimiser's best learning rate drawn bold: a plain matplotlib `Figure`."""
+  from matplotlib.figure import Figure  # noqa: PLC0415
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for r in runs:
+    chosen = summary["best"].get(r["optimizer"], {}).get("lr") == r["lr"]
+    xs = [h[axis] for h in r["history"]]
+    ys = [h["loss"] for h in r["history"]]
+    ax.plot(xs, ys, lw=2 if chosen else 0.7, alpha=1 if chosen else 0.4,
+            label=f"{r['optimizer']} lr={r['lr']:g}" + (" (best)" if chosen else ""))
+  ax.axhline(summary["target_loss"], color="k", ls=":", lw=0.8)
+  ax.set_xlabel("steps" if axis == "step" else "seconds (compilation excluded)")
+  ax.set_ylabel("training loss")
+  ax.set_yscale("log")
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  return fig
+
+
 def plot(runs: list[dict], summary: dict, workdir: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  for axis, label in (("step", "steps"), ("seconds", "seconds (compilation excluded)")):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in runs:
-      chosen = summary["best"].get(r["optimizer"], {}).get("lr") == r["lr"]
-      xs = [h[axis] for h in r["history"]]
-      ys = [h["loss"] for h in r["history"]]
-      ax.plot(xs, ys, lw=2 if chosen else 0.7, alpha=1 if chosen else 0.4,
-              label=f"{r['optimizer']} lr={r['lr']:g}" + (" (best)" if chosen else ""))
-    ax.axhline(summary["target_loss"], color="k", ls=":", lw=0.8)
-    ax.set_xlabel(label)
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, f"loss_vs_{'steps' if axis == 'step' else 'seconds'}.png"),
-                dpi=120)
-    plt.close(fig)
+  for axis, name in (("step", "steps"), ("seconds", "seconds")):
+    loss_figure(runs, summary, axis).savefig(os.path.join(workdir, f"loss_vs_{name}.png"),
+                                             dpi=120)

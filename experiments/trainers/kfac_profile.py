@@ -203,14 +203,20 @@ def fit_exponent(widths, seconds) -> float:
   return float(np.polyfit(np.log(widths[half:]), np.log(seconds[half:]), 1)[0])
 
 
+def amortised_shares(config) -> dict[str, float]:
+  """How many times per step each part runs, on average over a cycle of steps."""
+  k = config.kfac
+  # Steps run in phases (`kfac.Phase`): only statistics steps run the tagged model.
+  return {"forward/backward (plain)": 1 - 1 / k.stats_every,
+          "forward/backward (tagged)": 1 / k.stats_every, "statistics": 1 / k.stats_every,
+          "fisher backward": 1 / k.stats_every if k.fisher == "sampled" else 0.0,
+          "inversion": 1 / k.inverse_every, "preconditioning": 1.0}
+
+
 def report(config, parts: dict, steps: dict, scaling: list[dict], out_png: str | None) -> str:
   k = config.kfac
   p = parts["parts"]
-  # Steps run in phases (`kfac.Phase`): only statistics steps run the tagged model.
-  per_step = {"forward/backward (plain)": 1 - 1 / k.stats_every,
-              "forward/backward (tagged)": 1 / k.stats_every, "statistics": 1 / k.stats_every,
-              "fisher backward": 1 / k.stats_every if k.fisher == "sampled" else 0.0,
-              "inversion": 1 / k.inverse_every, "preconditioning": 1.0}
+  per_step = amortised_shares(config)
   amortised = sum(p[name] * share for name, share in per_step.items())
   lines = [f"### {config.experiment}: batch {config.train.batch_size}, "
            f"{len(parts['layers'])} K-FAC layers, T_stats={k.stats_every}, "
@@ -242,25 +248,32 @@ def report(config, parts: dict, steps: dict, scaling: list[dict], out_png: str |
     lines.append(f"\n{method}: time ∝ d^{fit_exponent(widths, [r[method] for r in scaling]):.2f} "
                  "over the larger widths.")
   if out_png:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [n for n in p if n in per_step]
-    vals = [p[n] * per_step[n] * 1e3 for n in names]
-    ax1.barh(names, vals)
-    ax1.axvline(steps["sgd"] * 1e3, color="k", ls=":", label="SGD step")
-    ax1.set_xlabel("ms per step (amortised)")
-    ax1.legend()
-    for method in kfac.INVERSIONS:
-      ax2.loglog(widths, [r[method] for r in scaling], "o-", label=method)
-    ax2.set_xticks(widths, [str(w) for w in widths])  # the measured widths, no minor labels
-    ax2.xaxis.set_minor_formatter(plt.NullFormatter())
-    ax2.set_xlabel("factor width d")
-    ax2.set_ylabel("seconds per inversion")
-    ax2.legend()
-    fig.suptitle(f"K-FAC step breakdown: {config.experiment}")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+    breakdown_figure(config, parts, steps, scaling).savefig(out_png, dpi=120)
   return "\n".join(lines) + "\n"
+
+
+def breakdown_figure(config, parts: dict, steps: dict, scaling: list[dict]):
+  """Where an amortised K-FAC step's time goes (against SGD's step), and inversion time
+  against factor width: a plain matplotlib `Figure`."""
+  from matplotlib.figure import Figure  # noqa: PLC0415
+  from matplotlib.ticker import NullFormatter  # noqa: PLC0415
+  k, p = config.kfac, parts["parts"]
+  per_step = amortised_shares(config)
+  widths = [r["width"] for r in scaling]
+  fig = Figure(figsize=(10, 4))
+  ax1, ax2 = fig.subplots(1, 2)
+  names = [n for n in p if n in per_step]
+  ax1.barh(names, [p[n] * per_step[n] * 1e3 for n in names])
+  ax1.axvline(steps["sgd"] * 1e3, color="k", ls=":", label="SGD step")
+  ax1.set_xlabel(f"ms per step (amortised: T_stats={k.stats_every}, T_inv={k.inverse_every})")
+  ax1.legend()
+  for method in kfac.INVERSIONS:
+    ax2.loglog(widths, [r[method] for r in scaling], "o-", label=method)
+  ax2.set_xticks(widths, [str(w) for w in widths])  # the measured widths, no minor labels
+  ax2.xaxis.set_minor_formatter(NullFormatter())
+  ax2.set_xlabel("factor width d")
+  ax2.set_ylabel("seconds per inversion")
+  ax2.legend()
+  fig.suptitle(f"K-FAC step breakdown: {config.experiment}")
+  fig.tight_layout()
+  return fig

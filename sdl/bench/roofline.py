@@ -7,10 +7,8 @@ max(FLOPs / peak, bytes / bandwidth), a lower bound that ignores everything but 
 import dataclasses
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +55,19 @@ def nominal(device_kind: str, precision: str) -> Device | None:
   return None
 
 
-def plot(path: str, device: Device, points: list[tuple[str, float, float]], title: str) -> str:
-  """Roofline PNG: `points` are (label, FLOP/byte, achieved FLOP/s)."""
-  fig, ax = plt.subplots(figsize=(8, 5.5))
+def figure(device: Device, points: list[tuple[str, float, float]], title: str) -> Figure:
+  """The roofline of `device` with `points` (label, FLOP/byte, achieved FLOP/s), coloured
+  by the label's first word. A plain `Figure` (no pyplot state): a notebook displays it,
+  `plot` saves it."""
+  fig = Figure(figsize=(8, 5.5))
+  ax = fig.subplots()
   intensities = [p[1] for p in points] or [1.0]
   x = np.logspace(np.log10(min(intensities + [device.ridge]) / 4),
                   np.log10(max(intensities + [device.ridge]) * 4), 200)
   ax.loglog(x, np.minimum(device.peak_flops, device.bandwidth * x) / 1e9, "k-", lw=2,
             label=f"roof: {device.peak_flops / 1e9:.0f} GFLOP/s, {device.bandwidth / 1e9:.1f} GB/s")
   kinds = sorted({label.split()[0] for label, *_ in points})
-  colors = dict(zip(kinds, plt.cm.tab10.colors))
+  colors = dict(zip(kinds, matplotlib.colormaps["tab10"].colors))
   for kind in kinds:
     pts = [(i, f) for label, i, f in points if label.split()[0] == kind]
     ax.scatter([p[0] for p in pts], [p[1] / 1e9 for p in pts], s=18, color=colors[kind],
@@ -77,6 +78,10 @@ def plot(path: str, device: Device, points: list[tuple[str, float, float]], titl
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8, loc="lower right")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
+
+
+def plot(path: str, device: Device, points: list[tuple[str, float, float]], title: str) -> str:
+  """Roofline PNG at `path` (`figure`); returns the path."""
+  figure(device, points, title).savefig(path, dpi=120)
   return path

@@ -1,19 +1,17 @@
 """Loss curves as a PNG next to `metrics.jsonl` (made by code, never by hand)."""
 import os
 
-import matplotlib
+from matplotlib.figure import Figure  # no pyplot: importing sdl leaves its state alone
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-
-from sdl.train.metrics import read_jsonl  # noqa: E402
+from sdl.train.metrics import read_jsonl
 
 
 def plot_metrics(workdir: str, train_keys=("loss",), eval_keys=("eval_loss",),
                  filename: str = "loss_curves.png") -> str:
   """Plot training and eval series from `workdir/metrics.jsonl`; returns the PNG path."""
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
   for keys, style in ((train_keys, "-"), (eval_keys, "o-")):
     for key in keys:
       points = [(r["step"], r[key]) for r in records if key in r]
@@ -27,5 +25,4 @@ def plot_metrics(workdir: str, train_keys=("loss",), eval_keys=("eval_loss",),
   path = os.path.join(workdir, filename)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path

@@ -26,10 +26,11 @@ NOTEBOOKS = ("universes", "spatial_partitioning", "data_pipeline", "kfac_vs_adam
 # What the test suite runs: the same cells on tiny problems, seconds each.
 TINY = {
     "universes": {"size": 32, "seeds": 6},
-    "spatial_partitioning": {"size": 32, "memory_size": 32, "memory_splits": (1, 2)},
+    "spatial_partitioning": {"size": 32, "memory_size": 32, "memory_splits": (1, 2),
+                             "memory_params": ("fsdp",)},
     "data_pipeline": {"universes": 2, "steps": 4, "read_latency_s": 0.05},
     "kfac_vs_adam": {"steps": 30, "profile_runs": 2, "inversion_widths": (32, 64)},
-    "layers_roofline": {"suite": "smoke", "runs": 2, "limit": 1},
+    "layers_roofline": {"suite_variant": "smoke", "runs": 2, "limit": 1},
 }
 TIMEOUT_S = 600  # per cell
 

@@ -156,3 +156,38 @@ def test_top_k_accuracy_equals_a_direct_set_computation(fraction):
   by = lambda s: set(sorted(range(400), key=lambda i: (-s[i], i))[:k])  # ties: lower id
   expected = len(by(predicted) & by(true)) / k
   assert ranking.top_k_accuracy(predicted, true, fraction) == expected
+
+
+def write(tmp_path, name, text):
+  path = tmp_path / name
+  path.write_text(text)
+  return str(path)
+
+
+def test_edge_lists_of_integers_and_of_names_read_alike(tmp_path):
+  g = nx.powerlaw_cluster_graph(40, 2, 0.1, seed=6)
+  ints = write(tmp_path, "ints", "\n".join(f"{u + 100} {v + 100}" for u, v in g.edges()) + "\n")
+  named = write(tmp_path, "named", "# a comment\n\n" + "\n".join(
+      f"n{u + 100} n{v + 100}  # edge" for u, v in g.edges()))
+  a, names_a, _ = graphs.read_edge_list(ints, directed=False)  # the vectorised path
+  b, names_b, _ = graphs.read_edge_list(named, directed=False)  # line by line
+  assert sorted(names_a.tolist()) == names_a.tolist() == sorted(int(n[1:]) for n in names_b)
+  edges = lambda graph, names: {frozenset((str(names[u]).lstrip("n"), str(names[v]).lstrip("n")))
+                                for u, v in graph.edges()}
+  assert edges(a, names_a) == edges(b, names_b) == {frozenset((str(u + 100), str(v + 100)))
+                                                    for u, v in g.edges()}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("1 2\n2 3 0.5\n", r"bad, line 2: a third column \(a weight\?\): weighted betweenness is "
+                       r"not supported"),
+    ("1 2\n3\n", r"bad, line 2: 1 field where an edge has two node ids: '3'"),
+    ("a b\nc d e f\n", r"bad, line 2: 4 fields"),
+    ("", r"bad: no edges"),
+    ("# nothing\n\n", r"bad: no edges"),
+])
+def test_bad_edge_lists_are_one_clear_error_naming_file_and_line(tmp_path, text, message):
+  with pytest.raises(graphs.EdgeListError, match=message):
+    graphs.read_edge_list(write(tmp_path, "bad", text), directed=False)
+  with pytest.raises(graphs.EdgeListError, match=r"missing: no such edge-list file"):
+    graphs.read_edge_list(str(tmp_path / "missing"), directed=False)

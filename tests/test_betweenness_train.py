@@ -82,3 +82,45 @@ def test_batches_pair_nodes_within_each_graph_only(data_dir):
   assert used.sum() > 0
   assert (which[used, 0] == which[used, 1]).all() and (which[used] < len(graph.n_node) - 1).all()
   assert graph.nodes.shape[0] == batches.n_node and graph.senders.shape[0] == batches.n_edge
+
+
+def rank_command(*args):
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, "-m", "experiments.rank_betweenness", *args],
+                        cwd=root, capture_output=True, text=True, timeout=300)
+
+
+def test_rank_command_ranks_a_users_graph_with_an_exported_model(data_dir, tmp_path):
+  config = smoke(data_dir)
+  workdir = str(tmp_path / "run")
+  trainer.run(config, workdir)
+  exported = str(tmp_path / "model")
+  out = rank_command(f"--checkpoint={workdir}", f"--export={exported}")
+  assert out.returncode == 0, out.stderr[-2000:]
+  module, params, spec = trainer.load_exported(exported)
+  assert spec["step"] == config.train.steps and spec["model"]["width"] == config.model.width
+  edges = tmp_path / "g.txt"  # named nodes, a comment, a repeat, a self-loop, two parts
+  edges.write_text("# my graph\nhub a\nhub b\nhub c\nc d\nd e\nhub a\ne e\n\nx y\ny z\n")
+  csv = tmp_path / "ranks.csv"
+  out = rank_command(f"--checkpoint={exported}", f"--edges={edges}", f"--out={csv}")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "dropped 1 self-loops and 1 repeated edges" in out.stderr
+  assert all(f"{s}:" in out.stderr for s in ("features", "compile", "score"))
+  header, *rows = csv.read_text().splitlines()
+  assert header == "node,score,rank"
+  table = {n: (float(s), int(r)) for n, s, r in (row.split(",") for row in rows)}
+  assert set(table) == set("hub a b c d e x y z".split())
+  assert sorted(r for _, r in table.values()) == list(range(1, 10))
+  # the leaves lie on no shortest path: score -inf, ranked after every other node
+  leaves = {"a", "b", "e", "x", "z"}  # (e: its self-loop dropped)
+  assert all(table[n][0] == float("-inf") for n in leaves)
+  assert min(table[n][1] for n in leaves) > max(table[n][1] for n in set(table) - leaves)
+  bad = tmp_path / "bad.txt"
+  bad.write_text("1 2\n2 3 0.5\n")
+  out = rank_command(f"--checkpoint={exported}", f"--edges={bad}")
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: {bad}, line 2: a third column (a weight?): weighted betweenness is not "
+      "supported; give unweighted edges, two node ids a line: '2 3 0.5'")

@@ -207,3 +207,90 @@ def run(config, workdir: str, *, hooks=()) -> TrainState:
                   get_batch=batches,
                   evaluate=lambda s: evaluate(c.score, s.params, val, config.data.directed),
                   schedule=c.schedule, hooks=hooks)
+
+
+# --- a trained model as two small files, for `experiments.rank_betweenness` ---------------
+
+MODEL_FILES = ("model.json", "params.npz")
+
+
+def example_batch(directed: bool) -> dict:
+  """A batch of one 3-node path: the shapes `build` needs (parameters do not depend on
+  a graph's size)."""
+  path, _ = graphs.from_edges(3, np.array([[0, 1], [1, 2]]), directed)
+  item = prepare(data.Labelled(path, np.zeros(3), "example"))
+  return Batcher([item], 1, 1, 0)(0)
+
+
+def export(workdir: str, out: str) -> str:
+  """Write the latest checkpoint's parameters in `workdir` as `out/params.npz`, with the
+  model's settings in `out/model.json` (what ranking needs; no optimiser state)."""
+  import json  # noqa: PLC0415
+  from flax import traverse_util  # noqa: PLC0415
+  from ml_collections import ConfigDict  # noqa: PLC0415
+
+  from sdl.train.checkpoint import Checkpointer  # noqa: PLC0415
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1)
+  try:
+    meta = ckpt.read_meta()
+    if meta is None:
+      raise ConfigError(f"{workdir}: no checkpoint to export; train first")
+    config = ConfigDict(meta["config"])
+    c = build(config, example_batch(config.data.directed))
+    state, _ = ckpt.restore(c.abstract_state)
+  finally:
+    ckpt.close()
+  os.makedirs(out, exist_ok=True)
+  flat = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+  np.savez(os.path.join(out, "params.npz"), **{k: np.asarray(v) for k, v in flat.items()})
+  spec = {"model": config.model.to_dict(), "directed": bool(config.data.directed),
+          "feature_hops": graphs.FEATURE_HOPS, "step": int(state.step),
+          "trained_on": config.data.to_dict()}
+  with open(os.path.join(out, "model.json"), "w") as f:
+    json.dump(spec, f, indent=1, default=list)
+  return out
+
+
+def load_exported(directory: str):
+  """(module, params, spec) of a model written by `export`."""
+  import json  # noqa: PLC0415
+  from flax import traverse_util  # noqa: PLC0415
+  missing = [f for f in MODEL_FILES if not os.path.exists(os.path.join(directory, f))]
+  if missing:
+    raise ConfigError(f"{directory}: not a betweenness model (missing {', '.join(missing)}); "
+                      "give a directory written by experiments.rank_betweenness --export")
+  with open(os.path.join(directory, "model.json")) as f:
+    spec = json.load(f)
+  with np.load(os.path.join(directory, "params.npz")) as f:
+    params = traverse_util.unflatten_dict({k: jnp.asarray(f[k]) for k in f.files}, sep="/")
+  m = spec["model"]
+  module = BetweennessGNN(width=m["width"], depth=m["depth"],
+                          mean_second_branch=m["mean_second_branch"])
+  return module, params, spec
+
+
+def score_exported(module, params, item: Prepared, directed: bool) -> tuple[np.ndarray, dict]:
+  """Ranking scores of `item`'s nodes by an exported model, and the seconds it took to
+  compile (`compile_s`) and to score (`score_s`), apart."""
+  import time  # noqa: PLC0415
+  g = item.graph
+  padded = as_graphs_tuple([item], pow2(g.num_nodes + 1), pow2(max(g.num_arcs, 1)))
+  score = jax.jit(lambda p, graph: ranking_scores(module.apply({"params": p}, graph, directed),
+                                                  graph))
+  t0 = time.perf_counter()
+  compiled = score.lower(params, padded).compile()
+  t1 = time.perf_counter()
+  scores = np.asarray(compiled(params, padded))[:g.num_nodes]
+  return scores, {"compile_s": t1 - t0, "score_s": time.perf_counter() - t1}
+
+
+def write_ranking(path: str, names, scores: np.ndarray) -> None:
+  """`node,score,rank` (rank 1: the highest score; ties by input order), atomically."""
+  order = ranking.top_k(np.where(np.isfinite(scores), scores, -np.inf), len(scores))
+  rank = np.empty(len(scores), np.int64)
+  rank[order] = np.arange(1, len(scores) + 1)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write("node,score,rank\n")
+    f.writelines(f"{n},{s:.6g},{r}\n" for n, s, r in zip(names, scores, rank))
+  os.replace(tmp, path)

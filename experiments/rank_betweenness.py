@@ -21,8 +21,7 @@ import time
 
 from absl import app, flags, logging
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHIPPED = os.path.join(HERE, "models", "betweenness_undirected")
+from experiments.trainers.betweenness import SHIPPED
 
 _EDGES = flags.DEFINE_string("edges", None, "Edge-list file: one `u v` per line.")
 _DIRECTED = flags.DEFINE_bool("directed", False, "Read u v as an arc u -> v.")

@@ -35,8 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       val_sizes=(5000,),
       val_graphs=4,                # per size
       pairs_per_node=4,            # ranked pairs sampled per node and step
+      top_pairs=0.5,               # of which this share start at a top-10 % node
   )
-  c.model = dict(width=64, depth=5, mean_second_branch=True)
+  c.model = dict(width=64, depth=5, mean_second_branch=True, own_features=True)
   c.optim = dict(name="adam", lr=1e-3, momentum=0.9, warmup_steps=100, decay="cosine",
                  weight_decay=0.0, clip_norm=1.0)
   c.mesh = dict(cpu_devices=0)

@@ -12,7 +12,10 @@ What it keeps of GNN-Bet:
 What it changes: size-independent inputs (`sdl.data.graphs.node_features`: walk counts
 of 1..3 hops each way) instead of one-hot node ids, so one model ranks graphs of any
 size; each layer's embedding is L2-normalised per node, as GNN-Bet does, which keeps hub
-nodes' sums from swamping the rest. On an undirected graph A = Aᵀ and GNN-Bet's branches
+nodes' sums from swamping the rest, but also erases how many messages arrived: so each
+layer's score reads the node's own inputs beside its embedding (`own_features`; without
+them the trained model ranked the top 1 % of a 5k-node powerlaw-cluster graph worse than
+degree alone). On an undirected graph A = Aᵀ and GNN-Bet's branches
 would compute the same thing: here the second branch averages its neighbours' messages
 (D⁻¹A) instead of summing them, so the product of the two scores sees both how many
 paths arrive and how concentrated they are.
@@ -39,6 +42,7 @@ class BetweennessGNN(nn.Module):
   width: int = 64
   depth: int = 5
   mean_second_branch: bool = True  # undirected graphs: D⁻¹A in the second branch
+  own_features: bool = True  # each layer's score also reads the node's own inputs
 
   @nn.compact
   def __call__(self, graph: jraph.GraphsTuple, directed: bool) -> jax.Array:
@@ -60,7 +64,7 @@ class BetweennessGNN(nn.Module):
           m = m / jnp.maximum(degree, 1.0)
         h = nn.relu(nn.Dense(self.width, name=f"branch{b}_layer{layer}")(m * keep))
         h = h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-6)
-        total = total + score(h)[:, 0]
+        total = total + score(jnp.concatenate([h, x], -1) if self.own_features else h)[:, 0]
       branches.append(total)
     return branches[0] * branches[1]
 

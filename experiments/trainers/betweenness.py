@@ -111,19 +111,27 @@ class Batcher:
     object.__setattr__(self, "n_pairs", self.pairs_per_node * largest_nodes * self.batch_size)
     object.__setattr__(self, "sampler", EpochSampler(len(self.items), self.batch_size,
                                                      self.seed))
+    object.__setattr__(self, "pools", [self._pool(p) for p in self.items])
+
+  @staticmethod
+  def _pool(p: Prepared) -> tuple:
+    """(nodes that can lie on a path, log1p labels, the top 10 % of those nodes)."""
+    can = np.flatnonzero(p.features[:, -1] > 0)
+    label = np.log1p(p.betweenness)
+    top = can[np.argsort(-label[can], kind="stable")[:max(2, len(can) // 10)]]
+    return can, label, top
 
   def __call__(self, step: int) -> dict:
-    chosen = [self.items[i] for i in np.sort(self.sampler.indices(step))]
+    picked = np.sort(self.sampler.indices(step))
+    chosen = [self.items[i] for i in picked]
     rng = np.random.default_rng([self.seed, step])
     pairs, targets, offset = [], [], 0
-    for p in chosen:
-      can = np.flatnonzero(p.features[:, -1] > 0)
+    for i, p in zip(picked, chosen):
+      can, label, top = self.pools[i]
       count = self.pairs_per_node * p.graph.num_nodes
       if len(can) >= 2:
         ij = can[rng.integers(0, len(can), (count, 2))]
-        label = np.log1p(p.betweenness)
         if self.top_pairs:  # some pairs start at the top 10 %: the order that matters most
-          top = can[np.argsort(-label[can], kind="stable")[:max(2, len(can) // 10)]]
           first = rng.random(count) < self.top_pairs
           ij[first, 0] = top[rng.integers(0, len(top), first.sum())]
         pairs.append(ij + offset)
@@ -164,19 +172,26 @@ def build(config, example: dict) -> Compiled:
   step = make_train_step(model, loss_fn, optimizer.tx, skip_nonfinite=config.train.skip_nonfinite)
   train_step = jax.jit(step, donate_argnums=0, static_argnums=2)
 
-  @jax.jit
-  def score(params, graph):
-    return ranking_scores(module.apply({"params": params}, graph, directed), graph)
-
-  return Compiled(jax.jit(init, out_shardings=state_sharding), train_step, score,
+  return Compiled(jax.jit(init, out_shardings=state_sharding), train_step,
+                  scorer(module, directed),
                   optimizer.schedule, abstract_like(state_shape, state_sharding))
 
 
-def score_graph(score: Callable, params, item: Prepared) -> np.ndarray:
-  """Ranking scores of one graph's nodes (padded to powers of two: few compiles)."""
+def scorer(module: BetweennessGNN, directed: bool) -> Callable:
+  """The jitted `(params, GraphsTuple) -> ranking scores`."""
+  return jax.jit(lambda params, graph: ranking_scores(
+      module.apply({"params": params}, graph, directed), graph))
+
+
+def padded_alone(item: Prepared) -> jraph.GraphsTuple:
+  """One graph padded to powers of two (graphs of similar size share a compile)."""
   g = item.graph
-  padded = as_graphs_tuple([item], pow2(g.num_nodes + 1), pow2(max(g.num_arcs, 1)))
-  return np.asarray(score(params, padded))[:g.num_nodes]
+  return as_graphs_tuple([item], pow2(g.num_nodes + 1), pow2(max(g.num_arcs, 1)))
+
+
+def score_graph(score: Callable, params, item: Prepared) -> np.ndarray:
+  """Ranking scores of one graph's nodes by `score` (a `scorer`)."""
+  return np.asarray(score(params, padded_alone(item)))[:item.graph.num_nodes]
 
 
 def metrics_of(predicted: np.ndarray, exact: np.ndarray, directed: bool) -> dict:
@@ -286,14 +301,11 @@ def score_exported(module, params, item: Prepared, directed: bool) -> tuple[np.n
   """Ranking scores of `item`'s nodes by an exported model, and the seconds it took to
   compile (`compile_s`) and to score (`score_s`), apart."""
   import time  # noqa: PLC0415
-  g = item.graph
-  padded = as_graphs_tuple([item], pow2(g.num_nodes + 1), pow2(max(g.num_arcs, 1)))
-  score = jax.jit(lambda p, graph: ranking_scores(module.apply({"params": p}, graph, directed),
-                                                  graph))
+  padded = padded_alone(item)
   t0 = time.perf_counter()
-  compiled = score.lower(params, padded).compile()
+  compiled = scorer(module, directed).lower(params, padded).compile()
   t1 = time.perf_counter()
-  scores = np.asarray(compiled(params, padded))[:g.num_nodes]
+  scores = np.asarray(compiled(params, padded))[:item.graph.num_nodes]
   return scores, {"compile_s": t1 - t0, "score_s": time.perf_counter() - t1}
 
 

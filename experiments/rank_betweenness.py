@@ -64,7 +64,9 @@ def main(argv):
     if spec["directed"] != _DIRECTED.value:
       kind = "directed" if spec["directed"] else "undirected"
       print(f"note: the model was trained on {kind} graphs", file=sys.stderr)
-    item = trainer.Prepared("input", graph, graphs.node_features(graph), None)
+    t = time.perf_counter()
+    item = trainer.Prepared("input", graph,
+                            graphs.node_features(graph, pivots=spec.get("pivots", 0)), None)
     stage("features", t)
     scores, seconds = trainer.score_exported(module, params, item, _DIRECTED.value)
     print(f"compile: {seconds['compile_s']:.2f} s\nscore: {seconds['score_s']:.2f} s",

@@ -39,6 +39,32 @@ def test_exact_labels_equal_networkx(directed):
     np.testing.assert_allclose(got, [expected[i] for i in range(len(g))], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("directed", [False, True], ids=["undirected", "directed"])
+def test_source_dependencies_equal_networkx_subset_betweenness(directed, monkeypatch):
+  """The C++ kernel and the NumPy fallback: sum of delta_s(v) over some sources s equals
+  networkx's betweenness over pairs (s in sources, t anywhere), on connected and
+  disconnected graphs; with every node a source, the estimate is exact betweenness."""
+  from sdl.kernels import brandes
+  assert brandes.available()
+  for g in random_graphs(directed):
+    g = nx.convert_node_labels_to_integers(g)
+    graph, n = graph_of(g), len(g)
+    sources = [0, 3, n // 2, n - 1]
+    subset = nx.betweenness_centrality_subset(g, sources, list(g), normalized=False)
+    expected = np.array([subset[i] for i in range(n)]) * (1 if directed else 2)
+    kernel = graphs.source_dependencies(graph, sources)
+    np.testing.assert_allclose(kernel, expected, rtol=1e-9, atol=1e-9)
+    one_thread = brandes.source_dependencies(*graphs.csr(graph), np.array(sources), threads=1)
+    np.testing.assert_allclose(one_thread, kernel, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(graphs._dependencies_numpy(graph, np.array(sources)),
+                               expected, rtol=1e-9, atol=1e-9)
+    exact = nx.betweenness_centrality(g, normalized=False)
+    np.testing.assert_allclose(graphs.sampled_betweenness(graph, n),
+                               [exact[i] for i in range(n)], rtol=1e-9, atol=1e-9)
+  monkeypatch.setattr(brandes, "available", lambda: False)  # the fallback behind the API
+  np.testing.assert_allclose(graphs.source_dependencies(graph, sources), kernel, rtol=1e-9)
+
+
 def test_from_edges_drops_and_counts_self_loops_and_repeats():
   edges = np.array([[0, 1], [1, 0], [0, 1], [2, 2], [1, 2]])
   undirected, cleaned = graphs.from_edges(3, edges, directed=False)
@@ -126,6 +152,11 @@ def test_node_features_do_not_depend_on_the_graph_size():
                              atol=1e-6)
   np.testing.assert_allclose(graphs.node_features(two)[60:], graphs.node_features(one),
                              atol=1e-6)
+  # the estimated-betweenness column: every node a pivot, so exact in both
+  one_p, two_p = graphs.node_features(one, pivots=60), graphs.node_features(two, pivots=120)
+  assert one_p.shape[1] == graphs.node_features(one).shape[1] + 1
+  np.testing.assert_allclose(two_p[:60], one_p, atol=1e-5)
+  np.testing.assert_allclose(two_p[60:], one_p, atol=1e-5)
 
 
 @pytest.mark.parametrize("n,values", [(2, 10**9), (3, 2), (57, 4), (1000, 10**9), (1000, 7),

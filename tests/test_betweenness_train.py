@@ -84,12 +84,52 @@ def test_batches_pair_nodes_within_each_graph_only(data_dir):
   assert graph.nodes.shape[0] == batches.n_node and graph.senders.shape[0] == batches.n_edge
 
 
-def rank_command(*args):
+def command(name, *args):
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return subprocess.run([sys.executable, "-m", "experiments.rank_betweenness", *args],
+  return subprocess.run([sys.executable, "-m", f"experiments.{name}", *args],
                         cwd=root, capture_output=True, text=True, timeout=300)
+
+
+def rank_command(*args):
+  return command("rank_betweenness", *args)
+
+
+def table_rows(text: str) -> dict:
+  """{(nodes, method): [means]} of a markdown table's `mean ± std` cells."""
+  rows = {}
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    if len(cells) > 3 and "±" in cells[2]:
+      rows[cells[0], cells[1]] = [float(c.split("±")[0]) for c in cells[2:-1]]
+  return rows
+
+
+def check_eval_command(exported, data, tmp_path):
+  """The evaluation command's table: exact labels rank perfectly, and the GNN's and the
+  degree baseline's rows are the ranking metrics of their scores, computed here."""
+  from sdl.data import betweenness as data_module  # noqa: PLC0415
+  cache = str(tmp_path / "eval")
+  out = command("betweenness_eval", f"--checkpoint={exported}", "--sizes=70", "--graphs=2",
+                f"--data={cache}", "--baselines=degree,exact,estimate,kadabra_0.01")
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = table_rows(out.stdout)
+  assert set(rows) == {("70", m) for m in ("GNN", "degree", "exact", "estimate",
+                                           "kadabra_0.01")}
+  assert rows["70", "exact"] == [1.0, 1.0, 1.0, 1.0]
+  module, params, _ = trainer.load_exported(exported)
+  items = [data_module.load(f"{cache}/powerlaw_cluster/powerlaw_cluster-70-{s}.npz")
+           for s in (20000, 20001)]
+  keys = ("kendall_tau", "top1", "top5", "top10")
+  for method in ("GNN", "degree"):
+    per_graph = []
+    for item in items:
+      scores = (trainer.score_exported(module, params, trainer.prepare(item), False)[0]
+                if method == "GNN" else item.graph.out_degree().astype(float))
+      per_graph.append(trainer.metrics_of(scores, item.betweenness, False))
+    expected = [np.mean([m[k] for m in per_graph]) for k in keys]
+    np.testing.assert_allclose(rows["70", method], expected, atol=6e-4)
 
 
 def test_rank_command_ranks_a_users_graph_with_an_exported_model(data_dir, tmp_path):
@@ -117,6 +157,7 @@ def test_rank_command_ranks_a_users_graph_with_an_exported_model(data_dir, tmp_p
   leaves = {"a", "b", "e", "x", "z"}  # (e: its self-loop dropped)
   assert all(table[n][0] == float("-inf") for n in leaves)
   assert min(table[n][1] for n in leaves) > max(table[n][1] for n in set(table) - leaves)
+  check_eval_command(exported, data_dir, tmp_path)
   bad = tmp_path / "bad.txt"
   bad.write_text("1 2\n2 3 0.5\n")
   out = rank_command(f"--checkpoint={exported}", f"--edges={bad}")

@@ -43,8 +43,10 @@ class Prepared:
   betweenness: np.ndarray
 
 
-def prepare(item: data.Labelled) -> Prepared:
-  return Prepared(item.name, item.graph, graphs.node_features(item.graph), item.betweenness)
+def prepare(item: data.Labelled, pivots: int = 0) -> Prepared:
+  """`item` with its features (`graphs.node_features`, `pivots` sampled sources)."""
+  return Prepared(item.name, item.graph, graphs.node_features(item.graph, pivots=pivots),
+                  item.betweenness)
 
 
 def validate(config) -> None:
@@ -69,7 +71,7 @@ def load_split(config, split: str) -> list[Prepared]:
   else:  # disjoint seeds
     families, sizes, seeds = (d.val_family,), d.val_sizes, range(10_000, 10_000 + d.val_graphs)
   paths = data.write_graphs(os.path.join(d.path, split), families, sizes, seeds, d.directed)
-  return [prepare(data.load(p)) for p in paths]
+  return [prepare(data.load(p), d.get("pivots", 0)) for p in paths]
 
 
 def as_graphs_tuple(items: list[Prepared], n_node: int, n_edge: int) -> jraph.GraphsTuple:
@@ -241,11 +243,11 @@ SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
                        "betweenness_undirected")
 
 
-def example_batch(directed: bool) -> dict:
+def example_batch(directed: bool, pivots: int = 0) -> dict:
   """A batch of one 3-node path: the shapes `build` needs (parameters do not depend on
   a graph's size)."""
   path, _ = graphs.from_edges(3, np.array([[0, 1], [1, 2]]), directed)
-  item = prepare(data.Labelled(path, np.zeros(3), "example"))
+  item = prepare(data.Labelled(path, np.zeros(3), "example"), pivots)
   return Batcher([item], 1, 1, 0)(0)
 
 
@@ -263,7 +265,7 @@ def export(workdir: str, out: str) -> str:
     if meta is None:
       raise ConfigError(f"{workdir}: no checkpoint to export; train first")
     config = ConfigDict(meta["config"])
-    c = build(config, example_batch(config.data.directed))
+    c = build(config, example_batch(config.data.directed, config.data.get("pivots", 0)))
     state, _ = ckpt.restore(c.abstract_state)
   finally:
     ckpt.close()
@@ -271,7 +273,8 @@ def export(workdir: str, out: str) -> str:
   flat = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
   np.savez(os.path.join(out, "params.npz"), **{k: np.asarray(v) for k, v in flat.items()})
   spec = {"model": config.model.to_dict(), "directed": bool(config.data.directed),
-          "feature_hops": graphs.FEATURE_HOPS, "step": int(state.step),
+          "feature_hops": graphs.FEATURE_HOPS,
+          "pivots": int(config.data.get("pivots", 0)), "step": int(state.step),
           "trained_on": config.data.to_dict()}
   with open(os.path.join(out, "model.json"), "w") as f:
     json.dump(spec, f, indent=1, default=list)

@@ -127,17 +127,89 @@ def never_between(graph: Graph, max_degree: int = 32) -> np.ndarray:
   return result
 
 
+def csr(graph: Graph) -> tuple[np.ndarray, np.ndarray]:
+  """(indptr int64 [nodes + 1], indices int32 [arcs]): the arcs out of v are
+  `indices[indptr[v]:indptr[v + 1]]` (arcs are sorted by sender)."""
+  indptr = np.zeros(graph.num_nodes + 1, np.int64)
+  np.cumsum(graph.out_degree(), out=indptr[1:])
+  return indptr, graph.receivers
+
+
+def _dependencies_numpy(graph: Graph, sources: np.ndarray) -> np.ndarray:
+  """`kernels.brandes.source_dependencies` level by level in NumPy (no compiler)."""
+  n, src, dst = graph.num_nodes, graph.senders, graph.receivers
+  total = np.zeros(n)
+  for s in sources:
+    dist = np.full(n, -1)
+    dist[s], level = 0, 0
+    while True:  # breadth-first levels
+      reached = np.unique(dst[(dist[src] == level) & (dist[dst] < 0)])
+      if not len(reached):
+        break
+      level += 1
+      dist[reached] = level
+    on_path = (dist[src] >= 0) & (dist[dst] == dist[src] + 1)  # shortest-path DAG arcs
+    u, v = src[on_path], dst[on_path]
+    sigma, delta = np.zeros(n), np.zeros(n)
+    sigma[s] = 1.0
+    for d in range(level):
+      at = dist[u] == d
+      sigma += np.bincount(v[at], weights=sigma[u[at]], minlength=n)
+    for d in range(level - 1, -1, -1):
+      at = dist[u] == d
+      delta += np.bincount(u[at], weights=sigma[u[at]] / sigma[v[at]] * (1 + delta[v[at]]),
+                           minlength=n)
+    delta[s] = 0.0
+    total += delta
+  return total
+
+
+def source_dependencies(graph: Graph, sources) -> np.ndarray:
+  """float64 [nodes]: the sum over `sources` of each node's dependency delta_s(v) (the
+  share of shortest paths from s through v), by `sdl.kernels.brandes` or, without a C++
+  compiler, NumPy."""
+  from sdl.kernels import brandes  # noqa: PLC0415
+  sources = np.asarray(sources, np.int64)
+  if brandes.available():
+    return brandes.source_dependencies(*csr(graph), sources)
+  return _dependencies_numpy(graph, sources)
+
+
+PIVOTS = 32
+
+
+def pivots(num_nodes: int, count: int = PIVOTS) -> np.ndarray:
+  """The sampled sources of `sampled_betweenness`: `count` distinct nodes, drawn with a
+  fixed seed, so a graph always gets the same estimate."""
+  return np.sort(np.random.default_rng(0).choice(num_nodes, min(count, num_nodes),
+                                                 replace=False))
+
+
+def sampled_betweenness(graph: Graph, count: int = PIVOTS) -> np.ndarray:
+  """Betweenness estimated from `count` sampled sources (Brandes & Pich's pivots): the
+  sources' dependencies times n / count, halved on an undirected graph (unordered pairs),
+  so that with every node a source it is exact betweenness."""
+  sources = pivots(graph.num_nodes, count)
+  scale = graph.num_nodes / len(sources) / (1 if graph.directed else 2)
+  return source_dependencies(graph, sources) * scale
+
+
 FEATURE_HOPS = 3
 
 
-def node_features(graph: Graph, hops: int = FEATURE_HOPS) -> np.ndarray:
-  """float32 [nodes, 2 · hops + 1]: size-independent inputs for a betweenness ranker.
+def node_features(graph: Graph, hops: int = FEATURE_HOPS, pivots: int = 0) -> np.ndarray:
+  """float32 [nodes, 2 · hops + (1 if pivots) + 1]: size-independent inputs for a
+  betweenness ranker.
 
   For each direction (arcs out, arcs in), the number of walks of 1 .. `hops` steps from
   the node (its degree, the degree mass of its neighbours, ...), as log(1 + count) minus
   the graph's mean of the same, so that the same local shape scores the same in graphs
-  of any size; and whether the node can lie inside a shortest path at all
-  (`never_between`). No node ids: one model ranks graphs it never saw.
+  of any size; with `pivots`, the betweenness estimated from that many sampled sources
+  (`sampled_betweenness`), as log(1 + estimate / its mean) minus the mean of that (the
+  same for any scale of the estimate, so for any graph size): what no few hops of
+  message passing see, how much of the whole graph's traffic a node carries; and last,
+  whether the node can lie inside a shortest path at all (`never_between`). No node ids:
+  one model ranks graphs it never saw.
   """
   columns = []
   for forward in (True, False):
@@ -148,6 +220,10 @@ def node_features(graph: Graph, hops: int = FEATURE_HOPS) -> np.ndarray:
       walks = np.bincount(src, weights=walks[dst], minlength=graph.num_nodes)
       logs = np.log1p(walks)
       columns.append(logs - logs.mean())
+  if pivots:
+    estimate = sampled_betweenness(graph, pivots)
+    logs = np.log1p(estimate / max(estimate.mean(), 1e-12))
+    columns.append(logs - logs.mean())
   columns.append(~never_between(graph))
   return np.stack(columns, 1).astype(np.float32)
 

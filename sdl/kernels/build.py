@@ -19,7 +19,7 @@ from pathlib import Path
 import jax.ffi
 
 HERE = Path(__file__).parent
-FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 # For kernels that do their own arithmetic (not a library call): vectorise for this CPU
 # and contract a * b + c into fused multiply-adds. A compiler that refuses `-march=native`
 # (some Apple clang versions) builds without it.

@@ -7,6 +7,9 @@ at most 4 input channels, such as CosmoFlow's and a 3D U-Net's first layer, whic
 `sdl.models.conv`'s CPU lowering takes (`use_direct` decides).
 `sdl.kernels.checksum`: a chunk file's crc32c computed while it is read and copied, one
 pass over the bytes (`sdl.data.store`'s checked reads; not an XLA kernel).
+`sdl.kernels.brandes`: shortest-path dependencies from sampled sources (Brandes'
+accumulation, threaded), `sdl.data.graphs`' estimated-betweenness feature (not an XLA
+kernel).
 `sdl.kernels.build` compiles the C++ sources next to it with the machine's C++ compiler
 and jaxlib's FFI headers, into a per-user cache.
 """

@@ -20,7 +20,8 @@ would compute the same thing: here the second branch averages its neighbours' me
 (D⁻¹A) instead of summing them, so the product of the two scores sees both how many
 paths arrive and how concentrated they are.
 
-Message passing is `jax.ops.segment_sum` over the arcs; padded graphs (jraph's
+Message passing is a segment sum over the arcs (`sdl.kernels.segment` on CPU for the
+direction whose segments are the senders, by which arcs are sorted); padded graphs (jraph's
 `pad_with_graphs`) route their padding arcs between padding nodes only, so real nodes
 score the same padded or not, batched or alone.
 """
@@ -29,13 +30,18 @@ import jax
 import jax.numpy as jnp
 import jraph
 
+from sdl.kernels import segment
+
 
 def pass_messages(h: jax.Array, senders: jax.Array, receivers: jax.Array,
                   along: bool) -> jax.Array:
   """Sum over arcs: `along` gives node u the sum of h[v] over its arcs u -> v (A h, with
-  A[u, v] = 1 for an arc u -> v); otherwise node v gets h[u] over arcs u -> v (Aᵀ h)."""
-  src, dst = (receivers, senders) if along else (senders, receivers)
-  return jax.ops.segment_sum(h[src], dst, num_segments=h.shape[0])
+  A[u, v] = 1 for an arc u -> v); otherwise node v gets h[u] over arcs u -> v (Aᵀ h).
+  Arcs must be sorted by sender (`sdl.data.graphs.Graph`'s are; jraph's batching and
+  padding keep the order), which `along` exploits."""
+  if along:
+    return segment.gather_segment_sum(h, receivers, senders, h.shape[0])
+  return jax.ops.segment_sum(h[senders], receivers, num_segments=h.shape[0])
 
 
 class BetweennessGNN(nn.Module):

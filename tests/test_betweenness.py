@@ -92,6 +92,7 @@ def test_never_between_marks_exactly_the_nodes_known_by_hand(edges, directed, ex
   n = len(expected)
   graph, _ = graphs.from_edges(n, np.array(edges), directed)
   np.testing.assert_array_equal(graphs.never_between(graph), np.array(expected, bool))
+  np.testing.assert_array_equal(graphs._never_between_numpy(graph, 32), np.array(expected, bool))
 
 
 @pytest.mark.parametrize("directed", [False, True], ids=["undirected", "directed"])
@@ -102,6 +103,9 @@ def test_never_between_nodes_have_zero_betweenness(directed):
     exact = graphs.exact_betweenness(graph)
     never = graphs.never_between(graph)
     assert (exact[never] == 0).all()
+    for cap in (2, 32):  # the C++ kernel and the NumPy fallback, with degree caps
+      np.testing.assert_array_equal(graphs.never_between(graph, cap),
+                                    graphs._never_between_numpy(graph, cap))
     marked, zero = marked + never.sum(), zero + (exact == 0).sum()
   assert marked > 0.5 * zero  # and it finds most of them
 

@@ -59,13 +59,12 @@ def from_edges(num_nodes: int, edges: np.ndarray, directed: bool) -> tuple[Graph
   edges = edges[~loops]
   if not directed:
     edges = np.sort(edges, axis=1)
-  key = np.unique(edges[:, 0] * num_nodes + edges[:, 1])
-  u, v = key // num_nodes, key % num_nodes
+  key = np.unique(edges[:, 0] * num_nodes + edges[:, 1])  # sorted by (u, v)
   duplicates = len(edges) - len(key)
-  if not directed:
-    u, v = np.concatenate([u, v]), np.concatenate([v, u])
-  order = np.lexsort((v, u))
-  graph = Graph(int(num_nodes), u[order].astype(np.int32), v[order].astype(np.int32), directed)
+  if not directed:  # both arcs of each edge, sorted again as keys (cheaper than lexsort)
+    key = np.sort(np.concatenate([key, (key % num_nodes) * num_nodes + key // num_nodes]))
+  u, v = np.divmod(key, num_nodes)
+  graph = Graph(int(num_nodes), u.astype(np.int32), v.astype(np.int32), directed)
   return graph, Cleaned(int(loops.sum()), int(duplicates))
 
 
@@ -103,6 +102,20 @@ def never_between(graph: Graph, max_degree: int = 32) -> np.ndarray:
   The second rule is checked for nodes with at most `max_degree` in- and out-neighbours
   (the work is their product); higher-degree nodes are treated as possibly between.
   """
+  from sdl.kernels import brandes  # noqa: PLC0415
+  if brandes.available():  # the same rule, stopping at a node's first missing arc
+    if graph.directed:
+      by_receiver = np.argsort(graph.receivers, kind="stable")
+      in_ptr = np.zeros(graph.num_nodes + 1, np.int64)
+      np.cumsum(graph.in_degree(), out=in_ptr[1:])
+      in_csr = (in_ptr, graph.senders[by_receiver])
+    else:
+      in_csr = csr(graph)
+    return brandes.never_between(csr(graph), in_csr, max_degree)
+  return _never_between_numpy(graph, max_degree)
+
+
+def _never_between_numpy(graph: Graph, max_degree: int) -> np.ndarray:
   ins, outs = graph.in_degree(), graph.out_degree()
   result = (ins == 0) | (outs == 0)
   candidates = np.flatnonzero(~result & (ins <= max_degree) & (outs <= max_degree))

@@ -1,3 +1,6 @@
+// Shortest-path kernels for betweenness ranking: Brandes' dependency accumulation from
+// sampled sources, and the test for nodes that no shortest path passes through.
+//
 // Brandes' dependency accumulation from a set of source nodes: for each source s, a
 // breadth-first search counts the shortest paths sigma_s(v) to every node, and a pass in
 // reverse BFS order accumulates delta_s(v) = sum over successors w of
@@ -11,6 +14,7 @@
 // needed. Sources are split across threads statically (thread t takes sources t, t + T,
 // ...) and the per-thread sums are added in thread order, so a result never depends on
 // scheduling. Each search resets only the nodes it reached.
+#include <algorithm>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -83,6 +87,36 @@ void sdl_source_dependencies(int64_t n, const int64_t* indptr, const int32_t* in
   for (auto& thread : pool) thread.join();
   for (const auto& p : partial)
     for (int64_t v = 0; v < n; ++v) out[v] += p[v];
+}
+
+// never[v] = 1 where v lies inside no shortest path: v has no in-arc or no out-arc, or
+// (for at most max_degree in- and out-neighbours) every in-neighbour u has an arc to
+// every out-neighbour w != u. Out-lists must be sorted (binary search); most nodes fail
+// at their first missing arc, so the work is far below the d_in * d_out worst case.
+void sdl_never_between(int64_t n, const int64_t* out_ptr, const int32_t* out_idx,
+                       const int64_t* in_ptr, const int32_t* in_idx, int64_t max_degree,
+                       uint8_t* never) {
+  for (int64_t v = 0; v < n; ++v) {
+    const int64_t ins = in_ptr[v + 1] - in_ptr[v], outs = out_ptr[v + 1] - out_ptr[v];
+    if (ins == 0 || outs == 0) {
+      never[v] = 1;
+      continue;
+    }
+    bool closed = ins <= max_degree && outs <= max_degree;
+    for (int64_t a = in_ptr[v]; closed && a < in_ptr[v + 1]; ++a) {
+      const int32_t u = in_idx[a];
+      const int32_t* first = out_idx + out_ptr[u];
+      const int32_t* last = out_idx + out_ptr[u + 1];
+      for (int64_t b = out_ptr[v]; b < out_ptr[v + 1]; ++b) {
+        const int32_t w = out_idx[b];
+        if (w != u && !std::binary_search(first, last, w)) {
+          closed = false;
+          break;
+        }
+      }
+    }
+    never[v] = closed;
+  }
 }
 
 }  // extern "C"

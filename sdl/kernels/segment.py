@@ -73,6 +73,7 @@ def _threads() -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _kernel(h, gather, segments, num_segments):
+  setup()
   out = jax.ShapeDtypeStruct((num_segments, h.shape[1]), jnp.float32)
   return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
       h, gather.astype(jnp.int32), segments.astype(jnp.int32), threads=np.int64(_threads()))

@@ -9,8 +9,10 @@ column is an error (weighted betweenness is not supported); disconnected graphs 
 `--out` (default: the edge file's name with `.betweenness.csv`): `node,score,rank`, rank 1
 the most between; nodes that lie inside no shortest path (exact betweenness 0) have score
 `-inf` and come last. `--checkpoint`: a model directory (`model.json`, `params.npz`; the
-default is the one shipped in `experiments/models/`) or a training workdir, exported on
-the fly. `--export=DIR` writes a training workdir's model as such a directory.
+default is the one shipped in `experiments/models/` for the graph's kind: powerlaw-like
+undirected graphs, or with `--directed` directed ones; `betweenness_mixed` there is for
+road-like and partitioned graphs) or a training workdir, exported on the fly.
+`--export=DIR` writes a training workdir's model as such a directory.
 
 Each stage's time goes to stderr (read, features, compile, score, write), so the speed
 of a big graph can be read off one run.
@@ -21,12 +23,14 @@ import time
 
 from absl import app, flags, logging
 
-from experiments.trainers.betweenness import SHIPPED
+from experiments.trainers.betweenness import SHIPPED, SHIPPED_DIRECTED
 
 _EDGES = flags.DEFINE_string("edges", None, "Edge-list file: one `u v` per line.")
 _DIRECTED = flags.DEFINE_bool("directed", False, "Read u v as an arc u -> v.")
 _OUT = flags.DEFINE_string("out", None, "CSV to write (default: <edges>.betweenness.csv).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", SHIPPED, "Model directory or training workdir.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", SHIPPED, "Model directory or training workdir (default: the shipped model "
+    f"for undirected graphs; with --directed, {SHIPPED_DIRECTED}).")
 _EXPORT = flags.DEFINE_string("export", None, "Write --checkpoint's model here and stop.")
 
 
@@ -44,6 +48,8 @@ def main(argv):
   from sdl.errors import UserError  # noqa: PLC0415
   try:
     model_dir = _CHECKPOINT.value
+    if _DIRECTED.value and not flags.FLAGS["checkpoint"].present:
+      model_dir = SHIPPED_DIRECTED
     if os.path.isdir(os.path.join(model_dir, "checkpoints")):  # a training workdir
       model_dir = trainer.export(model_dir, _EXPORT.value or os.path.join(model_dir, "model"))
       if _EXPORT.value:

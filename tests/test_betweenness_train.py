@@ -158,6 +158,13 @@ def test_rank_command_ranks_a_users_graph_with_an_exported_model(data_dir, tmp_p
   assert all(table[n][0] == float("-inf") for n in leaves)
   assert min(table[n][1] for n in leaves) > max(table[n][1] for n in set(table) - leaves)
   check_eval_command(exported, data_dir, tmp_path)
+  # the shipped models: one per kind of graph; --directed picks the directed one
+  for path, directed, pivots in ((trainer.SHIPPED, False, 0), (trainer.SHIPPED_DIRECTED, True, 0),
+                                 (trainer.SHIPPED_MIXED, False, 32)):
+    _, _, shipped = trainer.load_exported(path)
+    assert (shipped["directed"], shipped["pivots"]) == (directed, pivots), path
+  out = rank_command(f"--edges={edges}", f"--out={csv}", "--directed")
+  assert out.returncode == 0 and "note: the model was trained" not in out.stderr, out.stderr
   bad = tmp_path / "bad.txt"
   bad.write_text("1 2\n2 3 0.5\n")
   out = rank_command(f"--checkpoint={exported}", f"--edges={bad}")

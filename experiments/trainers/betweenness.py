@@ -243,8 +243,13 @@ def run(config, workdir: str, *, hooks=()) -> TrainState:
 
 MODEL_FILES = ("model.json", "params.npz")
 # The model `experiments.rank_betweenness` uses unless told otherwise (README, docs).
-SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
-                       "betweenness_undirected")
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+# The models `experiments.rank_betweenness` uses unless told otherwise (README, docs): for
+# undirected graphs (trained on powerlaw-cluster graphs), directed ones, and undirected
+# graphs of other kinds (road-like, partitioned: the `mixed` variant).
+SHIPPED = os.path.join(MODELS, "betweenness_undirected")
+SHIPPED_DIRECTED = os.path.join(MODELS, "betweenness_directed")
+SHIPPED_MIXED = os.path.join(MODELS, "betweenness_mixed")
 
 
 def example_batch(directed: bool, pivots: int = 0) -> dict:

@@ -8,11 +8,14 @@ the file. It is written under
 a temporary name and renamed into place, so processes building at the same time never
 load half a file. The compiler is `$CXX`, else `c++`, `g++` or `clang++` on the PATH.
 """
+import ctypes
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
+import threading
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -89,3 +92,45 @@ def library(source: str, host: bool = False) -> Path:
                            f"{result.stderr[-2000:]}")
   os.replace(tmp, out)
   return out
+
+
+_registered: dict = {}  # source -> the loaded library, or the error that stopped it
+_register_lock = threading.Lock()
+
+
+def register_ffi(source: str, targets: dict[str, str]) -> ctypes.CDLL:
+  """Build `source` for the host CPU and register its XLA FFI handlers on the CPU platform,
+  `{target name: exported symbol}`, once per process. A failure is remembered and raised
+  again on every later call (`KernelBuildError`, or the loader's `OSError`)."""
+  with _register_lock:
+    done = _registered.get(source)
+    if isinstance(done, Exception):
+      raise done
+    if done is not None:
+      return done
+    try:
+      lib = ctypes.CDLL(str(library(source, host=True)))
+      for target, symbol in targets.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+    except Exception as error:
+      _registered[source] = error
+      raise
+    _registered[source] = lib  # keep it loaded
+    return lib
+
+
+def ffi_available(source: str, targets: dict[str, str], fallback: str) -> bool:
+  """`register_ffi(source, targets)` succeeded; where not, False, with one warning per
+  process saying what happens instead (`fallback`, such as "convolutions stay on XLA")."""
+  try:
+    register_ffi(source, targets)
+    return True
+  except (KernelBuildError, OSError) as error:
+    if source not in _warned:
+      _warned.add(source)
+      warnings.warn(f"sdl.kernels ({source}): {fallback} ({error})", stacklevel=3)
+    return False
+
+
+_warned: set = set()

@@ -16,11 +16,9 @@ own: `sdl.models.conv.direct` puts them together with the input gradient. `use_d
 is the one place that decides which layers take them.
 """
 import contextlib
-import ctypes
 import math
 import os
 import threading
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -48,27 +46,15 @@ LANES = 16  # output channels come in vectors of 16 floats (conv3d.cc)
 # docs/design/direct-kernel.md). 0 streams every output, -1 none.
 STREAM_BYTES = 64 << 20
 
-_lock = threading.Lock()
-_state: dict = {}
 _local = threading.local()  # `disabled()` depth, per thread (tracing is per thread)
+
+
+_TARGETS = {FORWARD: "SdlConv3dF32", KERNEL_GRAD: "SdlConv3dKernelGradF32"}
 
 
 def setup() -> None:
   """Compile and register the kernels (once per process); raises `KernelBuildError`."""
-  with _lock:
-    if "error" in _state:
-      raise _state["error"]
-    if "lib" in _state:
-      return
-    try:
-      lib = ctypes.CDLL(str(build.library("conv3d.cc", host=True)))
-      for target, symbol in ((FORWARD, "SdlConv3dF32"), (KERNEL_GRAD, "SdlConv3dKernelGradF32")):
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                    platform="cpu")
-    except Exception as error:
-      _state["error"] = error
-      raise
-    _state["lib"] = lib  # keep it loaded
+  build.register_ffi("conv3d.cc", _TARGETS)
 
 
 @contextlib.contextmanager
@@ -91,14 +77,7 @@ def available() -> bool:
   if (os.environ.get("SDL_DIRECT_CONV", "").strip().lower() == "off"
       or getattr(_local, "depth", 0)):
     return False
-  try:
-    setup()
-    return True
-  except (build.KernelBuildError, OSError) as error:
-    if not _state.get("warned"):
-      _state["warned"] = True
-      warnings.warn(f"sdl.kernels.conv3d: convolutions stay on XLA ({error})", stacklevel=3)
-    return False
+  return build.ffi_available("conv3d.cc", _TARGETS, "convolutions stay on XLA")
 
 
 def use_direct(kernel_shape, strides, out_width: int, dtype,

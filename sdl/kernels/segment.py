@@ -13,8 +13,6 @@ not switched off (`SDL_SEGMENT_KERNEL=off`); elsewhere the same function is XLA'
 """
 import functools
 import os
-import threading
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -23,41 +21,19 @@ import numpy as np
 from sdl.kernels import build
 
 TARGET = "sdl_sorted_segment_sum"
-_lock = threading.Lock()
-_state: dict = {}
 
 
 def setup() -> None:
   """Compile and register the kernel (once per process); raises `KernelBuildError`."""
-  import ctypes  # noqa: PLC0415
-  with _lock:
-    if "error" in _state:
-      raise _state["error"]
-    if "lib" in _state:
-      return
-    try:
-      lib = ctypes.CDLL(str(build.library("segment.cc", host=True)))
-      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SdlSortedSegmentSum),
-                                  platform="cpu")
-    except Exception as error:
-      _state["error"] = error
-      raise
-    _state["lib"] = lib
+  build.register_ffi("segment.cc", {TARGET: "SdlSortedSegmentSum"})
 
 
 def available() -> bool:
   """Whether the kernel is built here and not switched off."""
   if os.environ.get("SDL_SEGMENT_KERNEL", "").strip().lower() == "off":
     return False
-  try:
-    setup()
-    return True
-  except (build.KernelBuildError, OSError) as error:
-    if not _state.get("warned"):
-      _state["warned"] = True
-      warnings.warn(f"sdl.kernels.segment: message passing stays on XLA ({error})",
-                    stacklevel=3)
-    return False
+  return build.ffi_available("segment.cc", {TARGET: "SdlSortedSegmentSum"},
+                             "message passing stays on XLA")
 
 
 def use_kernel(dtype=jnp.float32, backend: str | None = None) -> bool:

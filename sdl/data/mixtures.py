@@ -112,7 +112,11 @@ def simulate(utterances: list[list[np.ndarray]], names, rng: np.random.Generator
   for x in tracks:
     mix[:len(x)] += x
   snr = float(rng.choice(snrs))
-  speech_power = np.mean(np.concatenate([x for x in tracks]) ** 2)
+  # SNR: the summed speech's power where someone speaks, against the noise's
+  speaking = np.zeros(length, bool)
+  for _, start, end in segments:
+    speaking[int(start * rate):int(end * rate)] = True
+  speech_power = np.mean(mix[speaking] ** 2) if speaking.any() else 1.0
   mix += noise(rng.choice(noises), length, rng, rate) * np.sqrt(speech_power / 10 ** (snr / 10))
   mix *= 0.5 / max(np.abs(mix).max(), 1e-9)
   segments.sort(key=lambda s: (s[1], s[0]))

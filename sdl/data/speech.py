@@ -14,6 +14,7 @@ voice still carries its identity (`split_speakers`).
 """
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -103,15 +104,16 @@ def require_engines(engines) -> None:
 
 def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
   """`x` at `rate_out` samples a second, band-limited by FFT (its spectrum cut or
-  zero-padded; the signal is zero-padded first so that its ends do not wrap)."""
+  zero-padded). The signal is zero-padded first, so that its ends do not wrap, to a length
+  the two rates divide exactly, so that output sample k is at time k / rate_out."""
   if rate_in == rate_out:
     return x.astype(np.float32)
-  pad = len(x) // 8 + 64
-  padded = np.concatenate([x, np.zeros(pad)])
-  n_out = int(round(len(padded) * rate_out / rate_in))
-  spectrum = np.fft.rfft(padded)
+  unit = rate_in // math.gcd(rate_in, rate_out)
+  padded_length = -(-(len(x) + len(x) // 8 + 64) // unit) * unit
+  n_out = padded_length * rate_out // rate_in
+  spectrum = np.fft.rfft(x, padded_length)
   keep = min(len(spectrum), n_out // 2 + 1)
-  out = np.fft.irfft(spectrum[:keep], n_out) * (n_out / len(padded))
+  out = np.fft.irfft(spectrum[:keep], n_out) * (n_out / padded_length)
   return out[:int(round(len(x) * rate_out / rate_in))].astype(np.float32)
 
 
@@ -268,3 +270,23 @@ def pseudo_speakers(engines: dict, rates=(0.85, 1.0, 1.15), pitches=(0.85, 1.0, 
   """engine × voice × rate × pitch, from `{engine: [voices]}`."""
   return [Speaker(e, v, r, p) for e, voices in engines.items() for v in voices
           for r in rates for p in pitches]
+
+
+def read_audio(path: str, rate: int, min_seconds: float = 0.1) -> np.ndarray:
+  """A user's audio file as mono float32 at `rate`: WAV (or FLAC/OGG) of any sample rate
+  and channel count, 16-, 24- or 32-bit PCM or float (libsndfile, through soundfile).
+  Missing, empty, non-audio and too-short files are a `DataError` naming the file."""
+  import soundfile  # noqa: PLC0415
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: no such file")
+  if os.path.getsize(path) == 0:
+    raise DataError(f"{path}: the file is empty")
+  try:
+    x, rate_in = soundfile.read(path, dtype="float32", always_2d=True)
+  except (RuntimeError, soundfile.LibsndfileError) as error:
+    raise DataError(f"{path}: not an audio file soundfile can read ({error}); give a WAV "
+                    "file (PCM or float, any rate, mono or stereo)") from error
+  if len(x) < min_seconds * rate_in:
+    raise DataError(f"{path}: {len(x) / rate_in:.3f} s of audio; diarizing needs at least "
+                    f"{min_seconds} s")
+  return resample(x.mean(1), rate_in, rate)

@@ -108,14 +108,18 @@ def dct_matrix(n_in: int, n_out: int) -> np.ndarray:
   return basis
 
 
-def frames(signal, cfg: MfccConfig, previous=None):
+def frames(signal, cfg: MfccConfig, previous=None, length=None):
   """[..., frames, frame_length]: pre-emphasised, zero-padded and windowed frames.
   `previous` (`[...]`): the sample before `signal`, where it continues a longer one (a
-  stream read piece by piece: its frames then equal the whole signal's)."""
+  stream read piece by piece: its frames then equal the whole signal's). `length`: the
+  samples that are signal, where `signal` was zero-padded to a shape shared by many (the
+  padding is zeroed after pre-emphasis, so the frames are those of the unpadded signal)."""
   x = jnp.asarray(signal)
   first = x[..., :1] if previous is None else (
       x[..., :1] - cfg.preemphasis * jnp.asarray(previous, x.dtype)[..., None])
   x = jnp.concatenate([first, x[..., 1:] - cfg.preemphasis * x[..., :-1]], axis=-1)
+  if length is not None:
+    x = jnp.where(jnp.arange(x.shape[-1]) < length, x, 0)
   count = num_frames(x.shape[-1], cfg)
   padded = (count - 1) * cfg.hop_length + cfg.frame_length
   x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded - x.shape[-1])])
@@ -123,9 +127,9 @@ def frames(signal, cfg: MfccConfig, previous=None):
   return x[..., starts] * jnp.asarray(window(cfg), x.dtype)
 
 
-def power_spectrum(signal, cfg: MfccConfig, previous=None):
+def power_spectrum(signal, cfg: MfccConfig, previous=None, length=None):
   """[..., frames, nfft // 2 + 1]: |rfft|^2 / nfft of each frame."""
-  f = frames(signal, cfg, previous)
+  f = frames(signal, cfg, previous, length)
   if f.shape[-1] > cfg.fft_size:  # python-speech-features truncates, as numpy's rfft does
     f = f[..., :cfg.fft_size]
   spectrum = jnp.fft.rfft(f, n=cfg.fft_size, axis=-1)
@@ -141,22 +145,22 @@ def _floor_eps(x):
   return jnp.where(x == 0, jnp.asarray(_EPS, x.dtype), x)
 
 
-def filterbank_energies(signal, cfg: MfccConfig, previous=None):
+def filterbank_energies(signal, cfg: MfccConfig, previous=None, length=None):
   """([..., frames, n_filters] mel energies, [..., frames] frame energies)."""
-  power = power_spectrum(signal, cfg, previous)
+  power = power_spectrum(signal, cfg, previous, length)
   fb = jnp.asarray(mel_filterbank(cfg).T, power.dtype)
   return _floor_eps(power @ fb), _floor_eps(power.sum(-1))
 
 
-def log_mel(signal, cfg: MfccConfig = MfccConfig(), previous=None):
+def log_mel(signal, cfg: MfccConfig = MfccConfig(), previous=None, length=None):
   """[..., frames, n_filters]: log mel filterbank energies (python-speech-features'
   `logfbank`)."""
-  return jnp.log(filterbank_energies(signal, cfg, previous)[0])
+  return jnp.log(filterbank_energies(signal, cfg, previous, length)[0])
 
 
-def mfcc(signal, cfg: MfccConfig = MfccConfig(), previous=None):
+def mfcc(signal, cfg: MfccConfig = MfccConfig(), previous=None, length=None):
   """[..., frames, n_cepstra]: MFCCs (python-speech-features' `mfcc`)."""
-  energies, frame_energy = filterbank_energies(signal, cfg, previous)
+  energies, frame_energy = filterbank_energies(signal, cfg, previous, length)
   logs = jnp.log(energies)
   cepstra = logs @ jnp.asarray(dct_matrix(cfg.n_filters, cfg.n_cepstra), logs.dtype)
   if cfg.lifter > 0:

@@ -78,6 +78,33 @@ def ensure_venv(python: str, version: tuple[int, int]) -> None:
   STAMP.write_text(wanted)
 
 
+# Debian packages the speech part uses: text-to-speech engines (their voices make the
+# diarization data) and alsa-utils' spoken sample WAVs (the MFCC tests' real recording).
+SYSTEM_PACKAGES = {"espeak-ng": "/usr/bin/espeak-ng", "flite": "/usr/bin/flite",
+                   "festival": "/usr/bin/text2wave",
+                   "festvox-kallpc16k": "/usr/share/festival/voices/english/kal_diphone",
+                   "festvox-us-slt-hts": "/usr/share/festival/voices/us/cmu_us_slt_arctic_hts",
+                   "alsa-utils": "/usr/share/sounds/alsa/Front_Center.wav"}
+
+
+def ensure_system_packages() -> None:
+  """Install the missing SYSTEM_PACKAGES with apt-get where this runs as root; elsewhere
+  say the command (the tests that need one fail naming it)."""
+  missing = [name for name, path in SYSTEM_PACKAGES.items() if not os.path.exists(path)]
+  if not missing:
+    return
+  command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+  if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
+    print(f"dev.py: the speech part needs Debian packages: sudo {' '.join(command)}",
+          file=sys.stderr, flush=True)
+    return
+  print(f"dev.py: installing {' '.join(missing)} (apt-get)", flush=True)
+  env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+  subprocess.call(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
+  if subprocess.call(command, env=env, stdout=subprocess.DEVNULL):
+    print(f"dev.py: apt-get failed; run: {' '.join(command)}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> int:
   python = sys.executable
   if argv and argv[0].startswith("--python="):
@@ -92,6 +119,8 @@ def main(argv: list[str]) -> int:
     print(message, file=sys.stderr)
     return 2
   ensure_venv(python, version)
+  if command == "test":
+    ensure_system_packages()
   if command == "demo":
     args = [str(PY), "-m", "experiments.cosmoflow", "--workdir=runs/demo", *rest]
   else:

@@ -111,7 +111,7 @@ def tiny_model(config):
 def test_streaming_equals_whole_file_inference():
   config = configs.get_config("smoke")
   predict = tiny_model(config)
-  spec = trainer.grid_spec(config)
+  spec = trainer.grid_spec(config, inference=True)
   cfg = data.mfcc_config(config.features)
   rng = np.random.default_rng(3)
   pool = data.SpeakerPool([speech.Speaker("synthetic", str(v)) for v in range(2)], None, 16000)
@@ -216,7 +216,45 @@ def test_baseline_parameters_within_10_percent_of_the_axial_model():
     example = trainer.crops(config, [trainer.example_recording(config)])(0)
     module = trainer.module_of(config)
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), example["features"],
-                                                example["window_mask"], 4))
+                                                example["window_mask"],
+                                                config.grid.windows_prev))
     counts[variant] = sum(x.size for x in jax.tree.leaves(shapes))
   ratio = counts["tts,sa_eend"] / counts["tts"]
   assert 0.9 <= ratio <= 1.1, counts
+
+
+@pytest.mark.parametrize("engine,voice", [("espeak-ng", "en-us+f2"), ("flite", "kal16"),
+                                          ("festival", "kal"), ("piper", "joe")])
+def test_each_engine_speaks_at_the_rate_asked_and_rate_changes_duration(engine, voice):
+  speech.require_engines([engine])
+  text = "seven green houses stand by the quiet river"
+  rng = np.random.default_rng(0)
+  normal = speech.synthesize(speech.Speaker(engine, voice), text, 16000, rng)
+  fast = speech.synthesize(speech.Speaker(engine, voice, rate=1.3), text, 16000, rng)
+  assert normal.dtype == np.float32 and 1.0 < len(normal) / 16000 < 6.0
+  assert len(fast) < 0.9 * len(normal)
+  # speech: most energy below 4 kHz, and trimmed (loud within 20 ms of each end)
+  spectrum = np.abs(np.fft.rfft(normal)) ** 2
+  assert spectrum[:len(spectrum) // 2].sum() > 0.9 * spectrum.sum()
+  edge = lambda x: np.abs(x).max() * 10 ** (-40 / 20)
+  assert np.abs(normal[:320]).max() > edge(normal) and np.abs(normal[-320:]).max() > edge(normal)
+
+
+def test_random_context_masks_whole_windows_around_the_current_one():
+  feats = np.ones((2000, 3), np.float32)
+  rec = data.Recording("r", feats, [(0, 0.0, 20.0)], ("a", "b"), 10.0, None, 16000, 2000 * 160)
+  crops = data.Crops([rec], 64, 10, 6, 2, 0.01, 0, windows_prev=3, start_share=0.0,
+                     random_context=True)
+  batch = crops(0)
+  mask = batch["window_mask"]
+  assert mask[:, 3].all()  # the current window is always kept
+  seen = set()
+  for row, x, fm in zip(mask, batch["features"], batch["frame_mask"]):
+    kept = np.flatnonzero(row) - 3
+    assert list(kept) == list(range(kept[0], kept[-1] + 1))  # one contiguous context
+    assert -3 <= kept[0] <= -1 and 0 <= kept[-1] <= 2
+    seen.add((kept[0], kept[-1]))
+    np.testing.assert_array_equal(x[~row], 0)
+    np.testing.assert_array_equal(fm[~row], 0)
+    assert (fm[row][:, 0] == 1).all()  # (a lookahead window may run past the end)
+  assert len(seen) == 9  # every (before, after) pair drawn

@@ -65,7 +65,7 @@ def test_evaluation_is_pyannotes_der_of_the_models_turns(trained):
   from pyannote.core import Annotation, Segment, Timeline
   from pyannote.metrics.diarization import DiarizationErrorRate
   metric = DiarizationErrorRate(collar=0.5)
-  spec = trainer.grid_spec(config)
+  spec = trainer.grid_spec(config, inference=True)
   for r in val:
     ref, hyp = Annotation(), Annotation()
     for i, (s, a, b) in enumerate(r.segments):

@@ -61,15 +61,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       synthetic_voices=(64, 16),        # synthetic source: training and held-out voices
   )
   c.features = dict(rate=16000, win_s=0.025, hop_s=0.01, n_filters=40, n_cepstra=20)
-  c.grid = dict(window_frames=100, windows_prev=4, windows_ahead=1)
+  # Training grids: 6 windows back, 2 ahead, each grid keeping a random part of that
+  # context (`random_context`), so that inference can be swept over both
+  # (`experiments.diarization_eval --sweep`). Inference uses `eval.windows_prev/ahead`.
+  c.grid = dict(window_frames=100, windows_prev=6, windows_ahead=2, random_context=True)
   c.model = dict(name="axial", width=224, depth=2, heads=4, mlp_ratio=3, kernel=5,
-                 strides=(2, 2), max_prev=8, max_ahead=4, dropout=0.1)
+                 strides=(2, 2), max_prev=6, max_ahead=2, dropout=0.1)
   c.optim = dict(name="adam", lr=1e-3, momentum=0.9, warmup_steps=500, decay="cosine",
                  weight_decay=0.0, clip_norm=5.0)
   c.mesh = dict(cpu_devices=0)
   c.train = dict(steps=6000, batch_size=16, log_every=50, eval_every=1000,
                  checkpoint_every=500, keep_checkpoints=2, skip_nonfinite=False)
-  c.eval = dict(median=5, threshold=0.5, batch=32)
+  c.eval = dict(median=5, threshold=0.5, batch=32, windows_prev=6, windows_ahead=1)
   c.log = dict(shown=("loss", "eval_der", "eval_der_collar0"), plot_train=("loss",),
                plot_eval=("eval_der", "eval_der_collar0"))
   for part in parts:
@@ -78,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     utterances_per_speaker=(2, 3), train_mixtures=8, val_mixtures=2,
                     test_mixtures=2, variant_mixtures=0, synthetic_voices=(6, 3))
       c.grid.update(window_frames=20, windows_prev=2, windows_ahead=1)
+      c.eval.update(windows_prev=2, windows_ahead=1)
       c.model.update(width=16, depth=1, heads=2, mlp_ratio=2, max_prev=2, max_ahead=1,
                      dropout=0.0)
       c.optim.update(warmup_steps=2, lr=3e-3)

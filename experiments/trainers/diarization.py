@@ -43,17 +43,27 @@ def validate(config) -> None:
   if g.window_frames % subsample:
     raise ConfigError(f"grid.window_frames={g.window_frames} is not a multiple of the "
                       f"model's subsampling ({subsample}); make it one")
-  if m.name == "axial" and (g.windows_prev > m.max_prev or g.windows_ahead > m.max_ahead):
-    raise ConfigError(f"grid.windows_prev={g.windows_prev} / windows_ahead="
-                      f"{g.windows_ahead}: the model learns offsets up to model.max_prev="
-                      f"{m.max_prev} / max_ahead={m.max_ahead}; raise those")
+  for name, section in (("grid", g), ("eval", config.eval)):
+    if m.name == "axial" and (section.windows_prev > m.max_prev
+                              or section.windows_ahead > m.max_ahead):
+      raise ConfigError(f"{name}.windows_prev={section.windows_prev} / windows_ahead="
+                        f"{section.windows_ahead}: the model learns offsets up to "
+                        f"model.max_prev={m.max_prev} / max_ahead={m.max_ahead}; raise those")
+  if config.eval.windows_prev < 1:
+    raise ConfigError("eval.windows_prev=0: stitching a window's speakers to the last one's "
+                      "needs at least one window before it")
 
 
-def grid_spec(config) -> diarize.GridSpec:
+def grid_spec(config, inference: bool = False, prev: int | None = None,
+              ahead: int | None = None) -> diarize.GridSpec:
+  """The training grid, or (`inference`) the one diarizing uses: `eval.windows_prev` /
+  `windows_ahead` unless `prev` / `ahead` say otherwise."""
   m = config.model
   subsample = int(np.prod(m.strides)) if m.name == "axial" else m.subsample
-  return diarize.GridSpec(config.grid.window_frames, config.grid.windows_prev,
-                          config.grid.windows_ahead, subsample)
+  g = config.eval if inference else config.grid
+  return diarize.GridSpec(config.grid.window_frames,
+                          g.windows_prev if prev is None else prev,
+                          g.windows_ahead if ahead is None else ahead, subsample)
 
 
 def speaker_sets(config) -> dict[str, list[speech.Speaker]]:
@@ -128,7 +138,8 @@ def build(config, example: dict) -> Compiled:
   state_sharding = part.state_shardings(state_shape)
   step = make_train_step(model, loss_fn, optimizer.tx, skip_nonfinite=config.train.skip_nonfinite)
   return Compiled(jax.jit(init, out_shardings=state_sharding),
-                  jax.jit(step, donate_argnums=0, static_argnums=2), predictor(module, prev),
+                  jax.jit(step, donate_argnums=0, static_argnums=2),
+                  predictor(module, config.eval.windows_prev),
                   optimizer.schedule, abstract_like(state_shape, state_sharding))
 
 
@@ -146,8 +157,8 @@ def hypothesis(features, predict: Callable, spec: diarize.GridSpec, hop_s: float
   return diarize.segments(activity, spec.subsample * hop_s, evals.threshold)
 
 
-def score(predict: Callable, recordings, config) -> der.Scorer:
-  spec, scorer = grid_spec(config), der.Scorer()
+def score(predict: Callable, recordings, config, spec=None) -> der.Scorer:
+  spec, scorer = spec or grid_spec(config, inference=True), der.Scorer()
   for r in recordings:
     scorer.add(r.segments, hypothesis(r.features, predict, spec, config.features.hop_s,
                                       config.eval), r.seconds)
@@ -162,7 +173,8 @@ def evaluate(predict: Callable, recordings, config) -> dict:
 def crops(config, recordings) -> data.Crops:
   spec = grid_spec(config)
   return data.Crops(recordings, config.train.batch_size, spec.window_frames, spec.windows,
-                    spec.subsample, config.features.hop_s, config.seed, spec.windows_prev)
+                    spec.subsample, config.features.hop_s, config.seed, spec.windows_prev,
+                    random_context=config.grid.random_context)
 
 
 def run(config, workdir: str, *, hooks=()) -> TrainState:
@@ -233,6 +245,6 @@ def load_exported(directory: str):
   config = ConfigDict({"model": spec["model"], "data": {"speakers": spec["speakers"]},
                        "grid": spec["grid"], "features": spec["features"],
                        "eval": spec["eval"]})
-  predict = predictor(module_of(config), config.grid.windows_prev)
-  return (lambda x, m: predict(params, x, m)), config, grid_spec(config)
+  predict = predictor(module_of(config), config.eval.windows_prev)
+  return (lambda x, m: predict(params, x, m)), config, grid_spec(config, inference=True)
 

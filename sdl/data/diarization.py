@@ -149,6 +149,10 @@ class Crops:
   seed: int
   windows_prev: int = 0
   start_share: float = 0.1  # of grids that begin before their recording (as its first do)
+  # Each grid keeps a random context: 1..windows_prev windows before the current one and
+  # 0..windows_ahead after it (the rest masked), so that one model can be swept over the
+  # window count and the lookahead at inference.
+  random_context: bool = False
 
   def __post_init__(self):
     steps = self.window_frames // self.subsample
@@ -168,20 +172,31 @@ class Crops:
     for b in range(self.batch_size):
       i = rng.integers(len(self.recordings))
       feats, labels = self.recordings[i].features, self.labels[i]
-      # start anywhere (a multiple of the output frame) with a window inside; some grids
-      # start 1..P whole windows before the recording, as a recording's first grids do
+      # start anywhere (a multiple of the output frame); some grids start 1..P whole
+      # windows before the recording, as a recording's first grids do
       missing = 0
       if self.windows_prev and rng.random() < self.start_share:
         missing = int(rng.integers(1, self.windows_prev + 1))
         start = 0
-      else:
-        start = sub * rng.integers(0, max(1, (len(feats) - c) // sub + 1))
+      else:  # the current window inside the recording where it is long enough
+        last = len(feats) - (self.windows_prev + 1) * c if (
+            len(feats) >= (self.windows_prev + 1) * c) else max(0, len(feats) - c)
+        start = sub * rng.integers(0, last // sub + 1)
       skip = missing * c  # frames of the grid before the recording
       piece = feats[start:start + k * c - skip]
       x[b, skip:skip + len(piece)] = piece
       out = labels[start // sub:start // sub + k * steps - missing * steps]
       y[b, missing * steps:missing * steps + len(out)] = out
       frame_mask[b, missing * steps:missing * steps + min(len(out), -(-len(piece) // sub))] = 1
+    if self.random_context:
+      ahead = k - 1 - self.windows_prev
+      prev = rng.integers(min(1, self.windows_prev), self.windows_prev + 1, self.batch_size)
+      after = rng.integers(0, ahead + 1, self.batch_size)
+      offset = np.arange(k)[None] - self.windows_prev
+      keep = (offset >= -prev[:, None]) & (offset <= after[:, None])
+      frame_mask = (frame_mask.reshape(self.batch_size, k, steps) * keep[..., None]).reshape(
+          self.batch_size, k * steps)
+      x = (x.reshape(self.batch_size, k, c, dims) * keep[..., None, None]).reshape(x.shape)
     window_mask = frame_mask.reshape(self.batch_size, k, steps).max(-1) > 0
     return {"features": x.reshape(self.batch_size, k, c, dims),
             "window_mask": window_mask,

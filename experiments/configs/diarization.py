@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       snrs=(5, 10, 15, 20),             # dB
       rir=False,                        # simulated room impulse responses
       rate=16000,
-      train_mixtures=2000, val_mixtures=24, test_mixtures=100, variant_mixtures=50,
+      train_mixtures=1000, val_mixtures=16, test_mixtures=100, variant_mixtures=50,
       synthetic_voices=(64, 16),        # synthetic source: training and held-out voices
   )
   c.features = dict(rate=16000, win_s=0.025, hop_s=0.01, n_filters=40, n_cepstra=20)

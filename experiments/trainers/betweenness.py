@@ -29,6 +29,7 @@ from sdl.data.sampler import EpochSampler
 from sdl.models.betweenness import BetweennessGNN, ranking_scores
 from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
+from sdl.train import export as export_lib
 from sdl.train import loop, ranking
 from sdl.train.checkpoint import abstract_like
 from sdl.train.step import Model, TrainState, init_state, make_train_step
@@ -241,7 +242,6 @@ def run(config, workdir: str, *, hooks=()) -> TrainState:
 
 # --- a trained model as two small files, for `experiments.rank_betweenness` ---------------
 
-MODEL_FILES = ("model.json", "params.npz")
 # The model `experiments.rank_betweenness` uses unless told otherwise (README, docs).
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 # The models `experiments.rank_betweenness` uses unless told otherwise (README, docs): for
@@ -263,45 +263,19 @@ def example_batch(directed: bool, pivots: int = 0) -> dict:
 def export(workdir: str, out: str) -> str:
   """Write the latest checkpoint's parameters in `workdir` as `out/params.npz`, with the
   model's settings in `out/model.json` (what ranking needs; no optimiser state)."""
-  import json  # noqa: PLC0415
-  from flax import traverse_util  # noqa: PLC0415
-  from ml_collections import ConfigDict  # noqa: PLC0415
-
-  from sdl.train.checkpoint import Checkpointer  # noqa: PLC0415
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1)
-  try:
-    meta = ckpt.read_meta()
-    if meta is None:
-      raise ConfigError(f"{workdir}: no checkpoint to export; train first")
-    config = ConfigDict(meta["config"])
-    c = build(config, example_batch(config.data.directed, config.data.get("pivots", 0)))
-    state, _ = ckpt.restore(c.abstract_state)
-  finally:
-    ckpt.close()
-  os.makedirs(out, exist_ok=True)
-  flat = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
-  np.savez(os.path.join(out, "params.npz"), **{k: np.asarray(v) for k, v in flat.items()})
+  config, state = export_lib.latest_state(workdir, lambda config: build(
+      config, example_batch(config.data.directed, config.data.get("pivots", 0))).abstract_state)
   spec = {"model": config.model.to_dict(), "directed": bool(config.data.directed),
           "feature_hops": graphs.FEATURE_HOPS,
           "pivots": int(config.data.get("pivots", 0)), "step": int(state.step),
           "trained_on": config.data.to_dict()}
-  with open(os.path.join(out, "model.json"), "w") as f:
-    json.dump(spec, f, indent=1, default=list)
-  return out
+  return export_lib.write(out, state.params, spec)
 
 
 def load_exported(directory: str):
   """(module, params, spec) of a model written by `export`."""
-  import json  # noqa: PLC0415
-  from flax import traverse_util  # noqa: PLC0415
-  missing = [f for f in MODEL_FILES if not os.path.exists(os.path.join(directory, f))]
-  if missing:
-    raise ConfigError(f"{directory}: not a betweenness model (missing {', '.join(missing)}); "
-                      "give a directory written by experiments.rank_betweenness --export")
-  with open(os.path.join(directory, "model.json")) as f:
-    spec = json.load(f)
-  with np.load(os.path.join(directory, "params.npz")) as f:
-    params = traverse_util.unflatten_dict({k: jnp.asarray(f[k]) for k in f.files}, sep="/")
+  params, spec = export_lib.read(directory, "a betweenness model",
+                                 "experiments.rank_betweenness --export")
   m = spec["model"]
   module = BetweennessGNN(width=m["width"], depth=m["depth"],
                           mean_second_branch=m["mean_second_branch"],

@@ -22,6 +22,7 @@ from sdl.models import diarization as models
 from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
 from sdl.train import der, diarize, loop
+from sdl.train import export as export_lib
 from sdl.train.checkpoint import abstract_like
 from sdl.train.losses import permutation_free_bce
 from sdl.train.step import Model, TrainState, init_state, make_train_step
@@ -208,23 +209,11 @@ SHIPPED = os.path.join(MODELS, "diarization")
 def export(workdir: str, out: str) -> str:
   """The latest checkpoint in `workdir` as `out/params.npz` and `out/model.json` (the
   model, features, grid and eval settings: what diarizing needs)."""
-  from ml_collections import ConfigDict  # noqa: PLC0415
-
-  from sdl.train import export as export_lib  # noqa: PLC0415
-  from sdl.train.checkpoint import Checkpointer  # noqa: PLC0415
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1)
-  try:
-    meta = ckpt.read_meta()
-    if meta is None:
-      raise ConfigError(f"{workdir}: no checkpoint to export; train first")
-    config = ConfigDict(meta["config"])
-    c = build(config, crops(config, [example_recording(config)])(0))
-    state, _ = ckpt.restore(c.abstract_state)
-  finally:
-    ckpt.close()
+  config, state = export_lib.latest_state(workdir, lambda config: build(
+      config, crops(config, [example_recording(config)])(0)).abstract_state)
   spec = {k: config[k].to_dict() for k in ("model", "features", "grid", "eval")}
   spec.update(speakers=config.data.speakers, step=int(state.step))
-  return export_lib.write(out, state.params, spec)
+  return export_lib.write(out, state.params, spec, np.float16)  # half the size to ship
 
 
 def example_recording(config) -> data.Recording:
@@ -239,7 +228,6 @@ def load_exported(directory: str):
   """(predict, spec, GridSpec, features config) of a model written by `export`."""
   from ml_collections import ConfigDict  # noqa: PLC0415
 
-  from sdl.train import export as export_lib  # noqa: PLC0415
   params, spec = export_lib.read(directory, "a diarization model", "experiments.diarize "
                                  "--export")
   config = ConfigDict({"model": spec["model"], "data": {"speakers": spec["speakers"]},

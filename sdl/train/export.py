@@ -14,11 +14,14 @@ from sdl.errors import ConfigError
 FILES = ("model.json", "params.npz")
 
 
-def write(out: str, params, spec: dict) -> str:
+def write(out: str, params, spec: dict, dtype=None) -> str:
+  """`params` (stored as `dtype` where given, e.g. float16 to halve a shipped model; read
+  back as float32) and `spec` into directory `out`."""
   os.makedirs(out, exist_ok=True)
   flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+  cast = lambda v: np.asarray(v, dtype) if dtype is not None else np.asarray(v)
   tmp = os.path.join(out, f"params.{os.getpid()}.tmp.npz")
-  np.savez(tmp, **{k: np.asarray(v) for k, v in flat.items()})
+  np.savez(tmp, **{k: cast(v) for k, v in flat.items()})
   os.replace(tmp, os.path.join(out, "params.npz"))
   with open(os.path.join(out, "model.json.tmp"), "w") as f:
     json.dump(spec, f, indent=1, default=list)
@@ -36,5 +39,25 @@ def read(directory: str, what: str, how: str):
   with open(os.path.join(directory, "model.json")) as f:
     spec = json.load(f)
   with np.load(os.path.join(directory, "params.npz")) as f:
-    params = traverse_util.unflatten_dict({k: jnp.asarray(f[k]) for k in f.files}, sep="/")
+    params = traverse_util.unflatten_dict(
+        {k: jnp.asarray(f[k], jnp.float32 if f[k].dtype.kind == "f" else None)
+         for k in f.files}, sep="/")
   return params, spec
+
+
+def latest_state(workdir: str, abstract_state_of):
+  """(config, train state) of the latest checkpoint in the training `workdir`;
+  `abstract_state_of(config)` gives the state's shapes and shardings to restore into."""
+  from ml_collections import ConfigDict  # noqa: PLC0415
+
+  from sdl.train.checkpoint import Checkpointer  # noqa: PLC0415
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1)
+  try:
+    meta = ckpt.read_meta()
+    if meta is None:
+      raise ConfigError(f"{workdir}: no checkpoint to export; train first")
+    config = ConfigDict(meta["config"])
+    state, _ = ckpt.restore(abstract_state_of(config))
+  finally:
+    ckpt.close()
+  return config, state

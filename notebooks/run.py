@@ -22,7 +22,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOTEBOOKS = ("universes", "spatial_partitioning", "data_pipeline", "kfac_vs_adam",
-             "layers_roofline", "betweenness")
+             "layers_roofline", "betweenness", "diarization")
 # What the test suite runs: the same cells on tiny problems, seconds each.
 TINY = {
     "universes": {"size": 32, "seeds": 6},
@@ -32,6 +32,7 @@ TINY = {
     "kfac_vs_adam": {"steps": 30, "profile_runs": 2, "inversion_widths": (32, 64)},
     "layers_roofline": {"suite_variant": "smoke", "runs": 2, "limit": 1},
     "betweenness": {"nodes": 400},
+    "diarization": {"utterances": (2, 3)},
 }
 TIMEOUT_S = 600  # per cell
 

@@ -162,7 +162,7 @@ def main(argv):
   scorers = []
   for path in _WORKDIRS.value:
     predict, model_config, _ = trainer.load_exported(model_dir_of(path))
-    scorer = trainer.score(predict, recordings, model_config)
+    scorer = trainer.score(predict, recordings, model_config, progress=path)
     scorers.append(scorer)
     print(row(f"{model_config.model.name} ({os.path.basename(path.rstrip('/'))})", scorer),
           flush=True)
@@ -200,7 +200,8 @@ def sweep(path: str, recordings) -> None:
     predict = lambda x, m, fn=fn: fn(params, x, m)
     for j, a in enumerate(aheads):
       grid = trainer.grid_spec(config, inference=True, prev=p, ahead=a)
-      table[i, j] = trainer.score(predict, recordings, config, grid).der(0.5)
+      table[i, j] = trainer.score(predict, recordings, config, grid,
+                                  progress=f"sweep {p} before, {a} ahead").der(0.5)
     print(f"| {p} (K = {p + 1}..{p + 1 + aheads[-1]}) | "
           + " | ".join(f"{100 * d:.2f} %" for d in table[i]) + " |", flush=True)
   import matplotlib  # noqa: PLC0415

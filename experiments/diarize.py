@@ -20,6 +20,7 @@ import time
 
 from absl import app, flags, logging
 
+from experiments.trainers import entry
 from experiments.trainers.diarization import SHIPPED
 
 _WAV = flags.DEFINE_string("wav", None, "Audio file to diarize.")
@@ -39,15 +40,9 @@ def main(argv):
   from sdl.errors import UserError  # noqa: PLC0415
   from sdl.train import diarize  # noqa: PLC0415
   try:
-    model_dir = _CHECKPOINT.value
-    if os.path.isdir(os.path.join(model_dir, "checkpoints")):  # a training workdir
-      model_dir = trainer.export(model_dir, _EXPORT.value or os.path.join(model_dir, "model"))
-      if _EXPORT.value:
-        print(f"wrote {model_dir}")
-        return
-    elif _EXPORT.value:
-      raise trainer.ConfigError(f"--export needs a training workdir as --checkpoint, got "
-                                f"{model_dir}")
+    model_dir = entry.model_directory(_CHECKPOINT.value, _EXPORT.value, trainer.export)
+    if model_dir is None:
+      return
     if not _WAV.value:
       raise trainer.ConfigError("--wav=FILE: the recording to diarize")
     predict, config, spec = trainer.load_exported(model_dir)

@@ -17,12 +17,12 @@ road-like and partitioned graphs) or a training workdir, exported on the fly.
 Each stage's time goes to stderr (read, features, compile, score, write), so the speed
 of a big graph can be read off one run.
 """
-import os
 import sys
 import time
 
 from absl import app, flags, logging
 
+from experiments.trainers import entry
 from experiments.trainers.betweenness import SHIPPED, SHIPPED_DIRECTED
 
 _EDGES = flags.DEFINE_string("edges", None, "Edge-list file: one `u v` per line.")
@@ -50,14 +50,9 @@ def main(argv):
     model_dir = _CHECKPOINT.value
     if _DIRECTED.value and not flags.FLAGS["checkpoint"].present:
       model_dir = SHIPPED_DIRECTED
-    if os.path.isdir(os.path.join(model_dir, "checkpoints")):  # a training workdir
-      model_dir = trainer.export(model_dir, _EXPORT.value or os.path.join(model_dir, "model"))
-      if _EXPORT.value:
-        print(f"wrote {model_dir}")
-        return
-    elif _EXPORT.value:
-      raise trainer.ConfigError(f"--export needs a training workdir as --checkpoint, got "
-                                f"{model_dir}")
+    model_dir = entry.model_directory(model_dir, _EXPORT.value, trainer.export)
+    if model_dir is None:
+      return
     if not _EDGES.value:
       raise trainer.ConfigError("--edges=FILE: the graph to rank (one `u v` per line)")
     t = time.perf_counter()

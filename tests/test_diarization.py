@@ -13,7 +13,6 @@ from experiments.configs import diarization as configs
 from experiments.trainers import diarization as trainer
 from sdl.data import diarization as data
 from sdl.data import mixtures, speech
-from sdl.models import diarization as models
 from sdl.train import der, diarize
 from sdl.train.losses import permutation_free_bce
 
@@ -190,7 +189,6 @@ def test_resample_keeps_a_tone_and_the_duration():
 
 
 def test_crops_cut_features_and_labels_at_the_same_place():
-  rng = np.random.default_rng(0)
   feats = np.arange(230 * 3, dtype=np.float32).reshape(230, 3)
   rec = data.Recording("r", feats, [(0, 0.3, 1.1), (1, 0.9, 2.0)], ("a", "b"), 10.0, None,
                        16000, 230 * 160)
@@ -206,7 +204,6 @@ def test_crops_cut_features_and_labels_at_the_same_place():
     valid = m > 0
     np.testing.assert_array_equal(y[valid], labels[start // 2:start // 2 + valid.sum()])
     assert batch["window_mask"][b].tolist() == [m[i * 10:(i + 1) * 10].any() for i in range(3)]
-  assert rng is not None
 
 
 def test_baseline_parameters_within_10_percent_of_the_axial_model():

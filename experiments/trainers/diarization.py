@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from sdl import console
 from sdl.data import diarization as data
 from sdl.data import speech
 from sdl.models import diarization as models
@@ -158,11 +159,16 @@ def hypothesis(features, predict: Callable, spec: diarize.GridSpec, hop_s: float
   return diarize.segments(activity, spec.subsample * hop_s, evals.threshold)
 
 
-def score(predict: Callable, recordings, config, spec=None) -> der.Scorer:
+def score(predict: Callable, recordings, config, spec=None, progress: str = "") -> der.Scorer:
+  """DER components of `predict`'s turns on `recordings` (a progress line per recording
+  when `progress` names the work)."""
   spec, scorer = spec or grid_spec(config, inference=True), der.Scorer()
-  for r in recordings:
+  for i, r in enumerate(recordings, 1):
     scorer.add(r.segments, hypothesis(r.features, predict, spec, config.features.hop_s,
                                       config.eval), r.seconds)
+    if progress:
+      console.progress(f"{progress}: {i}/{len(recordings)} recordings",
+                       final=i == len(recordings))
   return scorer
 
 

@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable
 
 import jax
-import numpy as np
 
 from sdl.data import digits
 from sdl.data.loader import ArraySource

@@ -98,3 +98,19 @@ def main(trainer: str, default_config: str, default_workdir: str) -> None:
         raise
       fail(str(error))
   app.run(run, flags_parser=parse_flags)
+
+
+def model_directory(checkpoint: str, export_to: str | None, export) -> str | None:
+  """The exported model a command reads, from its `--checkpoint` and `--export` flags:
+  `checkpoint` itself, or, for a training workdir, its latest checkpoint exported by
+  `export(workdir, out)` (to `export_to`, else `<workdir>/model`). None when the command
+  was asked only to export (`export_to` given): it is done."""
+  if os.path.isdir(os.path.join(checkpoint, "checkpoints")):  # a training workdir
+    out = export(checkpoint, export_to or os.path.join(checkpoint, "model"))
+    if export_to:
+      print(f"wrote {out}")
+      return None
+    return out
+  if export_to:
+    raise UserError(f"--export needs a training workdir as --checkpoint, got {checkpoint}")
+  return checkpoint

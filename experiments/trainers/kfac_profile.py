@@ -24,7 +24,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from experiments.trainers.kfac_compare import Problem, jit_step, make_problem, make_tx
 from sdl.bench.timing import measure

@@ -227,9 +227,10 @@ def test_each_engine_speaks_at_the_rate_asked_and_rate_changes_duration(engine, 
   text = "seven green houses stand by the quiet river"
   rng = np.random.default_rng(0)
   normal = speech.synthesize(speech.Speaker(engine, voice), text, 16000, rng)
-  fast = speech.synthesize(speech.Speaker(engine, voice, rate=1.3), text, 16000, rng)
+  # Piper draws its phoneme durations at random: a 1.5x rate keeps the margin wide
+  fast = speech.synthesize(speech.Speaker(engine, voice, rate=1.5), text, 16000, rng)
   assert normal.dtype == np.float32 and 1.0 < len(normal) / 16000 < 6.0
-  assert len(fast) < 0.9 * len(normal)
+  assert len(fast) < 0.87 * len(normal)
   # speech: most energy below 4 kHz, and trimmed (loud within 20 ms of each end)
   spectrum = np.abs(np.fft.rfft(normal)) ** 2
   assert spectrum[:len(spectrum) // 2].sum() > 0.9 * spectrum.sum()

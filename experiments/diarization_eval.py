@@ -11,6 +11,8 @@ data config (`test`: base voices training never saw; `variants`: new rate/pitch 
 training voices): DER at collar 0 and 0.5 (pyannote's total width: md-eval's 0.25),
 overlap scored, pooled over mixtures, with a 95 % percentile bootstrap interval over
 mixtures; then the ratio of the first model's DER to the second's with its interval.
+SA-EEND is also scored its own way, each recording as one sequence (no windows, no
+stitching).
 
 Floors: `one speaker` (a single speaker talking over the whole recording) and `VAD +
 k-means` (speech where the frame's log energy is above the midpoint of its 10th and 90th
@@ -166,6 +168,11 @@ def main(argv):
     scorers.append(scorer)
     print(row(f"{model_config.model.name} ({os.path.basename(path.rstrip('/'))})", scorer),
           flush=True)
+    if model_config.model.name == "sa_eend":  # its own way: the whole recording at once
+      whole = trainer.score(predict, recordings, model_config, progress=f"{path}, one grid",
+                            one_grid=True)
+      print(row(f"sa_eend, whole recording as one sequence ({os.path.basename(path)})",
+                whole), flush=True)
   for floor in ("one speaker", "VAD + k-means"):
     print(row(floor, score_floor(floor, recordings, config)), flush=True)
   if len(scorers) >= 2:

@@ -151,21 +151,29 @@ def predictor(module, windows_prev: int) -> Callable:
       module.apply({"params": params}, x, mask, windows_prev)))
 
 
-def hypothesis(features, predict: Callable, spec: diarize.GridSpec, hop_s: float, evals
-               ) -> list:
-  """A recording's hypothesis segments: whole-file inference, median filter, threshold."""
-  activity = diarize.diarize(features, predict, spec, evals.batch)
+def hypothesis(features, predict: Callable, spec: diarize.GridSpec, hop_s: float, evals,
+               one_grid: bool = False) -> list:
+  """A recording's hypothesis segments: whole-file inference (window by window, stitched;
+  `one_grid`: the whole recording as one grid, SA-EEND's own way), median filter,
+  threshold."""
+  if one_grid:
+    windows = diarize.cut_windows(features, spec)
+    probs = np.asarray(predict(windows[None], np.ones((1, len(windows)), bool)))
+    activity = probs.reshape(-1, probs.shape[-1])
+  else:
+    activity = diarize.diarize(features, predict, spec, evals.batch)
   activity = diarize.median_filter(activity, evals.median)
   return diarize.segments(activity, spec.subsample * hop_s, evals.threshold)
 
 
-def score(predict: Callable, recordings, config, spec=None, progress: str = "") -> der.Scorer:
+def score(predict: Callable, recordings, config, spec=None, progress: str = "",
+          one_grid: bool = False) -> der.Scorer:
   """DER components of `predict`'s turns on `recordings` (a progress line per recording
   when `progress` names the work)."""
   spec, scorer = spec or grid_spec(config, inference=True), der.Scorer()
   for i, r in enumerate(recordings, 1):
     scorer.add(r.segments, hypothesis(r.features, predict, spec, config.features.hop_s,
-                                      config.eval), r.seconds)
+                                      config.eval, one_grid), r.seconds)
     if progress:
       console.progress(f"{progress}: {i}/{len(recordings)} recordings",
                        final=i == len(recordings))

@@ -256,3 +256,20 @@ def test_random_context_masks_whole_windows_around_the_current_one():
     np.testing.assert_array_equal(fm[~row], 0)
     assert (fm[row][:, 0] == 1).all()  # (a lookahead window may run past the end)
   assert len(seen) == 9  # every (before, after) pair drawn
+
+
+def test_room_impulse_response_decays_60_db_and_reverberates_a_mixture():
+  rng = np.random.default_rng(0)
+  h = mixtures.room_impulse_response(rng, 16000)
+  direct = int(np.argmax(np.abs(h)))
+  assert h[direct] == 1.0 and direct < 0.005 * 16000
+  tail = h[direct + 1:]
+  tenth = len(tail) // 10
+  # exponential decay to -60 dB over the RT60: the last tenth is far quieter than the first
+  assert np.mean(tail[-tenth:] ** 2) < 1e-3 * np.mean(tail[:tenth] ** 2)
+  tone = (0.5 * np.sin(2 * np.pi * 200 * np.arange(4000) / 16000)).astype(np.float32)
+  dry = mixtures.simulate([[tone], [tone]], ["a", "b"], np.random.default_rng(1), rate=16000,
+                          utterances_per_speaker=(2, 2), snrs=(200,))
+  wet = mixtures.simulate([[tone], [tone]], ["a", "b"], np.random.default_rng(1), rate=16000,
+                          utterances_per_speaker=(2, 2), snrs=(200,), rir=True)
+  assert wet.segments == dry.segments and not np.allclose(wet.audio, dry.audio, atol=1e-3)

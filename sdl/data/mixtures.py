@@ -102,11 +102,11 @@ def simulate(utterances: list[list[np.ndarray]], names, rng: np.random.Generator
       segments.append((slot, t / rate, (t + len(pool[i])) / rate))
       t += len(pool[i])
     track = np.concatenate(pieces)
-    if rir:
-      track = _convolve(track, room_impulse_response(rng, rate))
     # every speaker at the same level, as in the EEND recipes' unit-power utterances
     tracks.append(track / max(np.sqrt(np.mean(np.concatenate(
         [pool[i] for i in range(min(3, len(pool)))]) ** 2)), 1e-9))
+  if rir:  # drawn after the timelines, so that a room changes none of them
+    tracks = [_convolve(x, room_impulse_response(rng, rate)) for x in tracks]
   length = max(len(x) for x in tracks)
   mix = np.zeros(length)
   for x in tracks:

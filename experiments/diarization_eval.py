@@ -115,8 +115,9 @@ def rtf_child(model_dir: str) -> None:
   features = data._jitted_mfcc(cfg)
   window = spec.window_frames * cfg.hop_length
   warm = diarize.Streamer(predict, spec, cfg, lambda s, p: features(s, p))
-  for start in range(0, 20 * window, window):  # compile every shape the stream uses
+  for start in range(0, len(mix.audio), window):  # compile every shape the stream uses
     warm.push(mix.audio[start:start + window])
+  warm.finish()
   streamer = diarize.Streamer(predict, spec, cfg, lambda s, p: features(s, p))
   per_window = []
   for start in range(0, len(mix.audio), window):

@@ -273,3 +273,18 @@ def test_room_impulse_response_decays_60_db_and_reverberates_a_mixture():
   wet = mixtures.simulate([[tone], [tone]], ["a", "b"], np.random.default_rng(1), rate=16000,
                           utterances_per_speaker=(2, 2), snrs=(200,), rir=True)
   assert wet.segments == dry.segments and not np.allclose(wet.audio, dry.audio, atol=1e-3)
+
+
+@pytest.mark.parametrize("subtype,channels,rate", [("PCM_16", 1, 8000), ("PCM_24", 2, 44100),
+                                                   ("PCM_32", 2, 16000), ("FLOAT", 1, 22050)])
+def test_read_audio_takes_any_pcm_or_float_wav_at_any_rate(subtype, channels, rate, tmp_path):
+  import soundfile
+  t = np.arange(int(rate * 0.5)) / rate
+  tone = 0.5 * np.sin(2 * np.pi * 300 * t)
+  wav = str(tmp_path / "a.wav")
+  soundfile.write(wav, np.stack([tone] * channels, 1) if channels > 1 else tone, rate,
+                  subtype=subtype)
+  x = speech.read_audio(wav, 16000)
+  assert x.dtype == np.float32 and len(x) == 8000
+  want = 0.5 * np.sin(2 * np.pi * 300 * np.arange(8000) / 16000)
+  np.testing.assert_allclose(x[500:7500], want[500:7500], atol=2e-3)

@@ -16,6 +16,7 @@ compute.
 """
 import dataclasses
 import itertools
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -202,7 +203,6 @@ def segments(activity: np.ndarray, frame_s: float, threshold: float = 0.5
 def write_rttm(path: str, recording: str, segs, names=None) -> None:
   """NIST RTTM: one `SPEAKER <file> 1 <start> <duration> <NA> <NA> <speaker> <NA> <NA>`
   line a segment (what md-eval, dscore and pyannote read)."""
-  import os  # noqa: PLC0415
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
     for speaker, start, end in segs:

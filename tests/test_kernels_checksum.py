@@ -73,3 +73,31 @@ def test_read_verified_checks_every_byte_and_copies_the_asked_part(tmp_path, n):
       checksum.read_verified(fd, n, np.zeros(8, np.uint8), n - 4)
   finally:
     os.close(fd)
+
+
+def test_threads_that_first_use_the_kernel_together_share_one_build(tmp_path, monkeypatch):
+  """A dataset's reader threads are the kernel's first users: all must get the kernel,
+  compiled once, with no temporary file left (a shared temporary name once made all but
+  one of them fall back, and the fallback stuck for the process)."""
+  import threading
+  monkeypatch.setenv("SDL_KERNEL_CACHE", str(tmp_path / "cache"))
+  checksum._load.cache_clear()
+  data = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)
+  want = crc32c_package.crc32c(data)
+  results, start = [], threading.Barrier(6)
+
+  def first_use():
+    start.wait()
+    results.append(checksum.available() and checksum.crc32c(data))
+  threads = [threading.Thread(target=first_use) for _ in range(6)]
+  try:
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    checksum._load.cache_clear()  # later tests load the cached library again
+  assert results == [want] * 6
+  assert [p.name for p in (tmp_path / "cache").iterdir() if "copycrc" in p.name] == [
+      p.name for p in (tmp_path / "cache").glob("libcopycrc-*.so")]
+  assert len(list((tmp_path / "cache").glob("libcopycrc-*.so"))) == 1

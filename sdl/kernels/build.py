@@ -75,12 +75,23 @@ def library(source: str, host: bool = False) -> Path:
   out = cache_dir() / f"lib{path.stem}-{key}.so"
   if out.exists():
     return out
+  # One build at a time in a process: the first users of a kernel are often reader threads
+  # starting together, and each would compile it again.
+  with _build_lock:
+    return out if out.exists() else _compile(path, out, cxx, include, flags, host)
+
+
+_build_lock = threading.Lock()
+
+
+def _compile(path: Path, out: Path, cxx: str, include: str, flags, host: bool) -> Path:
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
   except OSError as error:
     raise KernelBuildError(f"cannot create the kernel cache {out.parent} ({error}); point "
                            f"$SDL_KERNEL_CACHE at a writable folder") from error
-  tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+  # unique per process and thread, so that concurrent builders never share a file
+  tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
   command = [cxx, *flags, "-I", include, str(path), "-o", str(tmp)]
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode != 0 and host:

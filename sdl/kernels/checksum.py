@@ -30,8 +30,18 @@ _local = threading.local()
 PIECE = int(os.environ.get("SDL_CRC_PIECE", 128 << 10))
 
 
-@functools.cache
+_library_lock = threading.Lock()
+
+
 def _library() -> ctypes.CDLL | None:
+  """The loaded kernel, or None where it cannot be built (loaded once: reader threads call
+  this together on a dataset's first reads)."""
+  with _library_lock:
+    return _load()
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
   try:
     lib = ctypes.CDLL(str(build.library("copycrc.cc", host=True)))
   except (build.KernelBuildError, OSError):

@@ -112,13 +112,13 @@ def rtf_child(model_dir: str) -> None:
   from sdl.data import mixtures, speech  # noqa: PLC0415
   pool = [[speech.synthetic_utterance(v, rng, cfg.sample_rate) for _ in range(6)] for v in (1, 2)]
   mix = mixtures.simulate(pool, ["a", "b"], rng, rate=cfg.sample_rate, beta=2.0)
-  features = data._jitted_mfcc(cfg)
+  features = data.mfcc_function(cfg)
   window = spec.window_frames * cfg.hop_length
-  warm = diarize.Streamer(predict, spec, cfg, lambda s, p: features(s, p))
+  warm = diarize.Streamer(predict, spec, cfg, features)
   for start in range(0, len(mix.audio), window):  # compile every shape the stream uses
     warm.push(mix.audio[start:start + window])
   warm.finish()
-  streamer = diarize.Streamer(predict, spec, cfg, lambda s, p: features(s, p))
+  streamer = diarize.Streamer(predict, spec, cfg, features)
   per_window = []
   for start in range(0, len(mix.audio), window):
     t = time.perf_counter()

@@ -55,8 +55,7 @@ def main(argv):
     predict(x, mask)
     t = time.perf_counter()
     if _STREAM.value:
-      streamer = diarize.Streamer(predict, spec, cfg,
-                                  lambda s, prev: data._jitted_mfcc(cfg)(s, prev))
+      streamer = diarize.Streamer(predict, spec, cfg, data.mfcc_function(cfg))
       window = spec.window_frames * cfg.hop_length
       for start in range(0, len(audio), window):
         streamer.push(audio[start:start + window])

@@ -117,8 +117,7 @@ def test_streaming_equals_whole_file_inference():
   mix = mixtures.simulate([pool.utterances(0), pool.utterances(1)], ["a", "b"], rng,
                           rate=16000, beta=0.5, utterances_per_speaker=(2, 3))
   whole = diarize.diarize(data.features_of(mix.audio, cfg), predict, spec, batch=4)
-  features = lambda x, prev: data._jitted_mfcc(cfg)(x, prev)
-  streamer = diarize.Streamer(predict, spec, cfg, features)
+  streamer = diarize.Streamer(predict, spec, cfg, data.mfcc_function(cfg))
   emitted, at = [], 0
   while at < len(mix.audio):
     size = int(rng.integers(100, 6000))

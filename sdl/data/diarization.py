@@ -33,7 +33,9 @@ def mfcc_config(features) -> mfcc_lib.MfccConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_mfcc(cfg: mfcc_lib.MfccConfig):
+def mfcc_function(cfg: mfcc_lib.MfccConfig):
+  """The jitted `(samples, previous=None, length=None) -> MFCC frames` of `cfg`, one per
+  config (`sdl.ops.mfcc.mfcc`'s arguments; a stream passes its pieces and `previous`)."""
   return jax.jit(lambda x, previous=None, length=None: mfcc_lib.mfcc(x, cfg, previous, length))
 
 
@@ -46,7 +48,7 @@ def features_of(audio: np.ndarray, cfg: mfcc_lib.MfccConfig, bucket_s: float = 4
   step = max(1, int(bucket_s * cfg.sample_rate))
   padded = np.zeros(-(-max(len(audio), 1) // step) * step + cfg.frame_length, np.float32)
   padded[:len(audio)] = audio
-  return np.asarray(_jitted_mfcc(cfg)(padded, length=len(audio)))[:count]
+  return np.asarray(mfcc_function(cfg)(padded, length=len(audio)))[:count]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -331,3 +331,65 @@ class Conv3D(nn.Module):
       y = y + self.param("bias", nn.initializers.zeros, (self.features,),
                          self.param_dtype).astype(self.dtype)
     return y
+
+
+# --- transposed convolution (upsampling) -------------------------------------------------
+
+
+def conv_transpose3d_native(x, kernel, strides):
+  """`flax.linen.ConvTranspose(padding="VALID")`'s op: XLA's convolution with a dilated
+  input, which GPUs and TPUs run well."""
+  return lax.conv_transpose(x, kernel, strides, "VALID",
+                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+def depth_to_space(x, kernel):
+  """The transposed convolution whose kernel equals its stride (no overlap) as one GEMM
+  and a depth-to-space reshuffle:
+
+      y[n, k i + a, k j + b, k l + e] = x[n, i, j, l] @ kernel[k-1-a, k-1-b, k-1-e]
+
+  (`lax.conv_transpose` without `transpose_kernel` correlates the dilated input with the
+  kernel, so output offset `a` meets tap `k - 1 - a`). Every output voxel depends on one
+  input voxel: a shard of the input gives its shard of the output, with no halo.
+  """
+  kd, kh, kw, c, o = kernel.shape
+  n, d, h, w, _ = x.shape
+  taps = jnp.flip(kernel, (0, 1, 2)).transpose(3, 0, 1, 2, 4).reshape(c, -1)
+  y = (x.reshape(-1, c) @ taps).reshape(n, d, h, w, kd, kh, kw, o)
+  return y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, d * kd, h * kh, w * kw, o)
+
+
+class ConvTranspose3D(nn.Module):
+  """`flax.linen.ConvTranspose` with kernel = stride and "VALID" padding (the U-Net's
+  2³ stride-2 upsampling), same parameters (`kernel` `[kd, kh, kw, C, O]`, `bias`).
+
+  XLA:CPU runs the native op very slowly (jax#31662; the `unet3d` rows of
+  `experiments.layer_bench`), so the folded lowering runs it as `depth_to_space`, per shard
+  under a partitioner; `default_lowering` decides, as for `Conv3D`.
+  """
+  features: int
+  kernel_size: tuple[int, int, int] = (2, 2, 2)
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  lowering: str = "auto"
+  partitioner: Partitioner | None = None
+  logical: tuple[str | None, ...] = VOLUME_AXES
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if resolve_lowering(self.lowering, "conv") == "native" or self.is_initializing():
+      y = conv_transpose3d_native(x, kernel, self.kernel_size)
+    else:
+      def local(x, kernel, depth_axis=None, height_axis=None, reduce_axes=()):
+        del depth_axis, height_axis, reduce_axes  # no halo; autodiff sums the kernel grad
+        return depth_to_space(x, kernel)
+      y = per_shard(local, x, kernel, partitioner=self.partitioner, logical=self.logical)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,),
+                         self.param_dtype).astype(self.dtype)
+    return y

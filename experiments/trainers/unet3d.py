@@ -1,0 +1,238 @@
+"""The 3D U-Net trainer, top to bottom: validate, mesh, synthetic volumes, model, step,
+loop, Dice on held-out volumes, a PNG of slices.
+
+Hybrid data x spatial parallelism as in the CosmoFlow trainer: the batch over the mesh
+axis the `batch` rule names, each volume's depth (and height) over the `depth` (`height`)
+ones, block by block as `model.layouts` says (`sdl.models.unet3d`). BatchNorm statistics
+are those of the whole batch and volume; the loss is the voxel-mean softmax cross-entropy,
+with optional class weights.
+"""
+import dataclasses
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdl.data import loader, segmentation
+from sdl.data.sampler import EpochSampler
+from sdl.models.conv import LOWERINGS
+from sdl.models.unet3d import NORMS, UNet3D, blocks, resolve_layouts
+from sdl.optim import make_optimizer
+from sdl.parallel import ConfigError, Partitioner, make_mesh
+from sdl.parallel.mesh import check_mesh_config, resolve_mesh_shape
+from sdl.train import loop
+from sdl.train.checkpoint import abstract_like
+from sdl.train.step import Model, TrainState, init_state, make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+VOLUME, LABELS = ("batch", "depth", "height", None, None), ("batch", "depth", "height", None)
+VAL_SEED_OFFSET = 1_000_000  # validation volumes come from seeds training never uses
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  mesh_shape: tuple[int, ...]
+  mesh_axes: tuple[str, ...]
+  rules: tuple[tuple[str, str], ...]
+  layouts: tuple[str, ...]
+
+
+def model_blocks(config):
+  return blocks(tuple(tuple(w) for w in config.model.down), tuple(config.model.bottom))
+
+
+def validate(config, num_devices: int) -> Plan:
+  """Every check that can fail before compiling; errors name the field and the fix."""
+  m, d, t = config.model, config.data, config.train
+  if m.norm not in NORMS:
+    raise ConfigError(f"model.norm={m.norm!r}: choose one of {NORMS}")
+  if m.compute_dtype not in DTYPES:
+    raise ConfigError(f"model.compute_dtype={m.compute_dtype!r}: choose one of {tuple(DTYPES)}")
+  if m.conv_lowering not in LOWERINGS:
+    raise ConfigError(f"model.conv_lowering={m.conv_lowering!r}: choose one of {LOWERINGS}")
+  if m.classes != len(segmentation.CLASS_NAMES):
+    raise ConfigError(f"model.classes={m.classes}: the synthetic volumes have "
+                      f"{len(segmentation.CLASS_NAMES)} classes {segmentation.CLASS_NAMES}")
+  if m.class_weights and len(m.class_weights) != m.classes:
+    raise ConfigError(f"model.class_weights has {len(m.class_weights)} entries for "
+                      f"model.classes={m.classes}; give one per class or ()")
+  check_mesh_config(config.mesh.shape, config.mesh.axes, num_devices)
+  shape = resolve_mesh_shape(config.mesh.shape, num_devices)
+  axes = tuple(config.mesh.axes)
+  rules = tuple((str(a), str(b)) for a, b in config.mesh.rules)
+  sizes, mapped = dict(zip(axes, shape)), dict(rules)
+  size_of = lambda logical: sizes.get(mapped.get(logical), 1)
+  if t.batch_size % size_of("batch"):
+    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the "
+                      f"'{mapped.get('batch')}' mesh axis ({size_of('batch')} devices)")
+  loop.check_train_config(config)
+  for name, count in (("train_volumes", d.train_volumes), ("val_volumes", d.val_volumes)):
+    if count < t.batch_size:
+      raise ConfigError(f"data.{name}={count} is smaller than train.batch_size="
+                        f"{t.batch_size}; add volumes")
+  layouts = m.layouts if m.layouts == "auto" else tuple(
+      v.strip() for v in str(m.layouts).split(","))
+  layouts = resolve_layouts(layouts, model_blocks(config), d.crop_size, size_of("depth"),
+                            size_of("height"))
+  return Plan(shape, axes, rules, layouts)
+
+
+def build_model(config, layouts=None, partitioner=None) -> UNet3D:
+  m = config.model
+  return UNet3D(classes=m.classes, down=tuple(tuple(w) for w in m.down),
+                bottom=tuple(m.bottom), norm=m.norm, groups=m.groups, layouts=layouts,
+                partitioner=partitioner, dtype=DTYPES[m.compute_dtype],
+                conv_lowering=m.conv_lowering)
+
+
+def step_model(module: UNet3D) -> Model:
+  state = ("batch_stats",) if module.norm == "batch" else ()
+  return Model(module, inputs=lambda batch: (batch["volume"],),
+               kwargs=lambda rng, train: {"train": train}, state_collections=state)
+
+
+def make_loss(class_weights=()):
+  """Voxel-mean (class-weighted) softmax cross-entropy and the voxel accuracy."""
+  weights = jnp.asarray(class_weights, jnp.float32) if class_weights else None
+
+  def loss_fn(logits, batch):
+    labels = batch["label"].astype(jnp.int32)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1)[..., 0]
+    if weights is None:
+      loss = jnp.mean(nll)
+    else:
+      w = weights[labels]
+      loss = jnp.sum(w * nll) / jnp.sum(w)
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+    return loss, {"accuracy": accuracy}
+  return loss_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  init_state: Callable[[], TrainState]
+  train_step: Callable
+  predict: Callable  # (params, model_state, volume) -> class per voxel
+  schedule: Callable
+  abstract_state: TrainState
+  batch_sharding: dict
+
+
+def sample_batch(config, batch_size: int = 1) -> dict:
+  size = config.data.crop_size
+  return {"volume": np.zeros((batch_size, size, size, size, 1), np.float32),
+          "label": np.zeros((batch_size, size, size, size), np.uint8)}
+
+
+def build(config, plan: Plan, mesh) -> Compiled:
+  part = Partitioner.create(mesh, dict(plan.rules))
+  module = build_model(config, plan.layouts, part)
+  model = step_model(module)
+  optimizer = make_optimizer(config.optim, config.train.steps)
+  sample = sample_batch(config)
+  init = lambda: init_state(model, optimizer.tx, sample, config.seed)
+  state_shape = jax.eval_shape(init)
+  state_sharding = part.state_shardings(state_shape)
+  batch_sharding = {"volume": part.sharding(VOLUME), "label": part.sharding(LABELS)}
+  step = make_train_step(model, make_loss(tuple(config.model.class_weights)), optimizer.tx,
+                         skip_nonfinite=config.train.skip_nonfinite)
+  train_step = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, part.replicated()), donate_argnums=0,
+                       static_argnums=2)
+
+  def predict(params, model_state, volume):
+    logits = module.apply({"params": params, **model_state}, volume, train=False)
+    return jnp.argmax(logits, -1).astype(jnp.uint8)
+  predict = jax.jit(predict, in_shardings=(state_sharding.params, state_sharding.model_state,
+                                           batch_sharding["volume"]),
+                    out_shardings=batch_sharding["label"])
+  return Compiled(jax.jit(init, out_shardings=state_sharding), train_step, predict,
+                  optimizer.schedule, abstract_like(state_shape, state_sharding),
+                  batch_sharding)
+
+
+def volumes(config, split: str) -> tuple[np.ndarray, np.ndarray]:
+  d = config.data
+  spec = segmentation.Spec(d.crop_size, d.balls, d.rods, d.radius)
+  count, offset = ((d.train_volumes, 0) if split == "train"
+                   else (d.val_volumes, VAL_SEED_OFFSET))
+  seeds = [config.seed * 7919 + offset + i for i in range(count)]
+  return segmentation.dataset(seeds, spec)
+
+
+def evaluate(c: Compiled, state, source, batch_size: int, classes: int) -> dict:
+  """Dice per class over every held-out voxel (whole full batches), and their means."""
+  inter, pred_count, true_count = (np.zeros(classes) for _ in range(3))
+  for b in range(len(source) // batch_size):
+    batch = source.batch(np.arange(b * batch_size, (b + 1) * batch_size))
+    pred = np.asarray(c.predict(state.params, state.model_state, batch["volume"]))
+    truth = np.asarray(batch["label"])
+    for k in range(classes):
+      p, t = pred == k, truth == k
+      inter[k] += np.sum(p & t)
+      pred_count[k] += p.sum()
+      true_count[k] += t.sum()
+  dice = 2 * inter / np.maximum(pred_count + true_count, 1)
+  out = {f"dice_{name}": float(v) for name, v in zip(segmentation.CLASS_NAMES, dice)}
+  out.update(dice_mean=float(dice.mean()), dice_foreground=float(dice[1:].mean()))
+  return out
+
+
+def run(config, workdir: str, *, hooks=()) -> TrainState:
+  """Train as `config` says, in `workdir` (resuming if it holds checkpoints)."""
+  plan = validate(config, jax.device_count())
+  loop.check_workdir(workdir)
+  mesh = make_mesh(plan.mesh_shape, plan.mesh_axes)
+  print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+        f"devices; block layouts {dict(zip([b.name for b in model_blocks(config)], plan.layouts))}",
+        flush=True)
+  c = build(config, plan, mesh)
+  done = loop.finished(workdir, config, c.abstract_state)
+  if done is not None:
+    return done
+  train_x, train_y = volumes(config, "train")
+  val_x, val_y = volumes(config, "val")
+  train = loader.ArraySource({"volume": train_x, "label": train_y}, c.batch_sharding)
+  val = loader.ArraySource({"volume": val_x, "label": val_y}, c.batch_sharding)
+  batch_size = config.train.batch_size
+  sampler = EpochSampler(len(train), batch_size, config.seed)
+  state = loop.fit(workdir=workdir, config=config, init_state=c.init_state,
+                   abstract_state=c.abstract_state, train_step=c.train_step,
+                   get_batch=lambda step: train.batch(np.sort(sampler.indices(step))),
+                   schedule=c.schedule,
+                   evaluate=lambda s: evaluate(c, s, val, batch_size, config.model.classes),
+                   hooks=hooks)
+  if jax.process_index() == 0:
+    batch = val.batch(np.arange(batch_size))
+    pred = np.asarray(c.predict(state.params, state.model_state, batch["volume"]))
+    plot_slices(np.asarray(batch["volume"])[0, ..., 0], np.asarray(batch["label"])[0], pred[0],
+                os.path.join(workdir, "slices.png"))
+  return state
+
+
+def plot_slices(volume: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: str) -> str:
+  """A PNG of three orthogonal middle slices: input, truth, prediction."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  mid = volume.shape[0] // 2
+  cut = lambda a, axis: np.take(a, mid, axis=axis)
+  fig, axes = plt.subplots(3, 3, figsize=(9, 9))
+  for row, axis in enumerate(range(3)):
+    for col, (title, image, cmap) in enumerate(
+        (("input", volume, "gray"), ("truth", truth, "viridis"), ("prediction", pred, "viridis"))):
+      ax = axes[row, col]
+      ax.imshow(cut(image, axis), cmap=cmap, vmin=None if col == 0 else 0,
+                vmax=None if col == 0 else len(segmentation.CLASS_NAMES) - 1)
+      ax.set_xticks([]), ax.set_yticks([])
+      if row == 0:
+        ax.set_title(title)
+    axes[row, 0].set_ylabel("DHW"[axis] + " = middle")
+  fig.suptitle("classes: " + ", ".join(f"{i} {n}" for i, n in enumerate(segmentation.CLASS_NAMES)))
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path

@@ -22,6 +22,7 @@ from sdl.models.unet3d import NORMS, UNet3D, blocks, resolve_layouts
 from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
 from sdl.parallel.mesh import check_mesh_config, resolve_mesh_shape
+from sdl.parallel.sharding import PARAM_SHARDINGS
 from sdl.train import loop
 from sdl.train.checkpoint import abstract_like
 from sdl.train.step import Model, TrainState, init_state, make_train_step
@@ -58,6 +59,8 @@ def validate(config, num_devices: int) -> Plan:
   if m.class_weights and len(m.class_weights) != m.classes:
     raise ConfigError(f"model.class_weights has {len(m.class_weights)} entries for "
                       f"model.classes={m.classes}; give one per class or ()")
+  if config.mesh.params not in PARAM_SHARDINGS:
+    raise ConfigError(f"mesh.params={config.mesh.params!r}: choose one of {PARAM_SHARDINGS}")
   check_mesh_config(config.mesh.shape, config.mesh.axes, num_devices)
   shape = resolve_mesh_shape(config.mesh.shape, num_devices)
   axes = tuple(config.mesh.axes)
@@ -127,7 +130,7 @@ def sample_batch(config, batch_size: int = 1) -> dict:
 
 
 def build(config, plan: Plan, mesh) -> Compiled:
-  part = Partitioner.create(mesh, dict(plan.rules))
+  part = Partitioner.create(mesh, dict(plan.rules), config.mesh.params)
   module = build_model(config, plan.layouts, part)
   model = step_model(module)
   optimizer = make_optimizer(config.optim, config.train.steps)

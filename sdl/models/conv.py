@@ -364,9 +364,9 @@ class ConvTranspose3D(nn.Module):
   """`flax.linen.ConvTranspose` with kernel = stride and "VALID" padding (the U-Net's
   2³ stride-2 upsampling), same parameters (`kernel` `[kd, kh, kw, C, O]`, `bias`).
 
-  XLA:CPU runs the native op very slowly (jax#31662; the `unet3d` rows of
-  `experiments.layer_bench`), so the folded lowering runs it as `depth_to_space`, per shard
-  under a partitioner; `default_lowering` decides, as for `Conv3D`.
+  XLA:CPU runs the native op very slowly (jax#31662), so the folded lowering runs it as
+  `depth_to_space`, per shard under a partitioner; `default_lowering` decides, as for
+  `Conv3D`.
   """
   features: int
   kernel_size: tuple[int, int, int] = (2, 2, 2)

@@ -167,17 +167,12 @@ def volumes(config, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate(c: Compiled, state, source, batch_size: int, classes: int) -> dict:
   """Dice per class over every held-out voxel (whole full batches), and their means."""
-  inter, pred_count, true_count = (np.zeros(classes) for _ in range(3))
+  counts = np.zeros((3, classes))
   for b in range(len(source) // batch_size):
     batch = source.batch(np.arange(b * batch_size, (b + 1) * batch_size))
-    pred = np.asarray(c.predict(state.params, state.model_state, batch["volume"]))
-    truth = np.asarray(batch["label"])
-    for k in range(classes):
-      p, t = pred == k, truth == k
-      inter[k] += np.sum(p & t)
-      pred_count[k] += p.sum()
-      true_count[k] += t.sum()
-  dice = 2 * inter / np.maximum(pred_count + true_count, 1)
+    pred = c.predict(state.params, state.model_state, batch["volume"])
+    counts += segmentation.overlap_counts(pred, batch["label"], classes)
+  dice = segmentation.dice_of(counts)
   out = {f"dice_{name}": float(v) for name, v in zip(segmentation.CLASS_NAMES, dice)}
   out.update(dice_mean=float(dice.mean()), dice_foreground=float(dice[1:].mean()))
   return out

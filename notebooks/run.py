@@ -22,7 +22,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOTEBOOKS = ("universes", "spatial_partitioning", "data_pipeline", "kfac_vs_adam",
-             "layers_roofline", "betweenness", "diarization")
+             "layers_roofline", "betweenness", "diarization", "unet3d")
 # What the test suite runs: the same cells on tiny problems, seconds each.
 TINY = {
     "universes": {"size": 32, "seeds": 6},
@@ -33,6 +33,7 @@ TINY = {
     "layers_roofline": {"suite_variant": "smoke", "runs": 2, "limit": 1},
     "betweenness": {"nodes": 400},
     "diarization": {"utterances": (2, 3)},
+    "unet3d": {"size": 16, "segment_size": 40},
 }
 TIMEOUT_S = 600  # per cell
 

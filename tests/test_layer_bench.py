@@ -30,6 +30,9 @@ def test_problem_lists_cover_the_issue():
   assert [d.source for d in problems.dense_layers(16)][0] == "cosmoflow-lbann"  # no 16³ mlperf
   unet = problems.unet3d_convs(64)
   assert unet[0].c_in == 1 and unet[-1].c_out == 32 and unet[-2].c_in == 64 + 32
+  ups = problems.unet3d_transposed_convs(64)  # LBANN's: bottom's 512 channels up first
+  assert [(u.spatial[0], u.c_in, u.c_out, u.out_spatial[0]) for u in ups] == [
+      (8, 512, 512, 16), (16, 256, 256, 32), (32, 128, 128, 64)]
   p = configs.get_config("cpu").problems
   p.only = "lbann n2 4x4x4x128->256"  # one row of the suite, rerun alone
   assert [x.name for x in suite.problem_list(p)] == [lbann[4].name]
@@ -42,14 +45,15 @@ def test_problem_lists_cover_the_issue():
     problems.Gemm(64, 48, 32), problems.Gemm(64, 48, 32, a_t=True),
     problems.deepbench_convs()[4],                       # strided 3x3, padded
     problems.Conv(1, (9, 10, 8), 3, 5, (3, 3, 3), (2, 1, 1), (1, 0, 1), "t"),
+    problems.ConvTranspose(2, (3, 4, 5), 6, 7, 2, "t"),
 ])
 def test_analytic_flops_equal_xla_cost_analysis(problem):
   fn, args = layers.build(problem, "xla", "highest", backward=False)
   out = fn(*args)
-  if isinstance(problem, problems.Conv):
+  if isinstance(problem, (problems.Conv, problems.ConvTranspose)):
     assert out.shape[1:-1] == problem.out_spatial  # our output-size formula
   xla = layers.xla_cost(fn, args)["flops"]
-  if isinstance(problem, problems.Gemm):
+  if isinstance(problem, (problems.Gemm, problems.ConvTranspose)):
     assert xla == problem.flops()
   else:  # XLA leaves out the taps on zero padding; our exact count of those agrees
     assert xla == pytest.approx(problem.valid_flops(), rel=1e-9)
@@ -111,6 +115,19 @@ def test_implementations_agree_numerically():
   (fx, ax), (ff, af) = (layers.build(c, i, "highest", False) for i in ("xla", "xla-folded"))
   np.testing.assert_allclose(np.asarray(fx(*ax)), np.asarray(ff(*af)), rtol=1e-4, atol=1e-4)
   assert layers.build(problems.deepbench_convs()[0], "xla-folded", "highest", False) is None
+  up = problems.ConvTranspose(1, (2, 3, 4), 8, 6, 2, "t")  # native, depth_to_space, PyTorch
+  (fx, ax), (ff, af) = (layers.build(up, i, "highest", False) for i in ("xla", "xla-folded"))
+  np.testing.assert_allclose(np.asarray(ff(*af)), np.asarray(fx(*ax)), rtol=1e-5, atol=1e-5)
+  torch_cell = layers.build(up, "torch", "highest", False)
+  if torch_cell is not None:  # PyTorch's NCDHW and [C, O, k, k, k] on the same numbers
+    import torch  # noqa: PLC0415
+    f, _ = torch_cell
+    x, w = (np.asarray(v) for v in ax)
+    # lax.conv_transpose without transpose_kernel meets tap k-1-a at offset a (flipped)
+    y = f(torch.from_numpy(x.transpose(0, 4, 1, 2, 3).copy()),
+          torch.from_numpy(w[::-1, ::-1, ::-1].transpose(3, 4, 0, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(y.transpose(0, 2, 3, 4, 1), np.asarray(fx(*ax)), rtol=1e-5,
+                               atol=1e-5)
   assert layers.build(g, "numpy", "bf16", False) is None
 
 
@@ -184,7 +201,8 @@ def test_smoke_suite_writes_csv_markdown_and_roofline(tmp_path):
   rows = list(csv.DictReader(open(tmp_path / "results.csv")))
   assert list(rows[0])[:8] == ["m", "n", "k", "a_t", "b_t", "precision", "time_usec", "tflops"]
   kinds = {r["kind"] for r in rows}
-  assert kinds == {"gemm", "dense", "conv2d", "conv3d", "transformer", "attention"}
+  assert kinds == {"gemm", "dense", "conv2d", "conv3d", "conv_transpose3d", "transformer",
+                   "attention"}
   assert {r["impl"] for r in rows} == {"xla", "xla-folded", "xla-blas", "numpy"}
   for r in rows:
     flops, seconds = float(r["flops"]), float(r["time_usec"]) * 1e-6

@@ -49,6 +49,37 @@ def test_smoke_trains_is_killed_and_resumes_bit_identically(tmp_path):
     assert all(0 <= d <= 1 for d in dice)
     assert r["eval_dice_mean"] == pytest.approx(np.mean(dice))
   assert os.path.getsize(os.path.join(workdir, "slices.png")) > 1000
+  check_export_and_segment(config, workdir, resumed, tmp_path)
+
+
+def check_export_and_segment(config, workdir, state, tmp_path):
+  """The exported model (float16 parameters and BatchNorm statistics) predicts as the
+  trained state does on one device, and `experiments.segment` runs it window by window."""
+  model_dir = trainer.export(workdir, str(tmp_path / "model"))
+  predict, spec = trainer.load_exported(model_dir)
+  assert spec["step"] == 6 and spec["crop_size"] == 16
+  volume = trainer.volumes(config, "val")[0][:2]
+  logits = trainer.build_model(config).apply(
+      {"params": state.params, **state.model_state}, volume, train=False)
+  want, got = np.asarray(jax.nn.softmax(logits, -1)), np.asarray(predict(volume))
+  assert np.abs(got - want).max() < 2e-2
+  assert np.mean(got.argmax(-1) == want.argmax(-1)) > 0.99
+
+  np.save(tmp_path / "big.npy", np.concatenate([volume[0], volume[1]], 0)[:, :12])  # 32x12x16
+  lines = []
+  classes, _ = trainer.segment_file(model_dir, str(tmp_path / "big.npy"),
+                                    str(tmp_path / "big.seg.npy"), window=16, overlap=0.5,
+                                    log=lines.append)
+  assert classes.shape == (32, 12, 16) and classes.dtype == np.uint8
+  np.testing.assert_array_equal(np.load(tmp_path / "big.seg.npy"), classes)
+  assert "-> " in lines[0] and os.path.exists(tmp_path / "big.seg.png")
+  for kwargs, message in (({"window": 10}, "--window=10: must be a positive multiple of "
+                                           r"2\^levels = 4"),
+                          ({"overlap": 1.0}, r"--overlap=1.0: must be in \[0, 1\)"),
+                          ({"out": "x.tif"}, "--out=x.tif: must end in .npy or .zarr")):
+    args = {"out": str(tmp_path / "o.npy"), **kwargs}
+    with pytest.raises(ConfigError, match=message):
+      trainer.segment_file(model_dir, str(tmp_path / "big.npy"), args.pop("out"), **args)
 
 
 def test_dice_equals_a_direct_set_computation():

@@ -9,13 +9,15 @@ with optional class weights.
 """
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdl.data import loader, segmentation
+from sdl import console
+from sdl.data import loader, segmentation, volume_io
 from sdl.data.sampler import EpochSampler
 from sdl.models.conv import LOWERINGS
 from sdl.models.unet3d import NORMS, UNet3D, blocks, resolve_layouts
@@ -23,7 +25,9 @@ from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
 from sdl.parallel.mesh import check_mesh_config, resolve_mesh_shape
 from sdl.parallel.sharding import PARAM_SHARDINGS
+from sdl.train import export as export_lib
 from sdl.train import loop
+from sdl.train.segment import sliding_window
 from sdl.train.checkpoint import abstract_like
 from sdl.train.step import Model, TrainState, init_state, make_train_step
 
@@ -210,18 +214,20 @@ def run(config, workdir: str, *, hooks=()) -> TrainState:
   return state
 
 
-def plot_slices(volume: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: str) -> str:
-  """A PNG of three orthogonal middle slices: input, truth, prediction."""
+def plot_slices(volume: np.ndarray, truth: np.ndarray | None, pred: np.ndarray,
+                path: str) -> str:
+  """A PNG of three orthogonal middle slices: input, truth (where known), prediction."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  mid = volume.shape[0] // 2
-  cut = lambda a, axis: np.take(a, mid, axis=axis)
-  fig, axes = plt.subplots(3, 3, figsize=(9, 9))
+  cut = lambda a, axis: np.take(a, a.shape[axis] // 2, axis=axis)
+  panels = [("input", volume, "gray"), ("truth", truth, "viridis"),
+            ("prediction", pred, "viridis")]
+  panels = [p for p in panels if p[1] is not None]
+  fig, axes = plt.subplots(3, len(panels), figsize=(3 * len(panels), 9), squeeze=False)
   for row, axis in enumerate(range(3)):
-    for col, (title, image, cmap) in enumerate(
-        (("input", volume, "gray"), ("truth", truth, "viridis"), ("prediction", pred, "viridis"))):
+    for col, (title, image, cmap) in enumerate(panels):
       ax = axes[row, col]
       ax.imshow(cut(image, axis), cmap=cmap, vmin=None if col == 0 else 0,
                 vmax=None if col == 0 else len(segmentation.CLASS_NAMES) - 1)
@@ -234,3 +240,83 @@ def plot_slices(volume: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: s
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return path
+
+
+# --- a trained model as two small files, for `experiments.segment` ---------------------
+
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+SHIPPED = os.path.join(MODELS, "unet3d")  # the demo's model (README, docs/benchmarks.md)
+
+
+def export(workdir: str, out: str) -> str:
+  """The latest checkpoint in `workdir` as `out/params.npz` (parameters and BatchNorm
+  statistics, float16) and `out/model.json` (the model config, crop size and step)."""
+  def abstract_state(config):  # on one device: orbax reshards whatever mesh saved it
+    model = step_model(build_model(config))
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    shape = jax.eval_shape(lambda: init_state(model, optimizer.tx, sample_batch(config),
+                                              config.seed))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return abstract_like(shape, jax.tree.map(lambda _: one, shape))
+  config, state = export_lib.latest_state(workdir, abstract_state)
+  spec = {"model": config.model.to_dict(), "crop_size": config.data.crop_size,
+          "classes": list(segmentation.CLASS_NAMES), "step": int(state.step)}
+  return export_lib.write(out, {"params": state.params, **state.model_state}, spec,
+                          np.float16)
+
+
+def read_exported(directory: str):
+  """(variables: params and BatchNorm statistics, spec) of a model written by `export`."""
+  return export_lib.read(directory, "a 3D U-Net model", "experiments.segment --export")
+
+
+def load_exported(directory: str):
+  """(predict, spec) of a model written by `export`: `predict(volume [n, S, S, S, 1])` is
+  the softmax of the logits, `[n, S, S, S, classes]`, jitted for one device."""
+  from ml_collections import ConfigDict  # noqa: PLC0415
+
+  variables, spec = read_exported(directory)
+  module = build_model(ConfigDict({"model": spec["model"]}))
+  predict = jax.jit(lambda v: jax.nn.softmax(module.apply(variables, v, train=False), -1))
+  return predict, spec
+
+
+def segment_file(model_dir: str, volume_path: str, out: str, *, window: int | None = None,
+                 overlap: float = 0.5, batch: int = 2, standardize: bool = True,
+                 log=print):
+  """Segment `volume_path` with the model in `model_dir` into `out` (and `<out>.png`);
+  returns (classes `[D, H, W]` uint8, the model's spec)."""
+  predict, spec = load_exported(model_dir)
+  levels = len(spec["model"]["down"])
+  window = window or spec["crop_size"]
+  if window < 2 ** levels or window % 2 ** levels:
+    raise ConfigError(f"--window={window}: must be a positive multiple of 2^levels = "
+                      f"{2 ** levels} (the network pools {levels} times)")
+  if not 0 <= overlap < 1:
+    raise ConfigError(f"--overlap={overlap}: must be in [0, 1)")
+  if batch < 1:
+    raise ConfigError(f"--batch={batch}: must be at least 1")
+  if not out.endswith(volume_io.SUFFIXES):
+    raise ConfigError(f"--out={out}: must end in .npy or .zarr")
+  volume = volume_io.read_volume(volume_path)
+  if standardize:
+    volume = (volume - volume.mean()) / max(float(volume.std()), 1e-12)
+  stride = max(1, int(round(window * (1 - overlap))))
+  started = time.perf_counter()
+
+  def progress(done, total):  # about ten lines in a log; a terminal redraws one line
+    if done == total or done % max(1, total // 10) == 0:
+      console.progress(f"segmenting: {done}/{total} network calls of {batch} windows "
+                       f"({time.perf_counter() - started:.0f} s)", final=done == total)
+  probs = sliding_window(volume, predict, window, stride, batch, progress=progress)
+  classes = np.argmax(probs, -1).astype(np.uint8)
+  volume_io.write_labels(out, classes)
+  took = time.perf_counter() - started
+  names = spec.get("classes") or [str(i) for i in range(probs.shape[-1])]
+  fractions = np.bincount(classes.ravel(), minlength=len(names)) / classes.size
+  log(f"{list(volume.shape[:3])} voxels in {took:.1f} s (window {window}, stride {stride}) "
+      f"-> {out}; " + ", ".join(f"{n} {f:.1%}" for n, f in zip(names, fractions)))
+  png = os.path.splitext(out)[0] + ".png"
+  plot_slices(volume[..., 0], None, classes, png)
+  log(f"slices: {png}")
+  return classes, spec

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sdl.bench.problems import Conv, Dense, Gemm, Transformer
+from sdl.bench.problems import Conv, ConvTranspose, Dense, Gemm, Transformer
 from sdl.bench.timing import measure
 from sdl.kernels import gemm as sdl_gemm
 from sdl.models import conv as sdl_conv
@@ -100,6 +100,18 @@ def _xla_conv(c: Conv, precision, folded: bool):
                                                precision=precision)
 
 
+def _conv_transpose_operands(c: ConvTranspose, dtype):
+  return (_random((c.batch, *c.spatial, c.c_in), dtype, 0),
+          _random((c.k,) * 3 + (c.c_in, c.c_out), dtype, 1) / math.sqrt(c.c_in))
+
+
+def _xla_conv_transpose(c: ConvTranspose, precision, folded: bool):
+  if folded:  # sdl's CPU lowering: one GEMM and a depth-to-space reshuffle
+    return sdl_conv.depth_to_space
+  return lambda x, w: lax.conv_transpose(x, w, (c.k,) * 3, "VALID", precision=precision,
+                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
 def transformer_params(t: Transformer, dtype):
   d, f = t.width, t.mlp
   shapes = {"qkv": (d, 3 * d), "out": (d, d), "up": (d, f), "down": (f, d)}
@@ -167,6 +179,16 @@ def _torch(problem, backward: bool):
         y.sum().backward()
       return y
     return f, (x, w)
+  if isinstance(problem, ConvTranspose):
+    x = torch.randn(problem.batch, problem.c_in, *problem.spatial, requires_grad=backward)
+    w = torch.randn(problem.c_in, problem.c_out, *(problem.k,) * 3, requires_grad=backward)
+
+    def f(x, w):
+      y = torch.nn.functional.conv_transpose3d(x, w, stride=problem.k)
+      if backward:
+        y.sum().backward()
+      return y
+    return f, (x, w)
   return None
 
 
@@ -181,7 +203,7 @@ def build(problem, impl: str, precision: str, backward: bool):
     a, b = (np.asarray(x) for x in _gemm_operands(problem, np.float32))
     return (lambda a, b: (a.T if problem.a_t else a) @ (b.T if problem.b_t else b)), (a, b)
   if impl == "xla-blas":
-    if (isinstance(problem, Conv) or precision != "highest"
+    if (isinstance(problem, (Conv, ConvTranspose)) or precision != "highest"
         or jax.default_backend() != "cpu" or not sdl_gemm.available()):
       return None
     if isinstance(problem, Gemm):
@@ -201,6 +223,8 @@ def build(problem, impl: str, precision: str, backward: bool):
     f, args = _xla_dense(problem, product), _dense_operands(problem, dtype)
   elif isinstance(problem, Conv) and (not folded or len(problem.spatial) == 3):
     f, args = _xla_conv(problem, prec, folded), _conv_operands(problem, dtype)
+  elif isinstance(problem, ConvTranspose):
+    f, args = _xla_conv_transpose(problem, prec, folded), _conv_transpose_operands(problem, dtype)
   elif isinstance(problem, Transformer) and not folded:
     x = _random((problem.batch, problem.seq, problem.width), dtype, 2)
     f = lambda x, params: transformer_block(problem, prec, x, params)  # noqa: E731

@@ -9,6 +9,10 @@
   a 3D U-Net in the layout of Çiçek et al. (MICCAI 2016): 4 levels with 32, 64, 128 and
   256 channels, two 3³ convolutions per level, decoder convolutions reading the upsampled
   features concatenated with the skip connection; 64³ x 1 input, batch 1.
+* 3D transposed convolutions: the 2³ stride-2 upsamplings of LBANN's unet3d (each keeps
+  its channels: 512, 256 and 128 at full widths), 64³ x 1 input, batch 1. XLA:CPU runs
+  the native op very slowly (jax#31662); `xla-folded` is sdl's `depth_to_space` (one
+  GEMM and a reshuffle) that the U-Net uses on CPU.
 * Dense layers, `act(x W + b)`: both CosmoFlow heads at 128³ (batch 2), BERT-base's MLP,
   ResNet-50's classifier and a DeepBench hidden layer; the same GEMMs with their bias and
   activation, and their gradients, as a model runs them.
@@ -87,6 +91,36 @@ class Conv:
   def bytes(self, itemsize: int) -> float:
     return float(self.batch * math.prod(self.spatial) * self.c_in
                  + math.prod(self.kernel) * self.c_in * self.c_out
+                 + self.batch * math.prod(self.out_spatial) * self.c_out) * itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvTranspose:
+  """3D transposed convolution whose kernel equals its stride (no overlap), channels
+  last: input `[batch, *spatial, c_in]`, output `[batch, *(spatial * k), c_out]`."""
+  batch: int
+  spatial: tuple[int, int, int]
+  c_in: int
+  c_out: int
+  k: int
+  source: str
+
+  @property
+  def out_spatial(self) -> tuple[int, ...]:
+    return tuple(s * self.k for s in self.spatial)
+
+  @property
+  def name(self) -> str:
+    x = "x".join(map(str, self.spatial))
+    return (f"convT3d {self.source} n{self.batch} {x}x{self.c_in}->{self.c_out} "
+            f"k{self.k} s{self.k}")
+
+  def flops(self) -> float:  # each input voxel meets each of the k³ taps once
+    return 2.0 * self.batch * math.prod(self.spatial) * self.k ** 3 * self.c_in * self.c_out
+
+  def bytes(self, itemsize: int) -> float:
+    return float(self.batch * math.prod(self.spatial) * self.c_in
+                 + self.k ** 3 * self.c_in * self.c_out
                  + self.batch * math.prod(self.out_spatial) * self.c_out) * itemsize
 
 
@@ -247,3 +281,11 @@ def unet3d_convs(size: int = 64, batch: int = 1, base: int = 32) -> list[Conv]:
             Conv(batch, (side,) * 3, width, width, (3,) * 3, (1,) * 3, (1,) * 3, "unet3d")]
     channels = width
   return out
+
+
+def unet3d_transposed_convs(size: int = 64, batch: int = 1,
+                            widths: tuple[int, ...] = (128, 256, 512)) -> list[ConvTranspose]:
+  """LBANN's unet3d upsamplings, deepest first: `widths[i]` channels at side
+  `size / 2^(i + 1)` to side `size / 2^i`, channels kept."""
+  return [ConvTranspose(batch, (size >> (i + 1),) * 3, w, w, 2, "lbann-unet3d")
+          for i, w in reversed(list(enumerate(widths)))]

@@ -40,6 +40,7 @@ def problem_list(p) -> list:
     for variant in ("mlperf", "lbann"):
       out += limit(problems.cosmoflow_convs(variant, p.cosmoflow_size, p.cosmoflow_batch))
     out += limit(problems.unet3d_convs(p.unet_size))
+    out += limit(problems.unet3d_transposed_convs(p.unet_size))
   if p.transformer:
     for attention_only in (False, True):
       out.append(problems.Transformer(1, p.seq, p.width, p.heads, p.mlp, attention_only))
@@ -57,6 +58,8 @@ def kind_of(problem) -> str:
     return "dense"
   if isinstance(problem, problems.Conv):
     return f"conv{len(problem.spatial)}d"
+  if isinstance(problem, problems.ConvTranspose):
+    return "conv_transpose3d"
   return "attention" if problem.attention_only else "transformer"
 
 

@@ -1,12 +1,14 @@
 """The on-disk dataset: bit-exact round trips under every mesh, clear errors, the importer."""
 import json
 import os
+import shutil
 
 import h5py
+import jax
 import numpy as np
 import pytest
 
-from sdl.data import loader, mlperf, store
+from sdl.data import loader, memory_store, mlperf, store
 from sdl.kernels import checksum
 from sdl.parallel import VOLUME_AXES, Partitioner, make_mesh
 
@@ -157,7 +159,10 @@ def test_bad_manifest_names_the_file_and_field(small):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("dtype", "int32", r"manifest.json: dtype 'int32', expected 'int16'"),
+    ("dtype", "int32", r"volumes/zarr.json: array is int16\[3, 16, 16, 8, 4\] but "
+                       r"manifest.json says int32\[3, 16, 16, 8, 4\]"),
+    ("dtype", "complex64", r"manifest.json: dtype 'complex64' is not a numeric dtype"),
+    ("label_dtype", "U8", r"manifest.json: label_dtype 'U8' is not a numeric dtype"),
     ("volume_shape", [16, 16, 16, 4],
      r"volumes/zarr.json: array is int16\[3, 16, 16, 8, 4\] but manifest.json says "
      r"int16\[3, 16, 16, 16, 4\]"),
@@ -325,3 +330,99 @@ def test_malformed_inputs_name_the_file_and_leave_nothing(tmp_path, case, messag
   with pytest.raises(store.DatasetError, match=message):
     mlperf.import_cosmoflow(str(src), str(tmp_path / "out"), crop=8, progress=False)
   assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
+
+
+# --- label volumes and other dtypes (segmentation: float32 volumes, a uint8 class per voxel)
+
+SEG_SHAPE = (16, 8, 8, 1)
+
+
+@pytest.fixture(scope="module")
+def segmentation_set(tmp_path_factory):
+  rng = np.random.default_rng(5)
+  volumes = rng.normal(size=(6, *SEG_SHAPE)).astype(np.float32)
+  labels = rng.integers(0, 3, (6, *SEG_SHAPE[:3])).astype(np.uint8)
+  path = tmp_path_factory.mktemp("seg") / "set"
+  with store.Writer(str(path), 6, SEG_SHAPE, dtype=np.float32, label_shape=SEG_SHAPE[:3],
+                    label_dtype=np.uint8, class_names=("a", "b", "c"), source={"test": 2},
+                    chunk_depth=4) as w:
+    for i in range(6):
+      w.write(i, volumes[i], labels[i])
+    w.commit()
+  return store.open_dataset(str(path)), volumes, labels
+
+
+@pytest.mark.parametrize("mesh_shape,axes", MESHES)
+def test_label_volumes_are_read_by_shard_like_the_volumes(segmentation_set, mesh_shape, axes):
+  dataset, volumes, labels = segmentation_set
+  assert dataset.manifest.volume_labels and dataset.labels is None
+  assert dataset.raw is not None and dataset.raw_labels is not None  # direct chunk reads
+  part = Partitioner.create(make_mesh(mesh_shape, axes))
+  shardings = {"volume": part.sharding(VOLUME_AXES),
+               "label": part.sharding(("batch", "depth", "height", None))}
+  indices = np.array([5, 1, 0, 3, 2, 4, 1, 0])
+  before = dataset.bytes_read
+  batch = loader.ShardedReader(dataset, shardings).batch(indices)
+  assert batch["volume"].dtype == np.float32 and batch["label"].dtype == np.uint8
+  np.testing.assert_array_equal(np.asarray(batch["volume"]), volumes[indices])
+  np.testing.assert_array_equal(np.asarray(batch["label"]), labels[indices])
+  assert batch["label"].sharding == shardings["label"]
+  # each distinct shard read once: one copy of the batch's volumes and labels together
+  assert dataset.bytes_read - before == volumes[indices].nbytes + labels[indices].nbytes
+  assert dataset.manifest.class_names == ("a", "b", "c")
+
+
+def test_memory_store_holds_label_volumes(segmentation_set):
+  dataset, volumes, labels = segmentation_set
+  part = Partitioner.create(make_mesh((2, 2), ("data", "spatial"), devices=jax.devices()[:4]))
+  shardings = {"volume": part.sharding(VOLUME_AXES),
+               "label": part.sharding(("batch", "depth", None, None))}
+  indices = np.array([4, 0, 5, 2])
+  batch = memory_store.DistributedStore.load(dataset, shardings).batch(indices)
+  np.testing.assert_array_equal(np.asarray(batch["volume"]), volumes[indices])
+  np.testing.assert_array_equal(np.asarray(batch["label"]), labels[indices])
+
+
+def test_a_corrupted_label_chunk_names_its_file(segmentation_set, tmp_path):
+  dataset, _, _ = segmentation_set
+  copy = tmp_path / "copy"
+  shutil.copytree(dataset.path, copy)
+  chunk = copy / "labels" / "c" / "3" / "1" / "0" / "0"
+  data = bytearray(chunk.read_bytes())
+  data[10] ^= 0xFF
+  chunk.write_bytes(bytes(data))
+  with pytest.raises(store.DatasetError, match=f'chunk file "{chunk}" is corrupt'):
+    store.open_dataset(str(copy)).read_labels([3]).result()
+
+
+@pytest.mark.parametrize("what,volume,label,message", [
+    ("label shape", np.zeros(SEG_SHAPE, np.float32), np.zeros((16, 8, 4), np.uint8),
+     r"sample 0: label uint8\[16, 8, 4\], expected uint8\[16, 8, 8\]"),
+    ("label dtype", np.zeros(SEG_SHAPE, np.float32), np.zeros(SEG_SHAPE[:3], np.float32),
+     r"sample 0: label float32\[16, 8, 8\], expected uint8\[16, 8, 8\]"),
+    ("volume dtype", np.zeros(SEG_SHAPE, np.float64), np.zeros(SEG_SHAPE[:3], np.uint8),
+     r"sample 0: volume float64\[16, 8, 8, 1\], expected float32\[16, 8, 8, 1\]"),
+])
+def test_writer_refuses_samples_of_another_shape_or_dtype(tmp_path, what, volume, label,
+                                                          message):
+  with pytest.raises(store.DatasetError, match=message):
+    with store.Writer(str(tmp_path / "w"), 1, SEG_SHAPE, dtype=np.float32,
+                      label_shape=SEG_SHAPE[:3], label_dtype=np.uint8, source={}) as w:
+      w.write(0, volume, label)
+  assert not os.listdir(tmp_path)  # nothing left behind
+  with pytest.raises(store.DatasetError, match="dtype 'c8': give an integer or floating"):
+    store.Writer(str(tmp_path / "w"), 1, SEG_SHAPE, dtype="c8", source={})
+
+
+def test_datasets_of_the_first_format_still_open(small):
+  """CosmoFlow datasets written before labels and dtypes were general."""
+  where = os.path.join(small, "manifest.json")
+  blob = json.load(open(where))
+  want = store.open_dataset(small).labels
+  blob.update(format="sdl.cosmoflow-volumes", version=1)
+  for key in ("label_shape", "class_names"):
+    del blob[key]
+  json.dump(blob, open(where, "w"))
+  legacy = store.open_dataset(small)
+  assert legacy.manifest.label_shape == (4,) and not legacy.manifest.volume_labels
+  np.testing.assert_array_equal(legacy.labels, want)

@@ -51,6 +51,19 @@ def test_smoke_trains_is_killed_and_resumes_bit_identically(tmp_path):
   assert os.path.getsize(os.path.join(workdir, "slices.png")) > 1000
   check_export_and_segment(config, workdir, resumed, tmp_path)
 
+  # The same volumes written to disk (float32, a uint8 class per voxel) train the same
+  # model, read shard by shard (`data.source=disk`) or held on the devices (`memory`).
+  trainer.write_datasets(config, str(tmp_path / "data"))
+  for source in ("disk", "memory"):
+    config.data.update(source=source, path=str(tmp_path / "data"))
+    from_disk = trainer.run(config, str(tmp_path / source))
+    for a, b in zip(jax.tree.leaves(from_disk.params), jax.tree.leaves(straight.params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  config.data.crop_size = 8
+  with pytest.raises(ConfigError, match=r"holds volumes \[16, 16, 16, 1\] and labels "
+                     r"\[16, 16, 16\], but data.crop_size=8"):
+    trainer.open_datasets(config)
+
 
 def check_export_and_segment(config, workdir, state, tmp_path):
   """The exported model (float16 parameters and BatchNorm statistics) predicts as the
@@ -119,6 +132,9 @@ def test_classes_share_one_intensity_distribution():
     ("data.crop_size", 10, "data.crop_size=10 must be divisible by 4"),
     ("model.layouts", "spatial,spatial,spatial,depth", "model.layouts has 4 entries for 5 blocks"),
     ("data.val_volumes", 1, "data.val_volumes=1 is smaller than train.batch_size=2"),
+    ("data.source", "s3", "data.source='s3': choose one of"),
+    ("data.source", "disk", "data.source='disk' reads data.path/train and data.path/val; "
+                            "set data.path"),
 ])
 def test_config_errors_name_the_field(field, value, message):
   config = configs.get_config("smoke")

@@ -29,7 +29,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.process = dict(configure=True)  # sdl.process.configure() (see configs/cosmoflow.py)
   c.seed = 0
-  c.data = dict(crop_size=32, train_volumes=64, val_volumes=8, balls=3, rods=2, radius=6.0)
+  c.data = dict(source="generate",  # "generate" (in memory) | "disk" | "memory" (data.path)
+                path="",            # a directory with train/ and val/ datasets written by
+                                    # `python -m experiments.make_dataset --config=<this>`
+                crop_size=32, train_volumes=64, val_volumes=8, balls=3, rods=2, radius=6.0)
   c.model = dict(
       classes=3,
       down=((8, 16), (16, 32), (32, 64)),  # LBANN: ((32, 64), (64, 128), (128, 256))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdl import console
-from sdl.data import loader, segmentation, volume_io
+from sdl.data import loader, memory_store, segmentation, store, volume_io
 from sdl.data.sampler import EpochSampler
 from sdl.models.conv import LOWERINGS
 from sdl.models.unet3d import NORMS, UNet3D, blocks, resolve_layouts
@@ -34,6 +34,7 @@ from sdl.train.step import Model, TrainState, init_state, make_train_step
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 VOLUME, LABELS = ("batch", "depth", "height", None, None), ("batch", "depth", "height", None)
 VAL_SEED_OFFSET = 1_000_000  # validation volumes come from seeds training never uses
+SOURCES = ("generate", "disk", "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,12 @@ def validate(config, num_devices: int) -> Plan:
   if m.class_weights and len(m.class_weights) != m.classes:
     raise ConfigError(f"model.class_weights has {len(m.class_weights)} entries for "
                       f"model.classes={m.classes}; give one per class or ()")
+  if d.source not in SOURCES:
+    raise ConfigError(f"data.source={d.source!r}: choose one of {SOURCES}")
+  if d.source != "generate" and not d.path:
+    raise ConfigError(f"data.source={d.source!r} reads data.path/train and data.path/val; "
+                      "set data.path (write them with `python -m experiments.make_dataset "
+                      "--config=experiments/configs/unet3d.py:<variant> --out=DIR`)")
   if config.mesh.params not in PARAM_SHARDINGS:
     raise ConfigError(f"mesh.params={config.mesh.params!r}: choose one of {PARAM_SHARDINGS}")
   check_mesh_config(config.mesh.shape, config.mesh.axes, num_devices)
@@ -160,13 +167,73 @@ def build(config, plan: Plan, mesh) -> Compiled:
                   batch_sharding)
 
 
-def volumes(config, split: str) -> tuple[np.ndarray, np.ndarray]:
+def split_seeds(config, split: str) -> tuple[list[int], segmentation.Spec]:
+  """The generator's seeds of `split` ("train" or "val") and its volume spec."""
   d = config.data
-  spec = segmentation.Spec(d.crop_size, d.balls, d.rods, d.radius)
   count, offset = ((d.train_volumes, 0) if split == "train"
                    else (d.val_volumes, VAL_SEED_OFFSET))
   seeds = [config.seed * 7919 + offset + i for i in range(count)]
-  return segmentation.dataset(seeds, spec)
+  return seeds, segmentation.Spec(d.crop_size, d.balls, d.rods, d.radius)
+
+
+def volumes(config, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """The generated volumes of `split`: float32 `[n, S, S, S, 1]`, uint8 `[n, S, S, S]`."""
+  return segmentation.dataset(*split_seeds(config, split))
+
+
+def write_datasets(config, out: str, *, overwrite: bool = False, checksum: bool = True):
+  """What `data.source="generate"` makes, as the datasets `out/train` and `out/val`
+  (`sdl.data.store`: float32 volumes, a uint8 class per voxel), volume by volume."""
+  paths = []
+  for split in ("train", "val"):
+    seeds, spec = split_seeds(config, split)
+    s = spec.size
+    path = os.path.join(out, split)
+    with store.Writer(path, len(seeds), (s, s, s, 1), dtype=np.float32, label_shape=(s, s, s),
+                      label_dtype=np.uint8, class_names=segmentation.CLASS_NAMES,
+                      source={"generator": "sdl.data.segmentation", "seeds": seeds,
+                              "spec": dataclasses.asdict(spec)},
+                      checksum=checksum, overwrite=overwrite) as writer:
+      for i, seed in enumerate(seeds):
+        writer.write(i, *segmentation.volume(seed, spec))
+        console.progress(f"writing {path}: {i + 1}/{len(seeds)} volumes",
+                         final=i + 1 == len(seeds))
+      paths.append(writer.commit())
+  return paths
+
+
+def open_datasets(config) -> tuple[store.Dataset, store.Dataset]:
+  """`data.path`'s `train/` and `val/` datasets, checked against the config."""
+  s = config.data.crop_size
+  datasets = tuple(store.open_dataset(os.path.join(config.data.path, split))
+                   for split in ("train", "val"))
+  for ds in datasets:
+    m = ds.manifest
+    if m.volume_shape != (s, s, s, 1) or m.label_shape != (s, s, s):
+      raise ConfigError(f"{ds.path} holds volumes {list(m.volume_shape)} and labels "
+                        f"{list(m.label_shape)}, but data.crop_size={s} needs {[s] * 3 + [1]} "
+                        f"and {[s] * 3}; set data.crop_size={m.volume_shape[0]} or write "
+                        "a dataset of that size")
+    if m.class_names != segmentation.CLASS_NAMES:
+      raise ConfigError(f"{ds.path}: classes {list(m.class_names)}, the model is built for "
+                        f"{list(segmentation.CLASS_NAMES)}; write the dataset with "
+                        "`python -m experiments.make_dataset`")
+  return datasets
+
+
+def make_sources(config, batch_sharding: dict):
+  """Training and validation batch sources (`sdl.data.source.BatchSource`) for
+  `data.source`: generated in memory, read from disk by shard, or the training set held
+  in the devices' memory (`sdl.data.memory_store`)."""
+  if config.data.source == "generate":
+    (train_x, train_y), (val_x, val_y) = volumes(config, "train"), volumes(config, "val")
+    return (loader.ArraySource({"volume": train_x, "label": train_y}, batch_sharding),
+            loader.ArraySource({"volume": val_x, "label": val_y}, batch_sharding))
+  train, val = open_datasets(config)
+  if config.data.source == "memory":
+    return (memory_store.DistributedStore.load(train, batch_sharding),
+            loader.ShardedReader(val, batch_sharding))
+  return loader.ShardedReader(train, batch_sharding), loader.ShardedReader(val, batch_sharding)
 
 
 def evaluate(c: Compiled, state, source, batch_size: int, classes: int) -> dict:
@@ -194,10 +261,7 @@ def run(config, workdir: str, *, hooks=()) -> TrainState:
   done = loop.finished(workdir, config, c.abstract_state)
   if done is not None:
     return done
-  train_x, train_y = volumes(config, "train")
-  val_x, val_y = volumes(config, "val")
-  train = loader.ArraySource({"volume": train_x, "label": train_y}, c.batch_sharding)
-  val = loader.ArraySource({"volume": val_x, "label": val_y}, c.batch_sharding)
+  train, val = make_sources(config, c.batch_sharding)
   batch_size = config.train.batch_size
   sampler = EpochSampler(len(train), batch_size, config.seed)
   state = loop.fit(workdir=workdir, config=config, init_state=c.init_state,

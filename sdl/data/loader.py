@@ -66,7 +66,7 @@ class HostBuffers:
 
 
 def labels_array(labels: np.ndarray, sharding) -> jax.Array:
-  """`labels` (host, `[batch, 4]`) as a global array; each process fills its own shards."""
+  """`labels` (host, `[batch, ...]`) as a global array; each process fills its own shards."""
   return jax.make_array_from_callback(labels.shape, sharding, lambda idx: labels[idx])
 
 
@@ -117,21 +117,34 @@ class ShardedReader:
 
   def batch(self, indices: np.ndarray) -> dict:
     indices = np.asarray(indices)
-    sharding = self.shardings["volume"]
-    shape = (len(indices), *self.dataset.volume_shape)
+    ds = self.dataset
+    with ts.Batch() as batch:  # issue every read of this process at once
+      volume = self._start(ds.read, indices, self.shardings["volume"],
+                           (len(indices), *ds.volume_shape), ds.dtype, batch)
+      label = (self._start(ds.read_labels, indices, self.shardings["label"],
+                           (len(indices), *ds.manifest.label_shape), ds.label_dtype, batch)
+               if ds.manifest.volume_labels else None)
+    return {"volume": volume(),
+            "label": label() if label else labels_array(ds.labels[indices],
+                                                         self.shardings["label"])}
+
+  def _start(self, read, indices, sharding, shape, dtype, batch):
+    """Start reading the shards of this process's devices (one read per distinct shard,
+    straight into buffers the devices can adopt); returns the call that makes the
+    global array once they are in."""
     per_device = sharding.addressable_devices_indices_map(shape)
     reads = {}
-    with ts.Batch() as batch:  # issue every read of this process at once
-      for index in per_device.values():
-        if _key(index) not in reads:  # read straight into buffers the devices can adopt
-          out = self.buffers(sharding.shard_shape(shape), store.VOLUME_DTYPE)
-          reads[_key(index)] = self.dataset.read(indices[index[0]], *index[1:], batch=batch,
-                                                 out=out)
-    arrays = {key: read.result() for key, read in reads.items()}
-    shards = [jax.device_put(arrays[_key(index)], device) for device, index in per_device.items()]
-    volume = jax.make_array_from_single_device_arrays(shape, sharding, shards)
-    return {"volume": volume,
-            "label": labels_array(self.dataset.labels[indices], self.shardings["label"])}
+    for index in per_device.values():
+      if _key(index) not in reads:
+        out = self.buffers(sharding.shard_shape(shape), dtype)
+        reads[_key(index)] = read(indices[index[0]], *index[1:], batch=batch, out=out)
+
+    def finish():
+      arrays = {key: r.result() for key, r in reads.items()}
+      shards = [jax.device_put(arrays[_key(index)], device)
+                for device, index in per_device.items()]
+      return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+    return finish
 
 
 class Prefetcher:

@@ -73,14 +73,15 @@ class DistributedStore:
     samples and slabs) or from arrays (`volumes`, `labels` attributes)."""
     sharding = shardings["volume"]
     _, ranks = data_ranks(sharding)
-    n = len(dataset.labels)
+    n = len(dataset)
     rows = -(-n // ranks)
     shape = (rows * ranks, *dataset.volumes.shape[1:])
+    dtype = dataset.dtype if isinstance(dataset, Dataset) else dataset.volumes.dtype
 
     def shard(index):
       lo, stop, _ = index[0].indices(shape[0])
       hi = min(stop, n)  # rows past the last sample pad the last owner's block
-      out = aligned_empty(sharding.shard_shape(shape), np.int16)  # adopted by XLA:CPU
+      out = aligned_empty(sharding.shard_shape(shape), dtype)  # adopted by XLA:CPU
       out[hi - lo:] = 0
       if hi > lo:
         if isinstance(dataset, Dataset):
@@ -90,7 +91,10 @@ class DistributedStore:
       return out
 
     volumes = jax.make_array_from_callback(shape, sharding, shard)
-    return cls(volumes, np.asarray(dataset.labels), shardings)
+    labels = dataset.labels
+    if labels is None:  # label volumes (segmentation): kept on the host, like vectors
+      labels = dataset.read_labels(slice(None)).result()
+    return cls(volumes, np.asarray(labels), shardings)
 
   def __len__(self) -> int:
     return len(self.labels)

@@ -1,13 +1,19 @@
-"""CosmoFlow datasets on disk: zarr v3 arrays read and written through tensorstore.
+"""Volume datasets on disk: zarr v3 arrays read and written through tensorstore.
 
 A dataset is a directory:
 
     manifest.json  written last, by an atomic rename of the whole directory: a dataset
                    without it is incomplete and is refused
-    volumes/       zarr v3, int16 [sample, depth, height, width, channel]; one chunk is one
-                   sample's slab of `chunk_depth` depth planes, so a device that holds a
-                   depth shard reads whole chunks and nothing else
-    labels/        zarr v3, float32 [sample, 4], the parameters scaled to [-1, 1]
+    volumes/       zarr v3, [sample, depth, height, width, channel] of the manifest's
+                   `dtype` (CosmoFlow: int16 x 4 redshifts; the U-Net: float32 x 1); one
+                   chunk is one sample's slab of `chunk_depth` depth planes, so a device
+                   that holds a depth shard reads whole chunks and nothing else
+    labels/        zarr v3, [sample, *label_shape] of `label_dtype`, either
+                   - one vector per sample (CosmoFlow: float32 [4], the parameters scaled
+                     to [-1, 1]), held in memory once opened, or
+                   - a volume per sample (segmentation: uint8 [depth, height, width], a
+                     class per voxel), chunked and read like the volumes: a device reads
+                     the labels of its own shard only (`Dataset.read_labels`)
 
 Why zarr v3 rather than n5: n5 stores big-endian only, so every read on a little-endian
 host would byte-swap, while a zarr v3 chunk with the `bytes` codec is the sample's memory
@@ -44,10 +50,13 @@ import tensorstore as ts
 from sdl.errors import DataError
 from sdl.kernels import checksum
 
-FORMAT = "sdl.cosmoflow-volumes"
-FORMAT_VERSION = 1
+FORMAT = "sdl.volumes"
+FORMAT_VERSION = 2
+# Datasets written before labels and dtypes were general: CosmoFlow's int16 volumes and
+# float32 [sample, parameters] labels. They open unchanged.
+LEGACY_FORMAT = ("sdl.cosmoflow-volumes", 1)
 MANIFEST = "manifest.json"
-VOLUME_DTYPE, LABEL_DTYPE = np.dtype(np.int16), np.dtype(np.float32)
+VOLUME_DTYPE, LABEL_DTYPE = np.dtype(np.int16), np.dtype(np.float32)  # CosmoFlow's
 MAX_CHUNK_DEPTH = 16  # 2 MiB chunks at 128² x 4 int16: few files, slabs of 8 shards aligned
 
 
@@ -62,29 +71,53 @@ class Manifest:
   volume_shape: tuple[int, int, int, int]  # depth, height, width, channels
   chunk_depth: int
   checksum: bool
-  param_names: tuple[str, ...]
+  param_names: tuple[str, ...]   # regression labels: one name per entry (else ())
   param_low: tuple[float, ...]   # labels are (θ - low) / (high - low) * 2 - 1
   param_high: tuple[float, ...]
   source: dict                   # generator and seeds, or the imported files
+  dtype: str = VOLUME_DTYPE.name
+  label_shape: tuple[int, ...] = ()  # per sample; () means (len(param_names),)
+  label_dtype: str = LABEL_DTYPE.name
+  class_names: tuple[str, ...] = ()  # segmentation labels: the name of each class
+
+  def __post_init__(self):
+    if not self.label_shape:
+      object.__setattr__(self, "label_shape", (len(self.param_names),))
+
+  @property
+  def volume_labels(self) -> bool:
+    """Labels are a volume per sample (read by region), not a vector (held in memory)."""
+    return len(self.label_shape) >= 3 and self.label_shape[:3] == self.volume_shape[:3]
 
   def to_json(self) -> dict:
-    return {"format": FORMAT, "version": FORMAT_VERSION, "dtype": VOLUME_DTYPE.name,
-            "label_dtype": LABEL_DTYPE.name, **dataclasses.asdict(self)}
+    return {"format": FORMAT, "version": FORMAT_VERSION, **dataclasses.asdict(self)}
 
   @classmethod
   def from_json(cls, blob: dict, where: str) -> "Manifest":
-    if blob.get("format") != FORMAT or blob.get("version") != FORMAT_VERSION:
-      raise DatasetError(f"{where}: format {blob.get('format')!r} version {blob.get('version')!r}"
-                         f" is not {FORMAT!r} version {FORMAT_VERSION}; re-create the dataset")
-    if blob.get("dtype") != VOLUME_DTYPE.name:
-      raise DatasetError(f"{where}: dtype {blob.get('dtype')!r}, expected {VOLUME_DTYPE.name!r}")
+    found = (blob.get("format"), blob.get("version"))
+    if found not in ((FORMAT, FORMAT_VERSION), LEGACY_FORMAT):
+      raise DatasetError(f"{where}: format {found[0]!r} version {found[1]!r} is not "
+                         f"{FORMAT!r} version {FORMAT_VERSION}; re-create the dataset")
+    for key in ("dtype", "label_dtype"):
+      if not _numeric(blob.get(key)):
+        raise DatasetError(f"{where}: {key} {blob.get(key)!r} is not a numeric dtype; "
+                           "re-create the dataset")
     try:
       return cls(int(blob["num_samples"]), tuple(int(s) for s in blob["volume_shape"]),
                  int(blob["chunk_depth"]), bool(blob["checksum"]), tuple(blob["param_names"]),
-                 tuple(blob["param_low"]), tuple(blob["param_high"]), dict(blob["source"]))
+                 tuple(blob["param_low"]), tuple(blob["param_high"]), dict(blob["source"]),
+                 blob["dtype"], tuple(int(s) for s in blob.get("label_shape", ())),
+                 blob["label_dtype"], tuple(blob.get("class_names", ())))
     except (KeyError, TypeError, ValueError) as e:
       raise DatasetError(f"{where}: field {e} is missing or malformed; re-create the "
                          "dataset") from None
+
+
+def _numeric(name) -> bool:
+  try:
+    return np.dtype(name).kind in "iuf"
+  except TypeError:
+    return False
 
 
 def default_chunk_depth(depth: int) -> int:
@@ -113,9 +146,13 @@ class Writer:
   """
 
   def __init__(self, path: str, num_samples: int, volume_shape: Sequence[int], *,
-               param_names: Sequence[str], param_low: Sequence[float],
-               param_high: Sequence[float], source: dict, chunk_depth: int | None = None,
+               source: dict, param_names: Sequence[str] = (), param_low: Sequence[float] = (),
+               param_high: Sequence[float] = (), dtype=VOLUME_DTYPE,
+               label_shape: Sequence[int] = (), label_dtype=LABEL_DTYPE,
+               class_names: Sequence[str] = (), chunk_depth: int | None = None,
                checksum: bool = True, overwrite: bool = False):
+    """`label_shape` per sample: default `(len(param_names),)`; `volume_shape[:3]` (and
+    maybe more) for a label volume, such as a class per voxel."""
     self.path, self.partial = os.path.abspath(path), os.path.abspath(path) + ".partial"
     if os.path.exists(self.path) and not overwrite:
       raise DatasetError(f"{self.path} already exists; delete it or pass overwrite")
@@ -125,25 +162,46 @@ class Writer:
     chunk_depth = chunk_depth or default_chunk_depth(shape[0])
     if shape[0] % chunk_depth:
       raise DatasetError(f"chunk_depth={chunk_depth} does not divide the depth {shape[0]}")
+    for what, value in (("dtype", dtype), ("label_dtype", label_dtype)):
+      if not _numeric(value):
+        raise DatasetError(f"{what} {value!r}: give an integer or floating-point dtype")
+    self.dtype, self.label_dtype = np.dtype(dtype), np.dtype(label_dtype)
     self.manifest = Manifest(num_samples, shape, chunk_depth, checksum, tuple(param_names),
-                             tuple(map(float, param_low)), tuple(map(float, param_high)), source)
+                             tuple(map(float, param_low)), tuple(map(float, param_high)), source,
+                             self.dtype.name, tuple(int(s) for s in label_shape),
+                             self.label_dtype.name, tuple(class_names))
     shutil.rmtree(self.partial, ignore_errors=True)
     os.makedirs(self.partial)
     self._volumes = ts.open(_zarr_spec(os.path.join(self.partial, "volumes"),
-                                       (num_samples, *shape), VOLUME_DTYPE,
+                                       (num_samples, *shape), self.dtype,
                                        (1, chunk_depth, *shape[1:]), checksum)).result()
-    self._labels = np.full((num_samples, len(param_names)), np.nan, LABEL_DTYPE)
+    label_shape = self.manifest.label_shape
+    if self.manifest.volume_labels:  # chunked like the volumes, written sample by sample
+      self._label_store = ts.open(_zarr_spec(
+          os.path.join(self.partial, "labels"), (num_samples, *label_shape), self.label_dtype,
+          (1, chunk_depth, *label_shape[1:]), checksum)).result()
+      self._labels = None
+    else:
+      self._labels = np.zeros((num_samples, *label_shape), self.label_dtype)
     self._written = np.zeros(num_samples, bool)
     self._lock = threading.Lock()
 
   def write(self, index: int, volume: np.ndarray, label: np.ndarray) -> None:
-    expect = self.manifest.volume_shape
-    if volume.shape != expect or volume.dtype != VOLUME_DTYPE:
-      raise DatasetError(f"sample {index}: volume {volume.dtype}{list(volume.shape)}, expected "
-                         f"int16{list(expect)}")
+    m = self.manifest
+    label = np.asarray(label)
+    if np.can_cast(label.dtype, self.label_dtype, "same_kind"):  # float64 parameters, say
+      label = label.astype(self.label_dtype, copy=False)
+    for what, array, shape, dtype in (("volume", volume, m.volume_shape, self.dtype),
+                                      ("label", label, m.label_shape, self.label_dtype)):
+      if array.shape != tuple(shape) or array.dtype != dtype:
+        raise DatasetError(f"sample {index}: {what} {array.dtype}{list(array.shape)}, expected "
+                           f"{dtype}{list(shape)}")
     self._volumes[index].write(volume).result()
+    if self._labels is None:
+      self._label_store[index].write(label).result()
     with self._lock:
-      self._labels[index] = label
+      if self._labels is not None:
+        self._labels[index] = label
       self._written[index] = True
 
   def commit(self) -> str:
@@ -151,9 +209,11 @@ class Writer:
     if missing.size:
       raise DatasetError(f"{self.partial}: samples {missing[:8].tolist()}... were never "
                          "written; nothing committed")
-    labels = ts.open(_zarr_spec(os.path.join(self.partial, "labels"), self._labels.shape,
-                                LABEL_DTYPE, self._labels.shape, self.manifest.checksum)).result()
-    labels.write(self._labels).result()
+    if self._labels is not None:
+      labels = ts.open(_zarr_spec(os.path.join(self.partial, "labels"), self._labels.shape,
+                                  self.label_dtype, self._labels.shape,
+                                  self.manifest.checksum)).result()
+      labels.write(self._labels).result()
     with open(os.path.join(self.partial, MANIFEST), "w") as f:
       json.dump(self.manifest.to_json(), f, indent=1)
     if os.path.exists(self.path):
@@ -233,8 +293,11 @@ class RawChunks:
         meta = json.load(f)
       chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
       shape = tuple(meta["shape"])
-      checksum = meta["codecs"] == [*RAW_CODECS, CRC32C]
-      plain = ((meta["codecs"] == RAW_CODECS or checksum)
+      codecs = meta["codecs"]
+      if np.dtype(meta["data_type"]).itemsize == 1 and codecs[:1] == [{"name": "bytes"}]:
+        codecs = [*RAW_CODECS, *codecs[1:]]  # single bytes have no endianness to record
+      checksum = codecs == [*RAW_CODECS, CRC32C]
+      plain = ((codecs == RAW_CODECS or checksum)
                and meta["chunk_grid"]["name"] == "regular"
                and meta.get("chunk_key_encoding") in ({"name": "default"}, {
                    "name": "default", "configuration": {"separator": "/"}})
@@ -339,10 +402,12 @@ class _AllOf:
 
 
 class Dataset:
-  """An opened dataset. Labels are held in memory; volumes are read on demand.
+  """An opened dataset. Vector labels are held in memory (`labels`); volumes, and labels
+  that are volumes, are read on demand.
 
-  `read(samples, depth, height)` reads a sub-volume of several samples asynchronously;
-  `bytes_read` counts what this process asked of the disk (for tests of partitioned I/O).
+  `read(samples, depth, height)` reads a sub-volume of several samples asynchronously,
+  `read_labels` the same region of their label volumes; `bytes_read` counts what this
+  process asked of the disk (for tests of partitioned I/O).
   """
 
   def __init__(self, path: str):
@@ -360,13 +425,20 @@ class Dataset:
     except json.JSONDecodeError as e:
       raise DatasetError(f"{where}: not valid JSON ({e}); re-create the dataset") from None
     m = self.manifest
-    self.volumes = self._open("volumes", (m.num_samples, *m.volume_shape), VOLUME_DTYPE)
+    self.dtype, self.label_dtype = np.dtype(m.dtype), np.dtype(m.label_dtype)
+    self.volumes = self._open("volumes", (m.num_samples, *m.volume_shape), self.dtype)
     self.raw = RawChunks.open(os.path.join(self.path, "volumes"))
-    labels = self._open("labels", (m.num_samples, len(m.param_names)), LABEL_DTYPE)
-    self.labels = self._result(labels.read(), "reading labels")
-    if not np.isfinite(self.labels).all():
-      raise DatasetError(f"{self.path}/labels: non-finite labels at samples "
-                         f"{np.flatnonzero(~np.isfinite(self.labels).all(1))[:8].tolist()}")
+    labels = self._open("labels", (m.num_samples, *m.label_shape), self.label_dtype)
+    self.label_volumes = self.raw_labels = self.labels = None
+    if m.volume_labels:
+      self.label_volumes = labels
+      self.raw_labels = RawChunks.open(os.path.join(self.path, "labels"))
+    else:
+      self.labels = self._result(labels.read(), "reading labels")
+      bad = ~np.isfinite(self.labels.reshape(len(self.labels), -1)).all(1)
+      if bad.any():
+        raise DatasetError(f"{self.path}/labels: non-finite labels at samples "
+                           f"{np.flatnonzero(bad)[:8].tolist()}")
     self.bytes_read = 0
     self._lock = threading.Lock()
 
@@ -399,32 +471,44 @@ class Dataset:
 
   def read(self, samples: Sequence[int] | slice, *region: slice,
            batch: ts.Batch | None = None, out: np.ndarray | None = None) -> "PendingRead":
-    """Start reading `volumes[samples, *region]`; `.result()` gives the int16 array.
+    """Start reading `volumes[samples, *region]`; `.result()` gives the array (`dtype`).
 
     `region` slices depth, height, width, channels (missing ones: everything). With `out`
-    (a writable C-contiguous int16 array of the read's shape) the chunks are copied
+    (a writable C-contiguous array of the read's shape and dtype) the chunks are copied
     straight into it, and `.result()` returns it: one copy fewer than a read that
     allocates, and no page faults when `out` is reused or freshly recycled memory.
     """
+    return self._read("volumes", self.volumes, self.raw, samples, region, batch, out)
+
+  def read_labels(self, samples: Sequence[int] | slice, *region: slice,
+                  batch: ts.Batch | None = None, out: np.ndarray | None = None) -> "PendingRead":
+    """`read` for label volumes: `labels[samples, *region]` (depth, height, width, ...)."""
+    if self.label_volumes is None:
+      raise ValueError(f"{self.path}: labels are one vector per sample, held in `labels`")
+    return self._read("labels", self.label_volumes, self.raw_labels, samples, region, batch,
+                      out)
+
+  def _read(self, name, array, raw, samples, region, batch, out) -> "PendingRead":
+    dtype = array.dtype.numpy_dtype
     samples = np.asarray(samples) if not isinstance(samples, slice) else samples
-    view = self.volumes[(samples, *region)]
+    view = array[(samples, *region)]
     with self._lock:
-      self.bytes_read += int(np.prod(view.shape)) * VOLUME_DTYPE.itemsize
+      self.bytes_read += int(np.prod(view.shape)) * dtype.itemsize
     where = "".join(f", {r.start or 0}:{r.stop if r.stop is not None else ''}" for r in region)
-    what = f"reading volumes[{_describe(samples)}{where}]"
-    whole = self.raw is not None and (isinstance(samples, slice) or samples.ndim == 1)
-    planes = self.raw.planes(region) if whole else None
+    what = f"reading {name}[{_describe(samples)}{where}]"
+    whole = raw is not None and (isinstance(samples, slice) or samples.ndim == 1)
+    planes = raw.planes(region) if whole else None
     if out is None:
       if planes is None:
         return PendingRead(self, view.read(batch=batch), what)
-      out = aligned_empty(view.shape, VOLUME_DTYPE)
-    if out.shape != tuple(view.shape) or out.dtype != VOLUME_DTYPE or not out.flags.c_contiguous:
-      raise ValueError(f"{what}: `out` must be a C-contiguous {VOLUME_DTYPE}{list(view.shape)} "
+      out = aligned_empty(view.shape, dtype)
+    if out.shape != tuple(view.shape) or out.dtype != dtype or not out.flags.c_contiguous:
+      raise ValueError(f"{what}: `out` must be a C-contiguous {dtype}{list(view.shape)} "
                        f"array, not {out.dtype}{list(out.shape)}")
     if planes is not None:
       indices = (np.arange(*samples.indices(len(self))) if isinstance(samples, slice)
                  else samples % len(self))  # in range: tensorstore checked the view
-      return PendingRead(self, self.raw.read(indices, planes, out), what, out)
+      return PendingRead(self, raw.read(indices, planes, out), what, out)
     target = ts.array(out, copy=False, write=True)
     return PendingRead(self, target.write(view, batch=batch), what, out)
 

@@ -7,7 +7,7 @@ For each point (`side:widths`; widths `lbann` = LBANN's unet3d, `half` = half of
 one full training step of the same network (3³ convolutions without bias, BatchNorm in
 training mode, ReLU, 2³ max-pool, 2³ stride-2 transposed convolutions keeping their
 channels, skip concatenation, a 1³ classifier to 3 classes, voxel-mean softmax
-cross-entropy, Adam) on one `side`³ x 1 volume, batch 1, float32. Each implementation runs
+cross-entropy, Adam; no biases, as in LBANN) on one `side`³ x 1 volume, batch 1, float32. Each implementation runs
 in a fresh process (so neither inherits the other's threads, allocator or caches): one
 warm-up step (compile, allocation), then the median of `--steps` steps. sdl runs its CPU
 defaults (`sdl.process.configure`, the folded convolution and `depth_to_space` lowerings);
@@ -90,7 +90,7 @@ def torch_step(side: int, widths: str):
         self.ups.append(nn.ConvTranspose3d(c, c, 2, stride=2, bias=False))
         self.up_blocks.append(block(c + skip, (outs[-1],) * 2))
         c = outs[-1]
-      self.classify = nn.Conv3d(c, CLASSES, 1)
+      self.classify = nn.Conv3d(c, CLASSES, 1, bias=False)
 
     def forward(self, x):
       skips = []

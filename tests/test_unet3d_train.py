@@ -12,6 +12,7 @@ from experiments.configs import unet3d as configs
 from experiments.trainers import unet3d as trainer
 from sdl.data import segmentation
 from sdl.errors import ConfigError
+from sdl.parallel import make_mesh
 
 
 class Crash(Exception):
@@ -52,13 +53,23 @@ def test_smoke_trains_is_killed_and_resumes_bit_identically(tmp_path):
   check_export_and_segment(config, workdir, resumed, tmp_path)
 
   # The same volumes written to disk (float32, a uint8 class per voxel) train the same
-  # model, read shard by shard (`data.source=disk`) or held on the devices (`memory`).
+  # model, read shard by shard (`data.source=disk`); held on the devices (`memory`), they
+  # give the same batches.
   trainer.write_datasets(config, str(tmp_path / "data"))
-  for source in ("disk", "memory"):
-    config.data.update(source=source, path=str(tmp_path / "data"))
-    from_disk = trainer.run(config, str(tmp_path / source))
-    for a, b in zip(jax.tree.leaves(from_disk.params), jax.tree.leaves(straight.params)):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  config.data.update(source="disk", path=str(tmp_path / "data"))
+  from_disk = trainer.run(config, str(tmp_path / "disk"))
+  for a, b in zip(jax.tree.leaves(from_disk.params), jax.tree.leaves(straight.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  plan = trainer.validate(config, jax.device_count())
+  shardings = trainer.build(config, plan, make_mesh(plan.mesh_shape, plan.mesh_axes)
+                            ).batch_sharding
+  indices = np.array([3, 0])
+  config.data.source = "generate"
+  want = trainer.make_sources(config, shardings)[0].batch(indices)
+  config.data.source = "memory"
+  got = trainer.make_sources(config, shardings)[0].batch(indices)
+  for key in ("volume", "label"):
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
   config.data.crop_size = 8
   with pytest.raises(ConfigError, match=r"holds volumes \[16, 16, 16, 1\] and labels "
                      r"\[16, 16, 16\], but data.crop_size=8"):

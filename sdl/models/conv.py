@@ -364,7 +364,9 @@ class ConvTranspose3D(nn.Module):
   """`flax.linen.ConvTranspose` with kernel = stride and "VALID" padding (the U-Net's
   2³ stride-2 upsampling), same parameters (`kernel` `[kd, kh, kw, C, O]`, `bias`).
 
-  XLA:CPU runs the native op very slowly (jax#31662), so the folded lowering runs it as
+  XLA:CPU runs the native op very slowly (jax#31662): 2-10 GFLOP/s on the U-Net's
+  upsamplings, where `depth_to_space` runs at 150-180 (`experiments.layer_bench`,
+  `convT3d` rows in docs/benchmarks.md). So the folded lowering runs it as
   `depth_to_space`, per shard under a partitioner; `default_lowering` decides, as for
   `Conv3D`.
   """

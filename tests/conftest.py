@@ -24,7 +24,12 @@ jax.config.update("jax_num_cpu_devices", 8)
 # source, a resumed run) are compiled once per session.
 import tempfile  # noqa: E402
 
-CACHE = tempfile.mkdtemp(prefix="sdl-jax-cache-")
+# Under pytest-xdist every worker of one run shares one cache (JAX writes its entries
+# atomically), so a computation compiled by one worker is not compiled again by another.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+CACHE = (os.path.join(tempfile.gettempdir(), f"sdl-jax-cache-{_RUN}") if _RUN
+         else tempfile.mkdtemp(prefix="sdl-jax-cache-"))
+os.makedirs(CACHE, exist_ok=True)
 jax.config.update("jax_compilation_cache_dir", CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # Subprocess tests (the command line, kill -9, SIGTERM) share the cache through the

@@ -135,7 +135,8 @@ def test_workers(rest: list[str]) -> list[str]:
   """pytest-xdist's flags: one worker per core, as many as the memory holds, each test
   file on one worker (its module fixtures are built once). Most tests compile more than
   they compute, and XLA compiles on one thread, so two workers on 2 cores take the suite
-  from about 23 to 13 minutes. None when `rest` chooses (`-n`, `-p no:xdist`)."""
+  about 40 % less time (docs/benchmarks.md, "Test suite"). None when `rest` chooses
+  (`-n`, `-p no:xdist`)."""
   if any(a.startswith(("-n", "--numprocesses", "--dist")) or a == "no:xdist" for a in rest):
     return []
   try:

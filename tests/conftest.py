@@ -2,15 +2,8 @@
 CPU-process settings applied first, as the entry points do (`sdl.process.configure`)."""
 import os
 
-# The tests compile far more than they compute (tiny shapes, few steps), so XLA's backend
-# skips LLVM's optimisation passes: a third less time for compile-bound tests, and the
-# convolutions and dots still run in XLA:CPU's precompiled library kernels. Subprocess
-# tests that set their own XLA_FLAGS (so that an entry point asks for its own devices)
-# start from SDL_TEST_XLA_FLAGS.
-os.environ["SDL_TEST_XLA_FLAGS"] = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                    os.environ["SDL_TEST_XLA_FLAGS"],
-                                    "--xla_force_host_platform_device_count=8"]).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
 
 from sdl import process  # noqa: E402
 

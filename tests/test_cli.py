@@ -13,7 +13,6 @@ SMOKE = "--config=experiments/configs/cosmoflow.py:smoke"
 
 def cli(*args, module="experiments.cosmoflow"):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SDL_TRACEBACK")}
-  env["XLA_FLAGS"] = os.environ["SDL_TEST_XLA_FLAGS"]  # tests/conftest.py
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=300, env=env)
 

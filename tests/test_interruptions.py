@@ -23,7 +23,6 @@ ARGS = ["--config=experiments/configs/digits.py:autoencoder_kfac,smoke",
 
 def launch(workdir):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["XLA_FLAGS"] = os.environ["SDL_TEST_XLA_FLAGS"]  # tests/conftest.py
   return subprocess.Popen([sys.executable, "-u", "-m", "experiments.digits", *ARGS,
                            f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env)

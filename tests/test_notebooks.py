@@ -52,10 +52,9 @@ def test_committed_notebook_is_valid_stripped_and_set_up_first(name):
 
 @pytest.mark.parametrize("name", runner.NOTEBOOKS)
 def test_notebook_runs_top_to_bottom(name, tmp_path):
-  # The kernel gets the suite's compilation cache and compile flags, not its virtual-device
-  # flag: the notebook asks for its own devices, as it does on a user's machine.
+  # The kernel gets the suite's compilation cache, not its virtual-device flags: the
+  # notebook asks for its own devices, as it does on a user's machine.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["XLA_FLAGS"] = os.environ["SDL_TEST_XLA_FLAGS"]  # tests/conftest.py
   nb, _ = runner.execute(runner.path_of(name), runner.TINY[name],
                          out=str(tmp_path / f"{name}.ipynb"), env=env)
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

@@ -58,6 +58,17 @@ def test_interrupted_run_resumes_to_identical_parameters(smoke, tmp_path):
   for key in ("step", "loss", "lr", "steps_per_sec", "input_wait_s", "mae"):
     assert all(key in r for r in records)
   assert all("eval_mae" in r for r in records if r["step"] in (3, 6))
+  # The mean predictor's score sits beside the model's, on the samples evaluate visits.
+  train, val = datasets
+  n = len(val) // config.train.batch_size * config.train.batch_size
+  mean_err = train.labels.mean(0) - val.labels[:n]
+  last = records[-1]
+  np.testing.assert_allclose(last["eval_baseline_loss"], np.mean(mean_err ** 2), rtol=1e-6)
+  for i in range(4):
+    np.testing.assert_allclose(last[f"eval_baseline_mse_param_{i}"],
+                               np.mean(mean_err[:, i] ** 2), rtol=1e-6)
+  np.testing.assert_allclose(np.mean([last[f"eval_mse_param_{i}"] for i in range(4)]),
+                             last["eval_loss"], rtol=1e-5)
 
 
 def test_nan_loss_stops_with_the_step(smoke, tmp_path):

@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       spatial_layers="auto",    # leading conv/pool layers run depth-split: "auto" (most valid) or "N"
       compute_dtype="float32",  # "bfloat16" for mixed precision (params stay float32)
       conv_lowering="auto",     # "auto": folded onto 2D convs on CPU, native on GPU/TPU
+      dropout="auto",           # the head's dropout: "auto" (the variant's published rate) or a rate
   )
   c.optim = dict(name="adam", lr=1e-3, momentum=0.9, warmup_steps=20, decay="cosine",
                  weight_decay=0.0, clip_norm=1.0)

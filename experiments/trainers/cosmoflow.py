@@ -19,7 +19,8 @@ from sdl.data import loader
 from sdl.data.sampler import EpochSampler
 from sdl.kernels import conv3d as direct_kernels
 from sdl.models.conv import LOWERINGS
-from sdl.models.cosmoflow import VARIANTS, CosmoFlow, head_widths, resolve_spatial_layers
+from sdl.models.cosmoflow import (HEAD, VARIANTS, CosmoFlow, head_widths,
+                                  resolve_spatial_layers)
 from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
 from sdl.parallel.mesh import check_mesh_config, resolve_mesh_shape
@@ -94,6 +95,7 @@ def validate(config, num_devices: int) -> Plan:
     raise ConfigError(
         f"the training set ({d.train_universes * d.crops_per_universe} samples) is smaller than "
         f"train.batch_size={t.batch_size}; add data.train_universes")
+  dropout_of(config)
   spatial = str(m.spatial_layers)
   if spatial != "auto" and not spatial.isdigit():
     raise ConfigError(f"model.spatial_layers={m.spatial_layers!r}: give 'auto' or a number of "
@@ -106,7 +108,24 @@ def build_model(config, plan: Plan, partitioner: Partitioner | None) -> CosmoFlo
   return CosmoFlow(variant=config.model.variant, input_size=config.data.input_size,
                    spatial_layers=plan.spatial_layers, partitioner=partitioner,
                    dtype=DTYPES[config.model.compute_dtype],
-                   conv_lowering=config.model.conv_lowering)
+                   conv_lowering=config.model.conv_lowering, dropout=dropout_of(config))
+
+
+def dropout_of(config) -> float | None:
+  """`model.dropout`: "auto" (None: the variant's published rate) or a rate in [0, 1)
+  (a number, or its string from the command line)."""
+  given = config.model.get("dropout", "auto")
+  if given == "auto":
+    return None
+  try:
+    rate = float(given)
+  except (TypeError, ValueError):
+    rate = -1.0
+  if not 0 <= rate < 1:
+    raise ConfigError(f"model.dropout={given!r}: give 'auto' (the {config.model.variant} "
+                      f"network's published rate, {HEAD[config.model.variant][1]}) or a rate "
+                      "in [0, 1)")
+  return rate
 
 
 def step_model(module: CosmoFlow) -> Model:
@@ -117,10 +136,31 @@ def step_model(module: CosmoFlow) -> Model:
 
 
 def loss_fn(pred, batch):
-  """Mean squared error on the four parameters; MAE overall and per parameter."""
+  """Mean squared error on the four parameters; MAE overall, and both per parameter."""
   err = pred - batch["label"]
   return jnp.mean(err ** 2), {"mae": jnp.mean(jnp.abs(err)),
-                              "mae_param": jnp.mean(jnp.abs(err), axis=0)}
+                              "mae_param": jnp.mean(jnp.abs(err), axis=0),
+                              "mse_param": jnp.mean(err ** 2, axis=0)}
+
+
+def host_labels(source) -> np.ndarray:
+  """The `[n, 4]` labels of a CosmoFlow batch source, on the host."""
+  if isinstance(source, loader.ArraySource):
+    return source.arrays["label"]
+  if isinstance(source, loader.ShardedReader):
+    return source.dataset.labels
+  return source.labels  # memory_store.DistributedStore
+
+
+def baseline_metrics(train_labels: np.ndarray, val_labels: np.ndarray, batch_size: int) -> dict:
+  """What predicting the training-label mean scores on the samples `evaluate` visits (its
+  full batches): `baseline_loss` (MSE), and `baseline_mse_param_<i>`, `baseline_mae_param_<i>`
+  per parameter (in `PARAM_NAMES` order), the yardstick beside the model's `loss`, etc."""
+  n = len(val_labels) // batch_size * batch_size
+  err = train_labels.astype(np.float64).mean(0) - val_labels[:n]
+  return {"baseline_loss": float(np.mean(err ** 2)),
+          **{f"baseline_mse_param_{i}": float(v) for i, v in enumerate(np.mean(err ** 2, 0))},
+          **{f"baseline_mae_param_{i}": float(v) for i, v in enumerate(np.mean(abs(err), 0))}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +225,7 @@ def run(config, workdir: str, *, datasets=None, hooks=()) -> TrainState:
     return done
   train_source, val_source = data.make_sources(config, c.batch_sharding, datasets)
   batch_size = config.train.batch_size
+  baseline = baseline_metrics(host_labels(train_source), host_labels(val_source), batch_size)
   sampler = EpochSampler(len(train_source), batch_size, config.seed)
   # Sorted: cheaper gathers and reads, the same set of samples.
   get_batch = loader.Prefetcher(lambda step: train_source.batch(np.sort(sampler.indices(step))),
@@ -193,7 +234,8 @@ def run(config, workdir: str, *, datasets=None, hooks=()) -> TrainState:
     state = loop.fit(workdir=workdir, config=config, init_state=c.init_state,
                      abstract_state=c.abstract_state, train_step=c.train_step,
                      get_batch=get_batch, schedule=c.schedule, phase_of=c.phase_of,
-                     evaluate=lambda s: evaluate(c.eval_step, s, val_source, batch_size),
+                     evaluate=lambda s: {**evaluate(c.eval_step, s, val_source, batch_size),
+                                         **baseline},
                      hooks=hooks)
   finally:
     get_batch.close()

@@ -112,9 +112,11 @@ def gaussian_field(seed: int, theta: np.ndarray, spec: UniverseSpec) -> np.ndarr
                        axes=(0, 1, 2))
 
 
-def make_universe(seed: int, spec: UniverseSpec = UniverseSpec()) -> tuple[np.ndarray, np.ndarray]:
-  """One universe: int16 counts [N, N, N, len(redshifts)] and its physical θ [4]."""
-  theta = sample_params(seed)
+def make_universe(seed: int, spec: UniverseSpec = UniverseSpec(),
+                  theta: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """One universe: int16 counts [N, N, N, len(redshifts)] and its physical θ [4] (drawn
+  from the seed unless given)."""
+  theta = sample_params(seed) if theta is None else np.asarray(theta, np.float64)
   delta = gaussian_field(seed, theta, spec)
   variance = delta.var()
   rng = np.random.default_rng([seed, 2])

@@ -114,6 +114,7 @@ class CosmoFlow(nn.Module):
   dtype: Any = jnp.float32  # compute dtype (bf16 for mixed precision); params stay fp32
   conv_lowering: str = "auto"  # "native" | "folded" | "auto" (per backend, sdl.models.conv;
                                # also max pooling's, sdl.models.pooling)
+  dropout: float | None = None  # the head's dropout rate; None: the variant's published one
 
   def _constrain(self, x, logical):
     return x if self.partitioner is None else self.partitioner.constrain(x, logical)
@@ -148,6 +149,7 @@ class CosmoFlow(nn.Module):
     x = self._constrain(x, DATA_PARALLEL)
     x = x.reshape((x.shape[0], -1))
     hidden, rate = HEAD[self.variant]
+    rate = rate if self.dropout is None else self.dropout
     for width in hidden:
       x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32)(x)
       x = nn.leaky_relu(x, slope)

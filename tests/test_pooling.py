@@ -97,6 +97,23 @@ def test_avg_pool_equals_numpy_and_native(k, s, p, shape):
                                atol=1e-6)
 
 
+def test_avg_pool_with_padding_per_axis_equals_numpy():
+  """Valid in depth, padded in height and width (how `sdl.models.slabs` runs a slab): the
+  same as the numpy pool of the volume padded that way by hand."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(1, 9, 6, 8, 2)).astype(np.float32)
+  pads = ((0, 0), (1, 1), (1, 1))
+  xp = np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1), (0, 0)])
+  dy = rng.normal(size=(1, 4, 3, 4, 2)).astype(np.float32)
+  y_ref, dxp = numpy_avg_pool_and_grad(xp, 3, 2, 0, dy)
+  for lowering in ("folded", "native"):
+    y, vjp = jax.vjp(lambda v, lowering=lowering: avg_pool3d(v, 3, 2, pads, lowering),
+                     jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dy))[0]), dxp[:, :, 1:-1, 1:-1],
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_folded_avg_pool_gradient_has_no_reduce_window():
   x = jnp.ones((1, 8, 8, 8, 2))
   hlo = lambda lowering: jax.jit(jax.grad(lambda v: jnp.sum(

@@ -14,6 +14,8 @@ Variants (`:arg`):
   default  mlperf net at 128³ (the MLPerf HPC setting), mesh (-1, 4) over real devices.
   lbann    the hybrid-parallel paper's network at 128³, mesh (-1, 4).
   large    lbann net on 512³ universes for real hardware: depth split 8 ways, bf16 compute.
+  one_box  lbann net on whole 512³ universes on one 24 GiB CPU machine: its first two conv +
+           pool blocks run in 16 depth slabs (peak RSS under 16 GiB); about a minute a step.
 
 Any field can be overridden: `--config.mesh.shape="(1, 4)" --config.model.variant=lbann`.
 """
@@ -48,6 +50,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       compute_dtype="float32",  # "bfloat16" for mixed precision (params stay float32)
       conv_lowering="auto",     # "auto": folded onto 2D convs on CPU, native on GPU/TPU
       dropout="auto",           # the head's dropout: "auto" (the variant's published rate) or a rate
+      # The first `slab_layers` conv/pool layers form the stem (0: none). With slabs > 1 it
+      # runs one depth slab at a time, recomputed in the backward pass: the largest
+      # activations never exist whole (sdl.models.slabs). Needs a mesh without a spatial split.
+      slab_layers=0,
+      slabs=1,
+      stem_remat=False,         # recompute the stem in the backward pass (always, with slabs)
+      slab_progress=False,      # a progress line per slab, inside minute-long steps
   )
   c.optim = dict(name="adam", lr=1e-3, momentum=0.9, warmup_steps=20, decay="cosine",
                  weight_decay=0.0, clip_norm=1.0)
@@ -89,7 +98,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.update(name="sgd", lr=0.01, warmup_steps=200)
     c.train.update(steps=10000, batch_size=8, log_every=50, eval_every=1000,
                    checkpoint_every=500)
+  elif arg == "one_box":
+    c.data.update(input_size=512, universe_size=512, cell_mpc=1.0, train_universes=4,
+                  val_universes=1, crops_per_universe=1, prefetch=1)
+    c.model.update(variant="lbann", slab_layers=4, slabs=16, slab_progress=True)
+    c.mesh.update(shape=(1, 1), cpu_devices=1)
+    c.optim.update(name="sgd", lr=0.01, warmup_steps=2)
+    c.train.update(steps=20, batch_size=1, log_every=1, eval_every=10, checkpoint_every=1)
   else:
     raise ValueError(f"unknown cosmoflow config variant {arg!r}: "
-                     "choose demo, smoke, default, lbann or large")
+                     "choose demo, smoke, default, lbann, large or one_box")
   return c

@@ -19,7 +19,8 @@ from sdl.data import loader
 from sdl.data.sampler import EpochSampler
 from sdl.kernels import conv3d as direct_kernels
 from sdl.models.conv import LOWERINGS
-from sdl.models.cosmoflow import (HEAD, VARIANTS, CosmoFlow, head_widths,
+from sdl.models import slabs as slabs_lib
+from sdl.models.cosmoflow import (HEAD, VARIANTS, CosmoFlow, feature_layers, head_widths,
                                   resolve_spatial_layers)
 from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
@@ -101,14 +102,40 @@ def validate(config, num_devices: int) -> Plan:
     raise ConfigError(f"model.spatial_layers={m.spatial_layers!r}: give 'auto' or a number of "
                       "leading conv/pool layers")
   layers = resolve_spatial_layers(m.variant, d.input_size, depth, height, m.spatial_layers)
+  check_slabs(config, depth * height)
   return Plan(shape, axes, rules, data_shards, depth, layers, config.mesh.params)
 
 
+def check_slabs(config, spatial_devices: int) -> None:
+  """`model.slab_layers` / `model.slabs`: the stem must exist and split evenly, and slabs
+  run on whole (not depth-split) volumes."""
+  m = config.model
+  layers = feature_layers(m.variant, config.data.input_size)
+  count, slabs = m.get("slab_layers", 0), m.get("slabs", 1)
+  if not 0 <= count <= len(layers):
+    raise ConfigError(f"model.slab_layers={count}: give how many leading conv/pool layers form "
+                      f"the stem, 0 to {len(layers)} (0: no stem)")
+  if slabs != 1 and not count:
+    raise ConfigError(f"model.slabs={slabs} needs a stem to split: set model.slab_layers "
+                      "(lbann at 512³: 4, its first two conv + pool blocks)")
+  if slabs > 1 and spatial_devices > 1:
+    raise ConfigError(f"model.slabs={slabs} runs the stem one slab at a time on each device, "
+                      f"but the mesh splits the volume over {spatial_devices} devices; use "
+                      "model.slabs=1 with a spatial split, or a mesh without one")
+  if count:
+    slabs_lib.plan([l.window for l in layers[:count]], config.data.input_size, slabs)
+    if any(l.kind == "maxpool" and tuple(l.window.padding) != (0, 0) for l in layers[:count]):
+      raise ConfigError("model.slab_layers: a padded max pooling cannot run in slabs")
+
+
 def build_model(config, plan: Plan, partitioner: Partitioner | None) -> CosmoFlow:
-  return CosmoFlow(variant=config.model.variant, input_size=config.data.input_size,
+  m = config.model
+  return CosmoFlow(variant=m.variant, input_size=config.data.input_size,
                    spatial_layers=plan.spatial_layers, partitioner=partitioner,
-                   dtype=DTYPES[config.model.compute_dtype],
-                   conv_lowering=config.model.conv_lowering, dropout=dropout_of(config))
+                   dtype=DTYPES[m.compute_dtype], conv_lowering=m.conv_lowering,
+                   dropout=dropout_of(config), slab_layers=m.get("slab_layers", 0),
+                   slabs=m.get("slabs", 1), slab_progress=m.get("slab_progress", False),
+                   stem_remat=m.get("stem_remat", False))
 
 
 def dropout_of(config) -> float | None:

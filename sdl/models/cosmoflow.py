@@ -28,10 +28,16 @@ pooling lowerings (`sdl.models.pooling`: on CPU a reshaped maximum, and average 
 with a separable gradient, per shard with halo exchange).
 """
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from sdl import console
+from sdl.models import slabs as slabs_lib
+from sdl.models.slabs import SlabPlan
 
 from sdl.models.conv import Conv3D
 from sdl.ops.activations import leaky_relu
@@ -105,6 +111,76 @@ def resolve_spatial_layers(variant: str, input_size: int, depth_shards: int,
   return spatial_layers
 
 
+def apply_layer(x, layers: Sequence[Layer], i: int, *, slope: float, dtype, lowering: str,
+                pool_lowering: str, partitioner: Partitioner | None, logical,
+                depth_padding: tuple[int, int] | None = None):
+  """Layer `i` of `layers` on `x`, inside a module's compact method (its convolution is
+  that module's submodule). `depth_padding` overrides the layer's padding along depth (the
+  slabs run valid there, `sdl.models.slabs`)."""
+  layer, w = layers[i], layers[i].window
+  pad = tuple(w.padding)
+  padding = ((depth_padding or pad), pad, pad)
+  if layer.kind == "conv":
+    x = Conv3D(layer.features, (w.kernel,) * 3, strides=(w.stride,) * 3, padding=padding,
+               use_bias=layer.use_bias, dtype=dtype, lowering=lowering,
+               partitioner=partitioner, logical=logical)(x)
+    # max pooling keeps its input for its gradient; the leaky ReLU can share it
+    pooled_by_max = i + 1 < len(layers) and layers[i + 1].kind == "maxpool"
+    return leaky_relu(x, slope, keep="output" if pooled_by_max else "signs")
+  if layer.kind == "maxpool":
+    if depth_padding is not None and tuple(depth_padding) != pad:
+      raise ValueError(f"{w.name}: max pooling runs in slabs only without padding")
+    return max_pool3d(x, w.kernel, w.stride, pad, pool_lowering)
+  # average pooling counts the zero padding, as cuDNN's default mode does
+  return avg_pool3d(x, w.kernel, w.stride, padding, pool_lowering, partitioner, logical)
+
+
+class Stem(nn.Module):
+  """CosmoFlow's first `count` conv/pool layers, log1p included, on the whole volume
+  (`slab=None`) or on one depth slab of the output (`plan`, `sdl.models.slabs`): the body
+  `CosmoFlow` scans over the slabs. Called as a scan body: `(carry, slab, counts) →
+  (carry, activation)`."""
+  variant: str
+  input_size: int
+  count: int
+  n_split: int
+  partitioner: Partitioner | None = None
+  dtype: Any = jnp.float32
+  conv_lowering: str = "auto"
+  plan: SlabPlan | None = None
+  progress: bool = False
+
+  @nn.compact
+  def __call__(self, carry, slab, counts):
+    layers = feature_layers(self.variant, self.input_size)
+    pool_lowering = "native" if self.is_initializing() else self.conv_lowering
+    kwargs = dict(slope=LEAKY_SLOPE[self.variant], dtype=self.dtype, lowering=self.conv_lowering,
+                  pool_lowering=pool_lowering)
+    constrain = lambda x, i: (x if self.partitioner is None else self.partitioner.constrain(
+        x, VOLUME_AXES if i < self.n_split else DATA_PARALLEL))
+    if slab is None:  # the whole volume
+      x = jnp.log1p(constrain(counts, 0).astype(jnp.float32)).astype(self.dtype)
+      for i in range(self.count):
+        x = constrain(x, i)
+        x = apply_layer(x, layers, i, partitioner=self.partitioner,
+                        logical=VOLUME_AXES if i < self.n_split else DATA_PARALLEL, **kwargs)
+      return carry, x
+    if self.progress:
+      jax.debug.callback(_slab_progress, slab, self.plan.slabs)
+    x = jnp.log1p(self.plan.slab_input(counts, slab).astype(jnp.float32)).astype(self.dtype)
+    for i in range(self.count):
+      if i:  # what the whole-volume layer sees as zero padding
+        x = self.plan.mask(x, i, slab)
+      x = apply_layer(x, layers, i, partitioner=self.partitioner, logical=DATA_PARALLEL,
+                      depth_padding=(0, 0), **kwargs)
+    return carry, x
+
+
+def _slab_progress(slab, slabs):
+  slab = int(slab) + 1
+  console.progress(f"  stem slab {slab}/{slabs}", final=slab == slabs)
+
+
 class CosmoFlow(nn.Module):
   """CosmoFlow regression network (see module docstring)."""
   variant: str = "mlperf"
@@ -115,6 +191,15 @@ class CosmoFlow(nn.Module):
   conv_lowering: str = "auto"  # "native" | "folded" | "auto" (per backend, sdl.models.conv;
                                # also max pooling's, sdl.models.pooling)
   dropout: float | None = None  # the head's dropout rate; None: the variant's published one
+  # The first `slab_layers` conv/pool layers form the stem (params under "stem"); with
+  # `slabs` > 1 it runs one depth slab at a time, each recomputed in the backward pass
+  # (`sdl.models.slabs`). The depth must not be split over devices then.
+  slab_layers: int = 0
+  slabs: int = 1
+  slab_progress: bool = False  # a line per slab: progress inside minute-long steps
+  # Recompute the stem in the backward pass instead of keeping its activations (always so
+  # with slabs > 1: that is what makes one slab's activations the most that exist).
+  stem_remat: bool = False
 
   def _constrain(self, x, logical):
     return x if self.partitioner is None else self.partitioner.constrain(x, logical)
@@ -125,27 +210,34 @@ class CosmoFlow(nn.Module):
     layers = feature_layers(self.variant, self.input_size)
     n_split = len(layers) if self.spatial_layers is None else self.spatial_layers
     slope = LEAKY_SLOPE[self.variant]
-    x = self._constrain(counts, VOLUME_AXES if n_split else DATA_PARALLEL)
-    x = jnp.log1p(x.astype(jnp.float32)).astype(self.dtype)
+    stem = dict(variant=self.variant, input_size=self.input_size, count=self.slab_layers,
+                n_split=n_split, partitioner=self.partitioner, dtype=self.dtype,
+                conv_lowering=self.conv_lowering)
+    if not self.slab_layers:
+      x = self._constrain(counts, VOLUME_AXES if n_split else DATA_PARALLEL)
+      x = jnp.log1p(x.astype(jnp.float32)).astype(self.dtype)
+    elif self.slabs == 1 or self.is_initializing():
+      module = nn.remat(Stem) if self.stem_remat and not self.is_initializing() else Stem
+      _, x = module(**stem, name="stem")(None, None, counts)
+    else:
+      slab_plan = slabs_lib.plan([l.window for l in layers[:self.slab_layers]],
+                                 self.input_size, self.slabs)
+      x = self._constrain(counts, DATA_PARALLEL)
+      x = jnp.pad(x, [(0, 0), slab_plan.padding, (0, 0), (0, 0), (0, 0)])
+      scan = nn.scan(nn.remat(Stem), variable_broadcast="params", split_rngs={"params": False},
+                     in_axes=(0, nn.broadcast), length=self.slabs)
+      _, x = scan(**stem, plan=slab_plan, progress=self.slab_progress, name="stem")(
+          None, jnp.arange(self.slabs), x)
+      x = jnp.moveaxis(x, 0, 1)  # [batch, slab, planes, H, W, C]
+      x = x.reshape(x.shape[0], -1, *x.shape[3:])
     # init only needs shapes, and may see one example on a data-parallel mesh, which the
     # per-shard CPU pooling (shard_map) cannot split: pool natively there (as Conv3D does)
     pool_lowering = "native" if self.is_initializing() else self.conv_lowering
-    for i, layer in enumerate(layers):
-      w, logical = layer.window, VOLUME_AXES if i < n_split else DATA_PARALLEL
+    for i in range(self.slab_layers, len(layers)):
+      logical = VOLUME_AXES if i < n_split else DATA_PARALLEL
       x = self._constrain(x, logical)
-      if layer.kind == "conv":
-        x = Conv3D(layer.features, (w.kernel,) * 3, strides=(w.stride,) * 3,
-                   padding=(w.padding,) * 3, use_bias=layer.use_bias, dtype=self.dtype,
-                   lowering=self.conv_lowering, partitioner=self.partitioner,
-                   logical=logical)(x)
-        # max pooling keeps its input for its gradient; the leaky ReLU can share it
-        pooled_by_max = i + 1 < len(layers) and layers[i + 1].kind == "maxpool"
-        x = leaky_relu(x, slope, keep="output" if pooled_by_max else "signs")
-      elif layer.kind == "maxpool":
-        x = max_pool3d(x, w.kernel, w.stride, w.padding, pool_lowering)
-      else:  # average pooling counts the zero padding, as cuDNN's default mode does
-        x = avg_pool3d(x, w.kernel, w.stride, w.padding, pool_lowering, self.partitioner,
-                       logical)
+      x = apply_layer(x, layers, i, slope=slope, dtype=self.dtype, lowering=self.conv_lowering,
+                      pool_lowering=pool_lowering, partitioner=self.partitioner, logical=logical)
     x = self._constrain(x, DATA_PARALLEL)
     x = x.reshape((x.shape[0], -1))
     hidden, rate = HEAD[self.variant]

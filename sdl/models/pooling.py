@@ -91,24 +91,31 @@ def _window_max_bwd(k, residuals, dy):
 _window_max.defvjp(_window_max_fwd, _window_max_bwd)
 
 
-def avg_pool3d(x, kernel: int, stride: int, padding: tuple[int, int] = (0, 0),
-               lowering: str = "auto", partitioner: Partitioner | None = None,
-               logical=VOLUME_AXES):
+def avg_pool3d(x, kernel: int, stride: int, padding=(0, 0), lowering: str = "auto",
+               partitioner: Partitioner | None = None, logical=VOLUME_AXES):
   """3D average pooling of NDHWC `x` (cubic window; zero padding counted in the mean).
 
-  `partitioner`/`logical` say how `x` is laid out on the mesh; the CPU lowering then runs
-  per shard with halo exchange (module docstring). The native lowering is
-  `flax.linen.avg_pool`, partitioned by GSPMD.
+  `padding`: one (low, high) pair for every spatial axis, or a pair per axis (depth,
+  height, width). `partitioner`/`logical` say how `x` is laid out on the mesh; the CPU
+  lowering then runs per shard with halo exchange (module docstring). The native lowering
+  is `flax.linen.avg_pool`, partitioned by GSPMD.
   """
+  pads = per_axis(padding)
   if resolve_lowering(lowering, "pool") == "native":
-    return nn.avg_pool(x, (kernel,) * 3, (stride,) * 3, (tuple(padding),) * 3,
-                       count_include_pad=True)
+    return nn.avg_pool(x, (kernel,) * 3, (stride,) * 3, pads, count_include_pad=True)
 
   def local(x, depth_axis=None, height_axis=None, reduce_axes=()):
     del reduce_axes  # no parameters
-    return _avg_pool(x, kernel, stride, tuple(padding), (depth_axis, height_axis, None))
+    return _avg_pool(x, kernel, stride, pads, (depth_axis, height_axis, None))
 
   return per_shard(local, x, partitioner=partitioner, logical=logical)
+
+
+def per_axis(padding) -> tuple[tuple[int, int], ...]:
+  """A (low, high) pair, or one per spatial axis, as one (low, high) pair per axis."""
+  if len(padding) == 2 and all(isinstance(p, int) for p in padding):
+    return (tuple(padding),) * 3
+  return tuple(tuple(int(v) for v in p) for p in padding)
 
 
 SPATIAL = (1, 2, 3)  # the depth, height and width dimensions of NDHWC
@@ -116,15 +123,17 @@ SPATIAL = (1, 2, 3)  # the depth, height and width dimensions of NDHWC
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _avg_pool(x, k, s, padding, axis_names):
-  """One shard's average pooling; `axis_names[i]`: the mesh axis that spatial dimension
-  `i` is split over inside `shard_map`, or None (it is zero-padded instead)."""
+  """One shard's average pooling; `padding`: a (low, high) pair per spatial axis;
+  `axis_names[i]`: the mesh axis that spatial dimension `i` is split over inside
+  `shard_map`, or None (it is zero-padded instead)."""
   split = [(dim, name) for dim, name in zip(SPATIAL, axis_names) if name is not None]
-  low, high = padding[0], k - padding[0] - s  # halo planes from the neighbours (`extend`)
-  if high < 0 or any(x.shape[dim] < k for dim, _ in split):
+  # halo planes from the neighbours (`extend`): low before, k - low - s after
+  high = {dim: k - padding[dim - 1][0] - s for dim, _ in split}
+  if any(h < 0 for h in high.values()) or any(x.shape[dim] < k for dim, _ in split):
     for dim, name in zip(SPATIAL, axis_names):  # general case: form the extended slab
-      x = extend(x, name, dim, k, s, padding)
+      x = extend(x, name, dim, k, s, padding[dim - 1])
     return _window_sum(x, k, s, {}) / k ** 3
-  pads = {dim: (low, high) if name is not None else tuple(padding)
+  pads = {dim: (padding[dim - 1][0], high[dim]) if name is not None else padding[dim - 1]
           for dim, name in zip(SPATIAL, axis_names)}
   return _halo_window_sum(x, k, s, split, pads) / k ** 3
 
@@ -177,9 +186,9 @@ def _avg_pool_bwd(k, s, padding, axis_names, shape, g):
   its first voxels' to the previous one): those few planes of `g`, pooled-size, come over
   by halo exchange, so the gradient is never formed for the halo and sent back.
   """
-  low = padding[0]
   offsets = []
   for dim, name in zip(SPATIAL, axis_names):
+    low = padding[dim - 1][0]
     if name is None:  # g holds every window of this dimension
       offsets.append(low)
       continue

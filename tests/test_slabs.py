@@ -1,0 +1,89 @@
+"""The stem run one depth slab at a time gives the whole-volume network's loss and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import cosmoflow as configs
+from experiments.trainers import cosmoflow as trainer
+from sdl.errors import ConfigError
+from sdl.models import slabs
+from sdl.models.cosmoflow import CosmoFlow, feature_layers
+
+
+def _loss_and_grads(model, params, counts, target):
+  loss = lambda p: jnp.sum((model.apply({"params": p}, counts) - target) ** 2)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _as_stem_tree(params, count_convs):
+  """The plain network's parameters renamed as a model with a stem of its first
+  `count_convs` convolutions names them (stem/Conv3D_i, then Conv3D_0 onwards)."""
+  out = {"stem": {}}
+  for name, value in params.items():
+    if name.startswith("Conv3D_"):
+      i = int(name.split("_")[1])
+      if i < count_convs:
+        out["stem"][f"Conv3D_{i}"] = value
+      else:
+        out[f"Conv3D_{i - count_convs}"] = value
+    else:
+      out[name] = value
+  return out
+
+
+def _max_relative(a, b):
+  return max(float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("variant,slab_layers,counts", [("lbann", 4, (2, 4)), ("mlperf", 4, (4,))])
+def test_slab_gradients_equal_the_whole_volume_network(variant, slab_layers, counts):
+  """fp32, 64³: the plain network (no stem) against the stem in 2 or 4 slabs, 1e-5 relative
+  on every gradient; lbann's stem is conv + avg pool (padded, strided) twice, mlperf's conv +
+  max pool twice."""
+  size = 64
+  rng = np.random.default_rng(0)
+  volume = rng.poisson(3.0, size=(1, size, size, size, 4)).astype(np.int16)
+  target = jnp.asarray(rng.normal(size=(1, 4)).astype(np.float32))
+  plain = CosmoFlow(variant, size)
+  params = plain.init(jax.random.PRNGKey(0), volume)["params"]
+  loss0, grads0 = _loss_and_grads(plain, params, volume, target)
+  convs = sum(l.kind == "conv" for l in feature_layers(variant, size)[:slab_layers])
+  stem_params = _as_stem_tree(params, convs)
+  want = _as_stem_tree(grads0, convs)
+  for n in counts:
+    model = CosmoFlow(variant, size, slab_layers=slab_layers, slabs=n)
+    assert jax.tree.structure(model.init(jax.random.PRNGKey(0), volume)["params"]) == \
+        jax.tree.structure(stem_params)
+    loss, grads = _loss_and_grads(model, stem_params, volume, target)
+    np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-5)
+    assert _max_relative(grads, want) < 1e-5, (n, _max_relative(grads, want))
+
+
+def test_slab_plan_covers_the_output_once():
+  """Slab i's last-layer planes are [i q, (i + 1) q), and each layer's input window is what
+  its outputs' windows reach (lbann at 512³, 16 slabs: 8 output planes each)."""
+  windows = [l.window for l in feature_layers("lbann", 512)[:4]]
+  p = slabs.plan(windows, 512, 16)
+  assert p.sizes == (512, 512, 256, 256, 128)
+  assert p.lengths[-1] == 8 and p.steps[-1] == 8 and p.starts[-1] == 0
+  for layer, w in enumerate(windows):  # output planes [a, a + n) read [s a − p, s (a+n−1) − p + k)
+    assert p.starts[layer] == p.starts[layer + 1] * w.stride - w.padding[0]
+    assert p.lengths[layer] == (p.lengths[layer + 1] - 1) * w.stride + w.kernel
+  # slab 0 reads from plane −(1 + 2·(1 + 1) + 1) = −6; slab 15 starts at −6 + 15·32 and reads
+  # 41 planes, to 515: 6 zero planes before the volume and 3 after
+  assert p.starts[0] == -6 and p.lengths[0] == 41 and p.padding == (6, 3)
+
+
+def test_bad_slab_configs_name_the_fix():
+  config = configs.get_config("smoke")
+  config.model.update(slab_layers=4, slabs=3)
+  with pytest.raises(ConfigError, match="model.slabs=3.*choose one of"):
+    trainer.check_slabs(config, 1)
+  config.model.update(slabs=2)
+  with pytest.raises(ConfigError, match="spatial split"):
+    trainer.check_slabs(config, 2)
+  config.model.update(slab_layers=0)
+  with pytest.raises(ConfigError, match="needs a stem"):
+    trainer.check_slabs(config, 1)

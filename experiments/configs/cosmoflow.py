@@ -99,7 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(steps=10000, batch_size=8, log_every=50, eval_every=1000,
                    checkpoint_every=500)
   elif arg == "one_box":
-    c.data.update(input_size=512, universe_size=512, cell_mpc=1.0, train_universes=4,
+    # generating a 512³ universe takes ~1 min and 6 GiB (one at a time when memory is short)
+    c.data.update(input_size=512, universe_size=512, cell_mpc=1.0, train_universes=2,
                   val_universes=1, crops_per_universe=1, prefetch=1)
     c.model.update(variant="lbann", slab_layers=4, slabs=16, slab_progress=True)
     c.mesh.update(shape=(1, 1), cpu_devices=1)

@@ -263,6 +263,30 @@ def cosmoflow_step_flops(variant: str, size: int = 128, batch: int = 2) -> float
   return 3 * (sum(conv_fwd) + dense_fwd) - conv_fwd[0]
 
 
+def cosmoflow_executed_flops(variant: str, size: int, batch: int = 1, slab_layers: int = 0,
+                             slabs: int = 1, stem_remat: bool = False) -> float:
+  """The FLOPs a CosmoFlow training step executes under a memory plan: the model FLOPs
+  (`cosmoflow_step_flops`) plus what the stem (`sdl.models.slabs`) adds, which XLA's cost
+  analysis cannot see inside sdl's custom-call kernels: the stem's convolutions run again
+  forward in the backward pass when rematerialised (always with slabs > 1), and each slab
+  also computes its halo planes (forward, recompute and backward alike)."""
+  from sdl.models import slabs as slabs_lib  # noqa: PLC0415
+  from sdl.models.cosmoflow import feature_layers  # noqa: PLC0415
+  total = cosmoflow_step_flops(variant, size, batch)
+  if not slab_layers:
+    return total
+  layers = feature_layers(variant, size)[:slab_layers]
+  plan = slabs_lib.plan([l.window for l in layers], size, slabs)
+  conv_fwd = [c.valid_flops() for c in cosmoflow_convs(variant, size, batch)]
+  recompute = stem_remat or slabs > 1
+  for conv, (i, layer) in zip(conv_fwd, ((i, l) for i, l in enumerate(layers)
+                                        if l.kind == "conv")):
+    overlap = slabs * plan.lengths[i + 1] / plan.sizes[i + 1]  # planes computed / needed
+    passes = (2 if i else 1) + 1 + recompute  # backward (input grad but for the first), forward
+    total += conv * (overlap * passes - (3 if i else 2))
+  return total
+
+
 def unet3d_convs(size: int = 64, batch: int = 1, base: int = 32) -> list[Conv]:
   """3D U-Net: 4 resolution levels, two 3³ convs each, channels doubling; decoder convs
   see the skip connection concatenated to the upsampled features."""

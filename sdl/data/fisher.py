@@ -135,3 +135,27 @@ def forecast(spec: U.UniverseSpec, size: int | None = None,
   f = fisher_matrix(spec, theta, size)
   return Forecast(size, f, np.diag(np.linalg.inv(f)),
                   np.diag(np.linalg.inv(f + np.eye(len(f)) / PRIOR_VARIANCE)))
+
+
+def main(argv=None) -> None:
+  """`python -m sdl.data.fisher [--sizes=32,64,128] [--cell_mpc=4] [--particles=4]`: the
+  forecast MSE per parameter for periodic boxes of each size, at the nominal cosmology."""
+  import argparse  # noqa: PLC0415
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument("--sizes", default="32,64,128")
+  parser.add_argument("--cell_mpc", type=float, default=4.0)
+  parser.add_argument("--particles", type=float, default=4.0)
+  args = parser.parse_args(argv)
+  print(f"Gaussian Fisher forecast, {args.cell_mpc} Mpc/h voxels, n̄ = {args.particles}, "
+        "θ nominal; MSE in the labels' [-1, 1] units (the ±10% prior alone: 1/3)")
+  print("| box | " + " | ".join(U.PARAM_NAMES) + " |\n|---|" + "---|" * len(U.PARAM_NAMES))
+  for size in (int(s) for s in args.sizes.split(",")):
+    f = forecast(U.UniverseSpec(size=size, cell_mpc=args.cell_mpc,
+                                particles_per_voxel=args.particles))
+    cells = [f"{m:.2g} ({mp:.2g})" + (" prior tighter" if t else "")
+             for m, mp, t in zip(f.mse, f.mse_with_prior, f.prior_tighter)]
+    print(f"| {size}³ | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

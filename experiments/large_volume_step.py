@@ -4,7 +4,8 @@
         [--large=16:float32,8:float32] [--steps=2] [--out=runs/large_volume_step.jsonl]
 
 Sweeps, at each of `--sizes`, the stem's plan (`sdl.models.slabs`: none; the first two conv +
-pool blocks rematerialised; in 4 or 16 depth slabs) × precision (float32, bfloat16 compute) ×
+pool blocks rematerialised; in 4 or 16 depth slabs) × precision (float32; bfloat16 compute;
+float32 compute with the convolutions' inputs kept in bfloat16 for the backward pass) ×
 spatial split (1, 2 virtual devices), and at 512³ the `--large` points (slabs:precision),
 plus the plain step at 512³ compiled only (it does not fit). Each point runs in its own
 process, so that its peak RSS is its own, and prints:
@@ -30,14 +31,17 @@ import time
 from absl import app, flags
 
 _SIZES = flags.DEFINE_list("sizes", ["128", "256"], "Volume sides to sweep.")
-_LARGE = flags.DEFINE_list("large", ["16:float32", "8:float32"],
-                           "512³ points as slabs:precision ('' for none).")
+_LARGE = flags.DEFINE_list("large", ["16:float32", "8:float32", "16:bf16-saved"],
+                           "512³ points as slabs:precision (float32, bfloat16 or bf16-saved; "
+                           "'' for none).")
 _STEPS = flags.DEFINE_integer("steps", 2, "Timed steps per point below 512³.")
 _OUT = flags.DEFINE_string("out", "runs/large_volume_step.jsonl", "Results, one JSON per point.")
 _POINT = flags.DEFINE_string("point", "", "Internal: run this one point (JSON) and print it.")
 
 GiB = 2 ** 30
 STEM = 4  # lbann's first two conv + avg-pool blocks: the layers at full and half resolution
+# compute in float32, keep the convolutions' inputs for the backward pass in bfloat16
+SAVED_BF16 = "float32, bf16 saved"
 
 
 def sweep_points(sizes, large) -> list[dict]:
@@ -50,11 +54,14 @@ def sweep_points(sizes, large) -> list[dict]:
                {**base, "slab_layers": STEM, "slabs": 16},
                {**base, "precision": "bfloat16"},
                {**base, "slab_layers": STEM, "slabs": 4, "precision": "bfloat16"},
+               {**base, "precision": SAVED_BF16},
+               {**base, "slab_layers": STEM, "slabs": 4, "precision": SAVED_BF16},
                {**base, "split": 2}]
   points.append(dict(size=512, slabs=1, slab_layers=0, remat=False, precision="float32",
                      split=1, compile_only=True))
   for spec in filter(None, large):
     slabs, precision = spec.split(":")
+    precision = SAVED_BF16 if precision == "bf16-saved" else precision
     points.append(dict(size=512, slabs=int(slabs), slab_layers=STEM, remat=True,
                        precision=precision, split=1))
   return points
@@ -92,7 +99,11 @@ def run_point(point: dict) -> dict:
   config.data.update(input_size=size, universe_size=size)
   config.model.update(slab_layers=point["slab_layers"], slabs=point["slabs"],
                       stem_remat=point["remat"] and point["slabs"] == 1,
-                      compute_dtype=point["precision"], slab_progress=False)
+                      slab_progress=False)
+  if point["precision"] == SAVED_BF16:
+    config.model.update(compute_dtype="float32", save_dtype="bfloat16")
+  else:
+    config.model.update(compute_dtype=point["precision"])
   config.mesh.update(shape=(1, point["split"]), cpu_devices=point["split"])
   plan = cosmoflow.validate(config, point["split"])
   mesh = make_mesh(plan.mesh_shape, plan.mesh_axes, devices=jax.devices()[:point["split"]])

@@ -87,3 +87,27 @@ def test_bad_slab_configs_name_the_fix():
   config.model.update(slab_layers=0)
   with pytest.raises(ConfigError, match="needs a stem"):
     trainer.check_slabs(config, 1)
+
+
+@pytest.mark.parametrize("channels", [4, 32])  # the direct kernel's layer, a folded one
+def test_bf16_saved_input_gives_the_gradients_of_the_rounded_input(channels):
+  """A convolution that keeps its input in bf16 (computing in fp32): the input gradient is the
+  fp32 one, the kernel gradient that of the input rounded to bf16, the output unchanged."""
+  from sdl.models.conv import Conv3D  # noqa: PLC0415
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(1, 12, 10, 14, channels)).astype(np.float32))
+  dy = jnp.asarray(rng.normal(size=(1, 12, 10, 14, 16)).astype(np.float32))
+  plain = Conv3D(16, lowering="folded")
+  params = plain.init(jax.random.PRNGKey(0), x)
+  stored = Conv3D(16, lowering="folded", save_dtype=jnp.bfloat16)
+  vjp_of = lambda module, x: jax.vjp(lambda p, v: module.apply(p, v), params, x)
+  y, vjp = vjp_of(plain, x)
+  y_bf16, vjp_bf16 = vjp_of(stored, x)
+  np.testing.assert_array_equal(np.asarray(y_bf16), np.asarray(y))
+  (dp, dx), (dp_bf16, dx_bf16) = vjp(dy), vjp_bf16(dy)
+  np.testing.assert_allclose(np.asarray(dx_bf16), np.asarray(dx), rtol=1e-5, atol=1e-5)
+  rounded = x.astype(jnp.bfloat16).astype(jnp.float32)
+  dp_rounded, _ = vjp_of(plain, rounded)[1](dy)
+  kernel = lambda g: np.asarray(g["params"]["kernel"])
+  np.testing.assert_allclose(kernel(dp_bf16), kernel(dp_rounded), rtol=1e-5, atol=1e-4)
+  assert np.abs(kernel(dp_bf16) - kernel(dp)).max() > 1e-3  # the rounding is real

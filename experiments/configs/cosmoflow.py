@@ -48,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       variant="mlperf",         # "mlperf" | "lbann"
       spatial_layers="auto",    # leading conv/pool layers run depth-split: "auto" (most valid) or "N"
       compute_dtype="float32",  # "bfloat16" for mixed precision (params stay float32)
+      save_dtype="auto",        # "bfloat16": keep the convolutions' inputs for the backward
+                                # pass in half the bytes, computing in compute_dtype; "auto": as computed
       conv_lowering="auto",     # "auto": folded onto 2D convs on CPU, native on GPU/TPU
       dropout="auto",           # the head's dropout: "auto" (the variant's published rate) or a rate
       # The first `slab_layers` conv/pool layers form the stem (0: none). With slabs > 1 it

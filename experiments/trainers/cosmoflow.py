@@ -53,6 +53,10 @@ def validate(config, num_devices: int) -> Plan:
     raise ConfigError(f"model.variant={m.variant!r}: choose one of {VARIANTS}")
   if m.compute_dtype not in DTYPES:
     raise ConfigError(f"model.compute_dtype={m.compute_dtype!r}: choose one of {tuple(DTYPES)}")
+  if m.get("save_dtype", "auto") not in ("auto", *DTYPES):
+    raise ConfigError(f"model.save_dtype={m.save_dtype!r}: choose 'auto' (as computed) or one "
+                      f"of {tuple(DTYPES)} (bfloat16 keeps the convolutions' inputs for the "
+                      "backward pass in half the bytes, computing in model.compute_dtype)")
   if m.conv_lowering not in LOWERINGS:
     raise ConfigError(f"model.conv_lowering={m.conv_lowering!r}: choose one of {LOWERINGS}")
   check_mesh_config(config.mesh.shape, config.mesh.axes, num_devices)
@@ -135,7 +139,9 @@ def build_model(config, plan: Plan, partitioner: Partitioner | None) -> CosmoFlo
                    dtype=DTYPES[m.compute_dtype], conv_lowering=m.conv_lowering,
                    dropout=dropout_of(config), slab_layers=m.get("slab_layers", 0),
                    slabs=m.get("slabs", 1), slab_progress=m.get("slab_progress", False),
-                   stem_remat=m.get("stem_remat", False))
+                   stem_remat=m.get("stem_remat", False),
+                   save_dtype=(None if m.get("save_dtype", "auto") in ("auto", m.compute_dtype)
+                               else DTYPES[m.save_dtype]))
 
 
 def dropout_of(config) -> float | None:

@@ -304,6 +304,28 @@ def conv3d_folded(x, kernel, strides, padding, partitioner: Partitioner | None =
   return per_shard(local, x, kernel, partitioner=partitioner, logical=logical)
 
 
+def saved_as(fn, dtype):
+  """`fn(x, *params)` whose backward pass keeps `x` only in `dtype` (and the params): it
+  recomputes the VJP from that copy. For a convolution nothing of the forward is redone
+  (its output is not needed for its gradients, and XLA drops it), so this is storage in
+  low precision with compute at full precision; the input gradient does not depend on
+  `x`, the kernel gradient sees `x` rounded to `dtype`."""
+  @jax.custom_vjp
+  def f(x, *params):
+    return fn(x, *params)
+
+  def fwd(x, *params):
+    return fn(x, *params), (x.astype(dtype), params)
+
+  def bwd(residuals, dy):
+    kept, params = residuals
+    _, vjp = jax.vjp(fn, kept.astype(dy.dtype), *params)
+    return vjp(dy)
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
 class Conv3D(nn.Module):
   """`flax.linen.Conv` for NDHWC volumes, with a per-backend lowering (module docstring)."""
   features: int
@@ -317,6 +339,10 @@ class Conv3D(nn.Module):
   partitioner: Partitioner | None = None
   logical: tuple[str | None, ...] = VOLUME_AXES  # how the input is laid out on the mesh
 
+  # Keep the input for the kernel gradient in this dtype (bfloat16: half the bytes of the
+  # largest saved activations) while computing in `dtype`; None: as computed.
+  save_dtype: Any = None
+
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
@@ -324,9 +350,13 @@ class Conv3D(nn.Module):
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     lowering = resolve_lowering(self.lowering, "conv")
     if lowering == "native" or self.is_initializing():  # init only needs the shapes
-      y = conv3d_native(x, kernel, self.strides, self.padding)
+      conv = functools.partial(conv3d_native, strides=self.strides, padding=self.padding)
     else:
-      y = conv3d_folded(x, kernel, self.strides, self.padding, self.partitioner, self.logical)
+      conv = functools.partial(conv3d_folded, strides=self.strides, padding=self.padding,
+                               partitioner=self.partitioner, logical=self.logical)
+    if self.save_dtype is not None and not self.is_initializing():
+      conv = saved_as(conv, self.save_dtype)
+    y = conv(x, kernel)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,),
                          self.param_dtype).astype(self.dtype)

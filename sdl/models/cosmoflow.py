@@ -113,7 +113,7 @@ def resolve_spatial_layers(variant: str, input_size: int, depth_shards: int,
 
 def apply_layer(x, layers: Sequence[Layer], i: int, *, slope: float, dtype, lowering: str,
                 pool_lowering: str, partitioner: Partitioner | None, logical,
-                depth_padding: tuple[int, int] | None = None):
+                depth_padding: tuple[int, int] | None = None, save_dtype=None):
   """Layer `i` of `layers` on `x`, inside a module's compact method (its convolution is
   that module's submodule). `depth_padding` overrides the layer's padding along depth (the
   slabs run valid there, `sdl.models.slabs`)."""
@@ -123,7 +123,7 @@ def apply_layer(x, layers: Sequence[Layer], i: int, *, slope: float, dtype, lowe
   if layer.kind == "conv":
     x = Conv3D(layer.features, (w.kernel,) * 3, strides=(w.stride,) * 3, padding=padding,
                use_bias=layer.use_bias, dtype=dtype, lowering=lowering,
-               partitioner=partitioner, logical=logical)(x)
+               partitioner=partitioner, logical=logical, save_dtype=save_dtype)(x)
     # max pooling keeps its input for its gradient; the leaky ReLU can share it
     pooled_by_max = i + 1 < len(layers) and layers[i + 1].kind == "maxpool"
     return leaky_relu(x, slope, keep="output" if pooled_by_max else "signs")
@@ -149,13 +149,14 @@ class Stem(nn.Module):
   conv_lowering: str = "auto"
   plan: SlabPlan | None = None
   progress: bool = False
+  save_dtype: Any = None
 
   @nn.compact
   def __call__(self, carry, slab, counts):
     layers = feature_layers(self.variant, self.input_size)
     pool_lowering = "native" if self.is_initializing() else self.conv_lowering
     kwargs = dict(slope=LEAKY_SLOPE[self.variant], dtype=self.dtype, lowering=self.conv_lowering,
-                  pool_lowering=pool_lowering)
+                  pool_lowering=pool_lowering, save_dtype=self.save_dtype)
     constrain = lambda x, i: (x if self.partitioner is None else self.partitioner.constrain(
         x, VOLUME_AXES if i < self.n_split else DATA_PARALLEL))
     if slab is None:  # the whole volume
@@ -200,6 +201,9 @@ class CosmoFlow(nn.Module):
   # Recompute the stem in the backward pass instead of keeping its activations (always so
   # with slabs > 1: that is what makes one slab's activations the most that exist).
   stem_remat: bool = False
+  # Keep each convolution's input for the backward pass in this dtype (bf16: half the
+  # bytes) while computing in `dtype`; None: as computed (`sdl.models.conv.saved_as`).
+  save_dtype: Any = None
 
   def _constrain(self, x, logical):
     return x if self.partitioner is None else self.partitioner.constrain(x, logical)
@@ -212,7 +216,7 @@ class CosmoFlow(nn.Module):
     slope = LEAKY_SLOPE[self.variant]
     stem = dict(variant=self.variant, input_size=self.input_size, count=self.slab_layers,
                 n_split=n_split, partitioner=self.partitioner, dtype=self.dtype,
-                conv_lowering=self.conv_lowering)
+                conv_lowering=self.conv_lowering, save_dtype=self.save_dtype)
     if not self.slab_layers:
       x = self._constrain(counts, VOLUME_AXES if n_split else DATA_PARALLEL)
       x = jnp.log1p(x.astype(jnp.float32)).astype(self.dtype)
@@ -237,7 +241,8 @@ class CosmoFlow(nn.Module):
       logical = VOLUME_AXES if i < n_split else DATA_PARALLEL
       x = self._constrain(x, logical)
       x = apply_layer(x, layers, i, slope=slope, dtype=self.dtype, lowering=self.conv_lowering,
-                      pool_lowering=pool_lowering, partitioner=self.partitioner, logical=logical)
+                      pool_lowering=pool_lowering, partitioner=self.partitioner, logical=logical,
+                      save_dtype=self.save_dtype)
     x = self._constrain(x, DATA_PARALLEL)
     x = x.reshape((x.shape[0], -1))
     hidden, rate = HEAD[self.variant]

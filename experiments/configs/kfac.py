@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Dropout off: with the MLPerf net's 0.5 dropout no optimiser got clearly below the
     # mean predictor (≈ 0.36) in 300 steps, so the comparison measured noise; without it
     # Adam fits the 64 crops to ~0.02 in 200 steps (docs/benchmarks.md, CosmoFlow).
-    c.model.dropout = False
+    c.model.dropout = "0"  # a rate, as the command line gives it (the field is "auto" or a rate)
     c.train.update(steps=300, batch_size=4, eval_every=10, target_loss=0.05)
     # conv5's patch factor is 6,913 wide (conv4's 3,457): too wide to invert and apply,
     # and the two hold 93 % of the weights. They keep K-FAC with the channel factor

@@ -60,11 +60,13 @@ def make_problem(config) -> Problem:
       return Problem(Autoencoder(), sigmoid_xent, "bernoulli", batches, train)
     return Problem(DigitsCNN(), softmax_xent, "categorical", batches, train)
   if name == "cosmoflow":
+    from experiments.trainers.cosmoflow import dropout_of
     from sdl.data.cosmoflow import make_datasets
     from sdl.models.cosmoflow import CosmoFlow
     train_set, _ = make_datasets(config)
     model = CosmoFlow(variant=config.model.variant, input_size=config.data.input_size,
-                      spatial_layers=0, conv_lowering=config.model.conv_lowering)
+                      spatial_layers=0, conv_lowering=config.model.conv_lowering,
+                      dropout=dropout_of(config))
 
     def mse(outputs, batch):
       return jnp.mean(jnp.square(outputs - batch["y"])), {}
@@ -73,8 +75,7 @@ def make_problem(config) -> Problem:
     return Problem(model, mse, "gaussian",
                    array_batches(train, config.train.batch_size, config.seed),
                    {k: v[:n_eval] for k, v in train.items()},
-                   model_kwargs=lambda rng: {"train": config.model.dropout,
-                                             "rngs": {"dropout": rng}})
+                   model_kwargs=lambda rng: {"train": True, "rngs": {"dropout": rng}})
   if name == "resnet50_imagenet":
     from sdl.data.image_folder import ImageFolder
     from sdl.models.resnet import ResNet

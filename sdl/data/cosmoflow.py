@@ -11,9 +11,11 @@ SOURCES = ("generate", "disk", "memory")
 
 
 def universe_seeds(config) -> tuple[range, range]:
-  """Training and validation universe seeds: disjoint, and disjoint across `config.seed`."""
+  """Training and validation universe seeds: disjoint, and disjoint across `config.seed`
+  (or across `data.seed` where a config sets it: the same universes for every model seed)."""
   d = config.data
-  base = config.seed * 1_000_003
+  seed = d.get("seed", None)
+  base = (config.seed if seed is None else seed) * 1_000_003
   return (range(base, base + d.train_universes),
           range(base + d.train_universes, base + d.train_universes + d.val_universes))
 

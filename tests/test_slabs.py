@@ -111,3 +111,15 @@ def test_bf16_saved_input_gives_the_gradients_of_the_rounded_input(channels):
   kernel = lambda g: np.asarray(g["params"]["kernel"])
   np.testing.assert_allclose(kernel(dp_bf16), kernel(dp_rounded), rtol=1e-5, atol=1e-4)
   assert np.abs(kernel(dp_bf16) - kernel(dp)).max() > 1e-3  # the rounding is real
+
+
+def test_slab_progress_tells_the_passes_apart(capsys):
+  """Forward 0..3, then the backward pass's recomputation 3..0, then the next step."""
+  from sdl.models import cosmoflow  # noqa: PLC0415
+  cosmoflow._last_slab[0] = None
+  for slab in (0, 1, 2, 3, 3, 2, 1, 0, 0, 1):
+    cosmoflow._slab_progress(slab, 4)
+  lines = capsys.readouterr().err.split()
+  passes = [l for l in lines if l in ("forward:", "backward:")]
+  assert passes == ["forward:"] * 4 + ["backward:"] * 4 + ["forward:"] * 2
+  assert [l for l in lines if "/" in l] == ["1/4", "2/4", "3/4", "4/4"] * 2 + ["1/4", "2/4"]

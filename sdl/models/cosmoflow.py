@@ -177,9 +177,18 @@ class Stem(nn.Module):
     return carry, x
 
 
+_last_slab = [None]
+
+
 def _slab_progress(slab, slabs):
-  slab = int(slab) + 1
-  console.progress(f"  stem slab {slab}/{slabs}", final=slab == slabs)
+  """A line per slab; the backward pass recomputes them in reverse order, which tells the
+  passes apart (a slab repeated or one lower than the last: backward)."""
+  slab, last = int(slab), _last_slab[0]
+  backward = last is not None and ((slab == last and slab != 0) or slab == last - 1)
+  _last_slab[0] = slab
+  done = slabs - slab if backward else slab + 1
+  console.progress(f"  stem {'backward' if backward else 'forward'}: slab {done}/{slabs}",
+                   final=done == slabs)
 
 
 class CosmoFlow(nn.Module):

@@ -152,7 +152,7 @@ def table(r: dict) -> str:
   return "\n".join(lines)
 
 
-def plot(workdir: str, seeds: int) -> str:
+def plot(workdir: str) -> str:
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -199,7 +199,7 @@ def main(argv):
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
   print(table(results))
-  print(f"wrote {plot(workdir, _SEEDS.value)}")
+  print(f"wrote {plot(workdir)}")
 
 
 if __name__ == "__main__":

@@ -74,3 +74,15 @@ def keep_freed_memory(environ=os.environ) -> bool:
   # mallopt returns 1 on success
   return all([libc.mallopt(M_MMAP_MAX, 0), libc.mallopt(M_TRIM_THRESHOLD, TRIM_NEVER),
               libc.mallopt(M_ARENA_MAX, 1)])
+
+
+def available_bytes() -> int:
+  """Memory the system can still give (Linux: MemAvailable), else the physical memory."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -123,3 +123,20 @@ def test_slab_progress_tells_the_passes_apart(capsys):
   passes = [l for l in lines if l in ("forward:", "backward:")]
   assert passes == ["forward:"] * 4 + ["backward:"] * 4 + ["forward:"] * 2
   assert [l for l in lines if "/" in l] == ["1/4", "2/4", "3/4", "4/4"] * 2 + ["1/4", "2/4"]
+
+
+def test_executed_flops_count_the_recompute_and_the_halos():
+  """lbann 512³, stem of conv1, pool1, conv2, pool2. Recomputing the whole stem adds one
+  forward of conv1 and conv2; 16 slabs compute 39 of conv1's 512 output planes and 17 of
+  conv2's 256 per slab (test_slab_plan_covers_the_output_once), in the forward, the recompute and the
+  backward (weight gradient for conv1; weight and input gradients for conv2)."""
+  from sdl.bench import problems  # noqa: PLC0415
+  conv1, conv2 = [c.valid_flops() for c in problems.cosmoflow_convs("lbann", 512, 1)[:2]]
+  model = problems.cosmoflow_step_flops("lbann", 512, 1)
+  executed = lambda **kw: problems.cosmoflow_executed_flops("lbann", 512, 1, **kw)
+  assert executed() == model
+  np.testing.assert_allclose(executed(slab_layers=4, stem_remat=True), model + conv1 + conv2)
+  want = model + conv1 * (3 * 16 * 39 / 512 - 2) + conv2 * (4 * 16 * 17 / 256 - 3)
+  np.testing.assert_allclose(executed(slab_layers=4, slabs=16), want)
+  p = slabs.plan([l.window for l in feature_layers("lbann", 512)[:4]], 512, 16)
+  assert (p.lengths[1], p.lengths[3]) == (39, 17)

@@ -128,8 +128,6 @@ def check_slabs(config, spatial_devices: int) -> None:
                       "model.slabs=1 with a spatial split, or a mesh without one")
   if count:
     slabs_lib.plan([l.window for l in layers[:count]], config.data.input_size, slabs)
-    if any(l.kind == "maxpool" and tuple(l.window.padding) != (0, 0) for l in layers[:count]):
-      raise ConfigError("model.slab_layers: a padded max pooling cannot run in slabs")
 
 
 def build_model(config, plan: Plan, partitioner: Partitioner | None) -> CosmoFlow:

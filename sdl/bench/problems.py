@@ -279,11 +279,13 @@ def cosmoflow_executed_flops(variant: str, size: int, batch: int = 1, slab_layer
   plan = slabs_lib.plan([l.window for l in layers], size, slabs)
   conv_fwd = [c.valid_flops() for c in cosmoflow_convs(variant, size, batch)]
   recompute = stem_remat or slabs > 1
-  for conv, (i, layer) in zip(conv_fwd, ((i, l) for i, l in enumerate(layers)
-                                        if l.kind == "conv")):
-    overlap = slabs * plan.lengths[i + 1] / plan.sizes[i + 1]  # planes computed / needed
-    passes = (2 if i else 1) + 1 + recompute  # backward (input grad but for the first), forward
-    total += conv * (overlap * passes - (3 if i else 2))
+  conv_layers = [i for i, layer in enumerate(layers) if layer.kind == "conv"]
+  for conv, i in zip(conv_fwd, conv_layers):
+    # planes computed / needed: each slab's halo (and edge planes later zeroed); a whole
+    # stem computes its layers' own planes
+    overlap = slabs * plan.lengths[i + 1] / plan.sizes[i + 1] if slabs > 1 else 1.0
+    passes = 2 if i else 1  # forward and weight gradient (+ input gradient but for the first)
+    total += conv * (overlap * (passes + 1 + recompute) - (passes + 1))
   return total
 
 

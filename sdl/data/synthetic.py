@@ -7,12 +7,11 @@ seeds), so validation measures generalisation to new cosmologies, not new crops.
 """
 import concurrent.futures
 import dataclasses
-import os
 import time
 
 import numpy as np
 
-from sdl import console
+from sdl import console, host_memory
 from sdl.data import store, universes
 
 
@@ -46,18 +45,6 @@ def universe_crops(seed: int, spec: universes.UniverseSpec, crop_size: int,
 GENERATION_BYTES_PER_VOXEL = 48
 
 
-def available_bytes() -> int:
-  """Memory the system can still give (Linux: MemAvailable), else the physical memory."""
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def for_each_universe(seeds, spec: universes.UniverseSpec, crop_size: int,
                       crops_per_universe: int, consume, *, desc: str, progress: bool = True,
                       threads: int = 4) -> None:
@@ -66,7 +53,7 @@ def for_each_universe(seeds, spec: universes.UniverseSpec, crop_size: int,
   seeds = list(seeds)
   start = time.perf_counter()
   # at most half the free memory: the training step needs the rest (one 512³ universe at a time)
-  threads = max(1, min(threads, available_bytes() // (2 * GENERATION_BYTES_PER_VOXEL
+  threads = max(1, min(threads, host_memory.available_bytes() // (2 * GENERATION_BYTES_PER_VOXEL
                                                        * spec.size ** 3)))
 
   def one(i_seed):

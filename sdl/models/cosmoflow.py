@@ -37,11 +37,10 @@ import jax.numpy as jnp
 
 from sdl import console
 from sdl.models import slabs as slabs_lib
-from sdl.models.slabs import SlabPlan
-
 from sdl.models.conv import Conv3D
 from sdl.ops.activations import leaky_relu
 from sdl.models.pooling import avg_pool3d, max_pool3d
+from sdl.models.slabs import SlabPlan
 from sdl.parallel.sharding import VOLUME_AXES, Partitioner
 from sdl.parallel.spatial import Window, check_spatial_plan, max_spatial_layers
 

@@ -57,7 +57,8 @@ def run_config(variant: str, kind: str, seed: int):
                 val_universes=s["val_universes"],
                 input_size=s["crop"] if kind == "crops" else s["universe"],
                 crops_per_universe=s["crops_per_universe"] if kind == "crops" else 1)
-  c.model.dropout = "0"
+  c.model.update(dropout="0", head="flatten")  # the published trunk and head, as measured
+  c.data.augment = False
   c.mesh.update(shape=(1, 1), cpu_devices=None)
   c.train.update(steps=s["steps"], batch_size=s["batch"],
                  log_every=max(1, min(50, s["steps"] // 2)),

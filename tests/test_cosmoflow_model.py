@@ -166,3 +166,69 @@ def test_dropout_only_in_training():
   b = model.apply(params, x, train=True, rngs={"dropout": jax.random.key(1)})
   assert rel_err(a, b) > 1e-3
   np.testing.assert_allclose(model.apply(params, x, train=False), ref_out, rtol=1e-5, atol=1e-6)
+
+
+def pooled_step(model, variables, x, y):
+  """Training-mode forward (dropout off), gradients, and the updated batch statistics."""
+  def loss(p):
+    out, state = model.apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"])
+    return jnp.mean((out - y) ** 2), (out, state)
+  (_, (out, state)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+  return out, grads, state
+
+
+def test_pooled_head_pools_every_conv_and_splits_like_one_device():
+  """The pooled head: its batch norm sees the spatial means of every convolution's leaky
+  ReLU (numpy, from the captured conv outputs), and a 2 x 4 data x spatial mesh gives the
+  outputs, gradients and batch statistics of one device.
+
+  The trunk's activations and the batch statistics agree to 1e-5, the outputs and the head's
+  gradients to 1e-4, but the convolutions' gradients only to 2e-2 (the first convolution's
+  bias differs by 1.5e-3 here, where the flatten head's agree to 1e-5 on the same inputs).
+  Our reading, not proven: through this head every voxel of every activation carries
+  gradient (through the flatten head only those max pooling picks), including voxels whose
+  pre-activation lies within rounding of the leaky ReLU's kink, where the two layouts can
+  take different slopes (1 or 0.3); and the batch norm divides by the features' spread
+  across the batch, which is small by design.
+  """
+  rng = np.random.default_rng(0)
+  rates = np.linspace(3.0, 8.0, BATCH)[:, None, None, None, None]  # samples that differ
+  x = rng.poisson(rates, size=(BATCH, SIZE, SIZE, SIZE, 4)).astype(np.int16)
+  y = rng.uniform(-1, 1, size=(BATCH, 4)).astype(np.float32)
+  model = CosmoFlow("mlperf", SIZE, conv_lowering="folded", dropout=0.0, head="pooled")
+  variables = CosmoFlow("mlperf", SIZE, conv_lowering="native", head="pooled").init(
+      jax.random.key(1), x[:1])
+  assert variables["params"]["head_norm"]["scale"].shape == (32 + 64 + 128 + 256 + 512,)
+  out, grads, state = jax.jit(functools.partial(pooled_step, model))(variables, x, y)
+
+  _, captured = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+  convs = [np.asarray(captured["intermediates"][f"Conv3D_{i}"]["__call__"][0], np.float64)
+           for i in range(5)]
+  features = np.concatenate([np.where(c > 0, c, 0.3 * c).mean((1, 2, 3)) for c in convs], -1)
+  # momentum 0.9 from the initial (0, 1): one step moves the running mean to 0.1 x batch mean
+  np.testing.assert_allclose(state["batch_stats"]["head_norm"]["mean"],
+                             0.1 * features.mean(0), rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(state["batch_stats"]["head_norm"]["var"],
+                             0.9 + 0.1 * features.var(0), rtol=1e-4)
+
+  part = Partitioner.create(make_mesh((2, 4), ("data", "spatial")))
+  sharded = CosmoFlow("mlperf", SIZE, spatial_layers=resolve_spatial_layers("mlperf", SIZE, 4),
+                      partitioner=part, conv_lowering="folded", dropout=0.0, head="pooled")
+  args = (jax.device_put(variables, part.replicated()),
+          jax.device_put(x, part.sharding(VOLUME_AXES)),
+          jax.device_put(y, part.sharding(("batch", None))))
+  out_s, grads_s, state_s = jax.jit(functools.partial(pooled_step, sharded))(*args)
+  _, captured_s = jax.jit(lambda v, x: sharded.apply(
+      v, x, capture_intermediates=True, mutable=["intermediates"]))(*args[:2])
+  for i, conv in enumerate(convs):
+    assert rel_err(captured_s["intermediates"][f"Conv3D_{i}"]["__call__"][0], conv) < 1e-5
+  assert rel_err(out_s, out) < 1e-4
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state_s), jax.tree.leaves(state)):
+    assert rel_err(a, b) < 1e-5, jax.tree_util.keystr(path)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads_s), jax.tree.leaves(grads)):
+    conv = "Conv3D" in jax.tree_util.keystr(path)
+    assert rel_err(a, b) < (2e-2 if conv else 1e-4), jax.tree_util.keystr(path)
+  trained = {**variables, **state}
+  # evaluation normalises with the running statistics: no batch dependence
+  np.testing.assert_allclose(model.apply(trained, x[:2]), model.apply(trained, x)[:2],
+                             rtol=1e-5, atol=1e-6)

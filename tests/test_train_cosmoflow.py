@@ -28,8 +28,14 @@ def smoke():
   return config, cosmoflow_data.make_datasets(config)
 
 
-def test_interrupted_run_resumes_to_identical_parameters(smoke, tmp_path):
+@pytest.mark.parametrize("pooled", [False, True])
+def test_interrupted_run_resumes_to_identical_parameters(smoke, tmp_path, pooled):
+  """Also with the demo's pooled head (batch statistics in the checkpoint) and augmented
+  batches (symmetries drawn from the step: the resumed steps see the same ones)."""
   config, datasets = smoke
+  if pooled:
+    config = config.copy_and_resolve_references()
+    config.model.head, config.data.augment = "pooled", True
   straight = cosmoflow.run(config, str(tmp_path / "straight"), datasets=datasets)
   assert int(straight.step) == config.train.steps
 
@@ -69,6 +75,20 @@ def test_interrupted_run_resumes_to_identical_parameters(smoke, tmp_path):
                                np.mean(mean_err[:, i] ** 2), rtol=1e-6)
   np.testing.assert_allclose(np.mean([last[f"eval_mse_param_{i}"] for i in range(4)]),
                              last["eval_loss"], rtol=1e-5)
+
+
+def test_head_and_augment_configs_name_the_fix(smoke):
+  config = smoke[0].copy_and_resolve_references()
+  config.model.head = "gap"
+  with pytest.raises(ConfigError, match="model.head='gap': choose one of"):
+    cosmoflow.validate(config, 8)
+  config.model.update(head="pooled", slab_layers=2)
+  with pytest.raises(ConfigError, match="model.slab_layers=0"):
+    cosmoflow.validate(config, 8)
+  config.model.slab_layers = 0
+  config.data.update(augment=True, source="disk", path="/tmp")
+  with pytest.raises(ConfigError, match="data.augment=True.*data.source='generate'"):
+    cosmoflow.validate(config, 8)
 
 
 def test_nan_loss_stops_with_the_step(smoke, tmp_path):

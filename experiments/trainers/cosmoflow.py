@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdl.data import cosmoflow as data
-from sdl.data import loader
+from sdl.data import augment, loader
 from sdl.data.sampler import EpochSampler
 from sdl.kernels import conv3d as direct_kernels
 from sdl.models.conv import LOWERINGS
 from sdl.models import slabs as slabs_lib
-from sdl.models.cosmoflow import (HEAD, VARIANTS, CosmoFlow, feature_layers, head_widths,
+from sdl.models.cosmoflow import (HEAD, HEADS, VARIANTS, CosmoFlow, feature_layers, head_widths,
                                   resolve_spatial_layers)
 from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
@@ -57,6 +57,17 @@ def validate(config, num_devices: int) -> Plan:
     raise ConfigError(f"model.save_dtype={m.save_dtype!r}: choose 'auto' (as computed) or one "
                       f"of {tuple(DTYPES)} (bfloat16 keeps the convolutions' inputs for the "
                       "backward pass in half the bytes, computing in model.compute_dtype)")
+  if m.get("head", "flatten") not in HEADS:
+    raise ConfigError(f"model.head={m.head!r}: choose one of {HEADS} (flatten: the published "
+                      "networks; pooled: batch-normalised spatial means of every convolution)")
+  if m.get("head", "flatten") == "pooled" and m.get("slab_layers", 0):
+    raise ConfigError(f"model.head='pooled' reads every convolution's activation, which the "
+                      f"stem (model.slab_layers={m.slab_layers}) does not return: use "
+                      "model.head='flatten' or model.slab_layers=0")
+  if d.get("augment", False) and d.source != "generate":
+    raise ConfigError(f"data.augment=True transforms volumes held in memory, but data.source="
+                      f"{d.source!r} reads them from data.path: use data.source='generate' "
+                      "or data.augment=False")
   if m.conv_lowering not in LOWERINGS:
     raise ConfigError(f"model.conv_lowering={m.conv_lowering!r}: choose one of {LOWERINGS}")
   check_mesh_config(config.mesh.shape, config.mesh.axes, num_devices)
@@ -137,7 +148,7 @@ def build_model(config, plan: Plan, partitioner: Partitioner | None) -> CosmoFlo
                    dtype=DTYPES[m.compute_dtype], conv_lowering=m.conv_lowering,
                    dropout=dropout_of(config), slab_layers=m.get("slab_layers", 0),
                    slabs=m.get("slabs", 1), slab_progress=m.get("slab_progress", False),
-                   stem_remat=m.get("stem_remat", False),
+                   stem_remat=m.get("stem_remat", False), head=m.get("head", "flatten"),
                    save_dtype=(None if m.get("save_dtype", "auto") in ("auto", m.compute_dtype)
                                else DTYPES[m.save_dtype]))
 
@@ -163,7 +174,8 @@ def step_model(module: CosmoFlow) -> Model:
   """How the train step calls CosmoFlow: dropout's rng only when training."""
   def kwargs(rng, train):
     return {"train": train, **({"rngs": {"dropout": rng}} if train else {})}
-  return Model(module, inputs=lambda batch: (batch["volume"],), kwargs=kwargs)
+  return Model(module, inputs=lambda batch: (batch["volume"],), kwargs=kwargs,
+               state_collections=("batch_stats",) if module.head == "pooled" else ())
 
 
 def loss_fn(pred, batch):
@@ -259,8 +271,12 @@ def run(config, workdir: str, *, datasets=None, hooks=()) -> TrainState:
   baseline = baseline_metrics(host_labels(train_source), host_labels(val_source), batch_size)
   sampler = EpochSampler(len(train_source), batch_size, config.seed)
   # Sorted: cheaper gathers and reads, the same set of samples.
-  get_batch = loader.Prefetcher(lambda step: train_source.batch(np.sort(sampler.indices(step))),
-                                depth=config.data.prefetch)
+  if config.data.get("augment", False):  # a random symmetry of the cube per sample
+    read = lambda step: train_source.batch(np.sort(sampler.indices(step)), augment.draw(
+        config.seed, step, batch_size))
+  else:
+    read = lambda step: train_source.batch(np.sort(sampler.indices(step)))
+  get_batch = loader.Prefetcher(read, depth=config.data.prefetch)
   try:
     state = loop.fit(workdir=workdir, config=config, init_state=c.init_state,
                      abstract_state=c.abstract_state, train_step=c.train_step,

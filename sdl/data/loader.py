@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from sdl.data import store
+from sdl.data import augment, store
 
 
 def _refs(owners: list, i: int) -> int:
@@ -89,12 +89,22 @@ class ArraySource:
   def __len__(self) -> int:
     return len(next(iter(self.arrays.values())))
 
-  def batch(self, indices: np.ndarray) -> dict:
+  def batch(self, indices: np.ndarray, symmetries: np.ndarray | None = None) -> dict:
+    """The samples at `indices`; with `symmetries` (`sdl.data.augment`, a row per sample)
+    every array with three spatial axes after the batch axis (a volume `[n, D, H, W, ...]`,
+    not a label `[n, 4]`) is transformed, sample by sample."""
+    arrays = self.arrays
+    if symmetries is not None:
+      arrays = {name: (np.stack([augment.apply(array[i], s) for i, s in zip(indices, symmetries)])
+                       if array.ndim >= 4 else array[indices])
+                for name, array in arrays.items()}
+      indices = np.arange(len(indices))
+
     def gather(array, sharding):
       shape = (len(indices), *array.shape[1:])
       return jax.make_array_from_callback(
           shape, sharding, lambda idx: array[(indices[idx[0]], *idx[1:])])
-    return {name: gather(array, self.shardings[name]) for name, array in self.arrays.items()}
+    return {name: gather(array, self.shardings[name]) for name, array in arrays.items()}
 
 
 def _key(index: tuple[slice, ...]) -> tuple:

@@ -46,6 +46,7 @@ from sdl.parallel.spatial import Window, check_spatial_plan, max_spatial_layers
 
 DATA_PARALLEL = ("batch", None, None, None, None)
 VARIANTS = ("mlperf", "lbann")
+HEADS = ("flatten", "pooled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +213,12 @@ class CosmoFlow(nn.Module):
   # Keep each convolution's input for the backward pass in this dtype (bf16: half the
   # bytes) while computing in `dtype`; None: as computed (`sdl.models.conv.saved_as`).
   save_dtype: Any = None
+  # What the dense head sees: "flatten", the last conv/pool layer's output flattened (the
+  # published networks); "pooled", the spatial mean of every convolution's activation,
+  # batch-normalised. The parameters set each channel's variance and the ratios between
+  # the redshifts by a few percent; batch norm across samples turns those small
+  # differences of the pooled features into unit-scale inputs that small data can fit.
+  head: str = "flatten"
 
   def _constrain(self, x, logical):
     return x if self.partitioner is None else self.partitioner.constrain(x, logical)
@@ -245,14 +252,28 @@ class CosmoFlow(nn.Module):
     # init only needs shapes, and may see one example on a data-parallel mesh, which the
     # per-shard CPU pooling (shard_map) cannot split: pool natively there (as Conv3D does)
     pool_lowering = "native" if self.is_initializing() else self.conv_lowering
+    if self.head not in HEADS:
+      raise ValueError(f"head={self.head!r}: choose one of {HEADS}")
+    if self.head == "pooled" and self.slab_layers:
+      raise ValueError("the pooled head needs every convolution's activation: slab_layers=0")
+    pooled = []
     for i in range(self.slab_layers, len(layers)):
       logical = VOLUME_AXES if i < n_split else DATA_PARALLEL
       x = self._constrain(x, logical)
       x = apply_layer(x, layers, i, slope=slope, dtype=self.dtype, lowering=self.conv_lowering,
                       pool_lowering=pool_lowering, partitioner=self.partitioner, logical=logical,
                       save_dtype=self.save_dtype)
-    x = self._constrain(x, DATA_PARALLEL)
-    x = x.reshape((x.shape[0], -1))
+      if self.head == "pooled" and layers[i].kind == "conv":
+        pooled.append(self._constrain(jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)),
+                                      ("batch", None)))
+    if self.head == "pooled":
+      # Two-pass variance: the features differ across samples by as little as 1e-3 of
+      # their size, where E[x²] - E[x]² in float32 cancels to noise.
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, use_fast_variance=False,
+                       name="head_norm")(jnp.concatenate(pooled, axis=-1)).astype(self.dtype)
+    else:
+      x = self._constrain(x, DATA_PARALLEL)
+      x = x.reshape((x.shape[0], -1))
     hidden, rate = HEAD[self.variant]
     rate = rate if self.dropout is None else self.dropout
     for width in hidden:

@@ -13,6 +13,7 @@ from sdl.data import loader
 from sdl.parallel import ConfigError, make_mesh
 from experiments.trainers import cosmoflow
 from sdl.data import cosmoflow as cosmoflow_data
+from sdl.models.cosmoflow import LEAKY_SLOPE
 from sdl.train.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,3 +185,39 @@ def test_disk_and_memory_sources_train_like_generated_data(smoke, tmp_path):
   c.data.path = ""
   with pytest.raises(ConfigError, match="set data.path"):
     cosmoflow.validate(c, 8)
+
+
+def test_precise_batch_stats_are_the_population_statistics_of_the_training_batches(smoke):
+  """Before an evaluation the pooled head's batch norm gets the mean and (biased) variance
+  of its features over the training batches, on the 4 x 2 mesh, as numpy computes them
+  from the captured convolutions of one device; the running statistics stay in the state."""
+  config, (train_set, _) = smoke
+  config = config.copy_and_resolve_references()
+  config.model.head = "pooled"
+  plan = cosmoflow.validate(config, jax.device_count())
+  c = cosmoflow.build(config, plan, make_mesh(plan.mesh_shape, config.mesh.axes))
+  state = c.init_state()
+  batch = config.train.batch_size
+  source = loader.ArraySource.of_volumes(train_set.volumes, train_set.labels, c.batch_sharding)
+  state, _ = c.train_step(state, source.batch(np.arange(batch)))  # running stats move
+  precise = cosmoflow.precise_batch_stats(c, state, source, batch)
+
+  samples = len(train_set) // batch * batch  # 2 batches: their spread must count
+  assert samples == 2 * batch
+  one_device = cosmoflow.build_model(config, plan, None)
+  params = jax.device_get(state.params)
+  _, captured = one_device.apply({"params": params, **jax.device_get(state.model_state)},
+                                 train_set.volumes[:samples], capture_intermediates=True,
+                                 mutable=["intermediates"])
+  slope = LEAKY_SLOPE["lbann"]
+  convs = sorted(k for k in captured["intermediates"] if k.startswith("Conv3D_"))
+  assert len(convs) == 7
+  features = np.concatenate(
+      [(lambda a: np.where(a > 0, a, slope * a).mean((1, 2, 3)))(
+          np.asarray(captured["intermediates"][k]["__call__"][0], np.float64)) for k in convs],
+      -1)
+  stats = jax.device_get(precise.model_state["batch_stats"]["head_norm"])
+  np.testing.assert_allclose(stats["mean"], features.mean(0), rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(stats["var"], features.var(0), rtol=1e-3, atol=1e-9)
+  running = jax.device_get(state.model_state["batch_stats"]["head_norm"]["mean"])
+  assert not np.allclose(running, stats["mean"], rtol=1e-2)

@@ -20,7 +20,7 @@ from sdl.data.sampler import EpochSampler
 from sdl.kernels import conv3d as direct_kernels
 from sdl.models.conv import LOWERINGS
 from sdl.models import slabs as slabs_lib
-from sdl.models.cosmoflow import (HEAD, HEADS, VARIANTS, CosmoFlow, feature_layers, head_widths,
+from sdl.models.cosmoflow import (HEAD, HEAD_NORM_MOMENTUM, HEADS, VARIANTS, CosmoFlow, feature_layers, head_widths,
                                   resolve_spatial_layers)
 from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
@@ -29,7 +29,8 @@ from sdl.parallel.sharding import PARAM_SHARDINGS, VOLUME_AXES
 from sdl.train import loop
 from sdl.train.checkpoint import abstract_like
 from sdl.train.evaluate import evaluate
-from sdl.train.step import Model, TrainState, init_state, make_eval_step, make_train_step
+from sdl.train.step import (Model, TrainState, init_state, make_batch_stats_step, make_eval_step,
+                            make_train_step, pool_batch_stats)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -217,6 +218,7 @@ class Compiled:
   phase_of: Callable[[int], object] | None
   abstract_state: TrainState  # shapes + shardings, for restores and memory analysis
   batch_sharding: dict
+  batch_stats_step: Callable | None  # (params, model_state, batch) -> that batch's statistics
 
 
 def build(config, plan: Plan, mesh) -> Compiled:
@@ -244,9 +246,33 @@ def build(config, plan: Plan, mesh) -> Compiled:
                       in_shardings=(state_sharding.params, state_sharding.model_state,
                                     batch_sharding),
                       out_shardings=part.replicated())
+  batch_stats_step = (jax.jit(make_batch_stats_step(model, HEAD_NORM_MOMENTUM),
+                              in_shardings=(state_sharding.params, state_sharding.model_state,
+                                            batch_sharding),
+                              out_shardings=state_sharding.model_state)
+                      if model.state_collections else None)
   return Compiled(module, jax.jit(init, out_shardings=state_sharding), train_step, eval_step,
                   optimizer.schedule, optimizer.phase_of,
-                  abstract_like(state_shape, state_sharding), batch_sharding)
+                  abstract_like(state_shape, state_sharding), batch_sharding, batch_stats_step)
+
+
+# Training batches whose statistics replace the running ones before each evaluation.
+PRECISE_BN_BATCHES = 16
+
+
+def precise_batch_stats(c: Compiled, state: TrainState, source, batch_size: int) -> TrainState:
+  """`state` with the batch norm's statistics recomputed from the current parameters on the
+  first `PRECISE_BN_BATCHES` training batches ("precise BN", Wu & Johnson 2021). The
+  running averages lag the parameters: at the peak learning rate a step moves the pooled
+  head's features by more than their spread across samples, and evaluating with the lagging
+  statistics scored several times worse than the mean predictor mid-run."""
+  if c.batch_stats_step is None:
+    return state
+  n = max(1, min(PRECISE_BN_BATCHES, len(source) // batch_size))
+  per_batch = [c.batch_stats_step(state.params, state.model_state,
+                                  source.batch(np.arange(k * batch_size, (k + 1) * batch_size)))
+               for k in range(n)]
+  return state.replace(model_state=pool_batch_stats(per_batch))
 
 
 def abstract_batch(config, batch_sharding: dict) -> dict:
@@ -281,8 +307,9 @@ def run(config, workdir: str, *, datasets=None, hooks=()) -> TrainState:
     state = loop.fit(workdir=workdir, config=config, init_state=c.init_state,
                      abstract_state=c.abstract_state, train_step=c.train_step,
                      get_batch=get_batch, schedule=c.schedule, phase_of=c.phase_of,
-                     evaluate=lambda s: {**evaluate(c.eval_step, s, val_source, batch_size),
-                                         **baseline},
+                     evaluate=lambda s: {**evaluate(
+                         c.eval_step, precise_batch_stats(c, s, train_source, batch_size),
+                         val_source, batch_size), **baseline},
                      hooks=hooks)
   finally:
     get_batch.close()

@@ -13,6 +13,10 @@ Two networks, chosen by `variant`:
   flattened size stays 2048 (2³ x 256); FC 2048 → 256 → 4 with LeakyReLU and dropout
   (keep 0.8). 9,437,636 parameters at 128³.
 
+`head="pooled"` replaces the flattened last feature map with the spatial mean of every
+convolution's activation, batch-normalised, before the variant's dense layers; the demo
+uses it, because the published head leaves Ω_m unlearnt on 32³ crops (docs/benchmarks.md).
+
 Inputs are int16 particle counts `[batch, depth, height, width, 4]` (4 redshifts); the
 model applies log1p itself so that volumes travel as int16 (half the bytes of float32).
 Outputs are the 4 parameters scaled to [-1, 1], `[batch, 4]` float32.
@@ -47,6 +51,7 @@ from sdl.parallel.spatial import Window, check_spatial_plan, max_spatial_layers
 DATA_PARALLEL = ("batch", None, None, None, None)
 VARIANTS = ("mlperf", "lbann")
 HEADS = ("flatten", "pooled")
+HEAD_NORM_MOMENTUM = 0.9  # of the pooled head's batch norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +274,8 @@ class CosmoFlow(nn.Module):
     if self.head == "pooled":
       # Two-pass variance: the features differ across samples by as little as 1e-3 of
       # their size, where E[x²] - E[x]² in float32 cancels to noise.
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, use_fast_variance=False,
+      x = nn.BatchNorm(use_running_average=not train, momentum=HEAD_NORM_MOMENTUM,
+                       use_fast_variance=False,
                        name="head_norm")(jnp.concatenate(pooled, axis=-1)).astype(self.dtype)
     else:
       x = self._constrain(x, DATA_PARALLEL)

@@ -170,6 +170,32 @@ def make_eval_step(model: Model, loss_fn: LossFn):
   return step
 
 
+def make_batch_stats_step(model: Model, momentum: float):
+  """`(params, model_state, batch) -> model_state` holding this batch's own batch-norm
+  statistics: a training-mode forward from zeroed statistics, whose running update
+  `momentum · 0 + (1 - momentum) · batch` is divided back (dropout, if any, comes after
+  the norms it could affect here only through a fixed key)."""
+  def step(params, model_state, batch: dict):
+    zeros = jax.tree.map(jnp.zeros_like, model_state)
+    _, new = model.apply({"params": params, **zeros}, batch, jax.random.PRNGKey(0), train=True)
+    return jax.tree.map(lambda x: x / (1 - momentum), new)
+  return step
+
+
+def pool_batch_stats(per_batch: Sequence[dict]) -> dict:
+  """Population statistics from equal-sized batches' flax batch-norm statistics (dicts with
+  `mean` and `var`, the biased per-batch variance): the mean of the means, and the mean
+  variance plus the spread of the batch means about it (not E[x²] - E[x]², which cancels
+  to noise in float32 where features vary little between samples)."""
+  first = per_batch[0]
+  if isinstance(first, dict) and set(first) == {"mean", "var"}:
+    means = jnp.stack([b["mean"] for b in per_batch])
+    mean = means.mean(0)
+    var = jnp.stack([b["var"] for b in per_batch]).mean(0) + ((means - mean) ** 2).mean(0)
+    return {"mean": mean, "var": var}
+  return {key: pool_batch_stats([b[key] for b in per_batch]) for key in first}
+
+
 def init_state(model: Model, tx, batch, seed: int) -> TrainState:
   """A fresh state: params and model state from `PRNGKey(seed)`, the step rng from
   `fold_in(key, 1)` (jit it with `out_shardings` to create it in place)."""

@@ -78,7 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  checkpoint_every=50, keep_checkpoints=2,
                  skip_nonfinite=False)  # True: skip NaN/inf updates (counted), go on
   c.log = dict(shown=("loss", "mae", "lr", "eval_loss", "eval_mae"),  # on the progress line
-               plot_train=("loss",), plot_eval=("eval_loss", "eval_mae"))
+               plot_train=("loss",),  # eval_baseline_loss: the mean predictor's, for scale
+               plot_eval=("eval_loss", "eval_baseline_loss", "eval_mae"))
 
   if arg == "smoke":
     c.model.variant = "lbann"  # the cheaper network: seconds per step even on one core

@@ -31,6 +31,9 @@ def assert_one_line(out, message):
      "data.input_size=16 is too small for the mlperf network"),
     (["--config.model.spatial_layers=foo"], "model.spatial_layers='foo': give 'auto' or a number"),
     (["--config.train.step=10"], 'Did you mean "steps" instead of "step"?'),
+    (["--config.train.warmup_steps=2"],  # a field of another section (optim)
+     "--config.train.warmup_steps=2: the config has no field 'warmup_steps' in 'train'; "
+     "experiments/configs/cosmoflow.py lists its fields"),
     (["--config.data.val_universes=1"],
      "the validation set (data.val_universes=1 x data.crops_per_universe=1 = 1 samples) is "
      "smaller than train.batch_size=4"),

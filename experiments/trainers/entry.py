@@ -36,7 +36,7 @@ def parse_flags(argv):
   except Exception as error:  # noqa: BLE001 (absl's errors and the config overrides' alike)
     if wants_traceback(argv):
       raise
-    fail(flag_error_message(error))
+    fail(override_error_message(error, argv))
 
 
 def flag_error_message(error: Exception) -> str:
@@ -62,10 +62,19 @@ def override_error_message(error: Exception, argv) -> str:
   suggestion = re.search(r"Did you mean .*", text)
   for arg in argv:
     name = arg.split("=", 1)[0]
-    if key and name.startswith("--config.") and f".{key[1]}." in name + ".":
+    if key and name.startswith("--config.") and name.endswith(f".{key[1]}"):
+      section = name[len("--config."):-len(key[1]) - 1]
       return (f"{arg}: the config has no field {key[1]!r}"
-              + (f"; {suggestion[0]}" if suggestion else ""))
+              + (f" in {section!r}" if section else "")
+              + (f"; {suggestion[0]}" if suggestion else
+                 f"; {config_file(argv)} lists its fields"))
   return flag_error_message(error)
+
+
+def config_file(argv) -> str:
+  """The config file that `--config=FILE[:variant]` names, or words for it."""
+  given = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+  return given[-1].split(":")[0] if given else "the config file"
 
 
 def main(trainer: str, default_config: str, default_workdir: str) -> None:

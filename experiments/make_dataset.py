@@ -10,8 +10,9 @@ universes and their 4 parameters; `unet3d`: float32 segmentation volumes and a u
 class per voxel). The samples are exactly those that `data.source="generate"` makes in
 memory (same seeds, same crops, same order), so a run can switch to
 `--config.data.source=disk --config.data.path=data/demo --config.data.augment=False` (or
-`memory`) and see the same batches. Samples are generated and streamed to disk; a progress line shows how far it
-got. Nothing is visible at `--out` until a split is complete (see `sdl.data.store`).
+`memory`) and see the same batches. Samples are generated and streamed to disk; a
+progress line shows how far it got. Nothing is visible at `--out` until a split is
+complete (see `sdl.data.store`).
 """
 import importlib
 import os

@@ -20,8 +20,8 @@ from sdl.data.sampler import EpochSampler
 from sdl.kernels import conv3d as direct_kernels
 from sdl.models.conv import LOWERINGS
 from sdl.models import slabs as slabs_lib
-from sdl.models.cosmoflow import (HEAD, HEAD_NORM_MOMENTUM, HEADS, VARIANTS, CosmoFlow, feature_layers, head_widths,
-                                  resolve_spatial_layers)
+from sdl.models.cosmoflow import (HEAD, HEAD_NORM_MOMENTUM, HEADS, VARIANTS, CosmoFlow,
+                                  feature_layers, head_widths, resolve_spatial_layers)
 from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
 from sdl.parallel.mesh import check_mesh_config, resolve_mesh_shape

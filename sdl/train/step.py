@@ -173,8 +173,8 @@ def make_eval_step(model: Model, loss_fn: LossFn):
 def make_batch_stats_step(model: Model, momentum: float):
   """`(params, model_state, batch) -> model_state` holding this batch's own batch-norm
   statistics: a training-mode forward from zeroed statistics, whose running update
-  `momentum · 0 + (1 - momentum) · batch` is divided back (dropout, if any, comes after
-  the norms it could affect here only through a fixed key)."""
+  `momentum · 0 + (1 - momentum) · batch` is divided by `1 - momentum`. Dropout gets a
+  fixed key; it only matters here if it comes before a batch norm."""
   def step(params, model_state, batch: dict):
     zeros = jax.tree.map(jnp.zeros_like, model_state)
     _, new = model.apply({"params": params, **zeros}, batch, jax.random.PRNGKey(0), train=True)

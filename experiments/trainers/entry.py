@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sdl.errors import Preempted, UserError
-from sdl.parallel import ensure_cpu_devices
+from sdl.parallel import distributed, ensure_cpu_devices
 
 EXIT_USER_ERROR, EXIT_PREEMPTED = 2, 143
 
@@ -89,6 +89,11 @@ def main(trainer: str, default_config: str, default_workdir: str) -> None:
     fail(override_error_message(error, sys.argv))
   workdir_flag = flags.DEFINE_string("workdir", default_workdir, "Checkpoints, metrics, plots.")
   flags.DEFINE_bool("traceback", False, "Show the full traceback of a user error.")
+  coordinator = flags.DEFINE_string(
+      "coordinator", None, "Multi-process job: HOST:PORT of process 0 (also SDL_COORDINATOR; "
+      "SLURM, Open MPI and TPU pods are detected without it).")
+  num_processes = flags.DEFINE_integer("num_processes", None, "Multi-process job: how many.")
+  process_id = flags.DEFINE_integer("process_id", None, "Multi-process job: this one, from 0.")
 
   def run(argv):
     del argv
@@ -96,7 +101,10 @@ def main(trainer: str, default_config: str, default_workdir: str) -> None:
     # orbax's and absl's warnings on every save and resume say nothing a user can act on
     logging.set_verbosity(logging.ERROR)
     try:
-      ensure_cpu_devices(config.mesh.cpu_devices)  # before JAX starts its backend
+      # Both before JAX starts its backend.
+      job = distributed.detect(coordinator.value, num_processes.value, process_id.value)
+      distributed.initialize(job, config.mesh.get("cpu_devices"))
+      ensure_cpu_devices(config.mesh.get("cpu_devices"))
       # jax-heavy: imported once the devices are set
       importlib.import_module(f"experiments.trainers.{trainer}").run(config, workdir_flag.value)
     except Preempted as stop:

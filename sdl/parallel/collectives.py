@@ -1,5 +1,11 @@
 """Hand-written collectives for code inside `jax.shard_map`: a (hierarchical, optionally
-low-precision) sum over mesh axes, and the device count and index over several axes."""
+low-precision) sum over mesh axes, a reduce-scatter, and the device count and index over
+several axes.
+
+Where a backend's collective is broken, the way around it is here and only here:
+`reduce_scatter` on CPU across processes (gloo) under jax < 0.12 (its docstring).
+"""
+import functools
 import math
 from collections.abc import Sequence
 
@@ -25,7 +31,7 @@ def all_reduce_sum(tree, axis_names: Sequence[str], dtype=None):
   if tuple(axis_names) == HIERARCHICAL:
     local = lax.axis_size("local")
     pad = -flat.size % local
-    part = lax.psum_scatter(jnp.pad(flat, (0, pad)), "local", tiled=True)
+    part = reduce_scatter(jnp.pad(flat, (0, pad)), "local")
     part = lax.psum(part, "node")
     flat = lax.all_gather(part, "local", tiled=True)[:flat.size]
   else:
@@ -35,6 +41,31 @@ def all_reduce_sum(tree, axis_names: Sequence[str], dtype=None):
     out.append(flat[at:at + x.size].reshape(x.shape).astype(x.dtype))
     at += x.size
   return jax.tree.unflatten(treedef, out)
+
+
+def reduce_scatter(x, axis_name: str | tuple[str, ...]):
+  """`lax.psum_scatter(x, axis_name, tiled=True)`: the sum over `axis_name` (one mesh axis
+  or several), each device keeping its 1/size of the leading dimension, in row-major order
+  of the axes.
+
+  On the CPU backend across processes (gloo), jax 0.10 returns wrong values, silently and
+  intermittently, when the group crosses processes and several groups run at once: a
+  2 x 2 node x local mesh with `local` across two processes garbled the tail of one
+  device's 8 MiB chunk in about one run of three (jax#40830;
+  `tests/test_multiprocess.py`). There the sum is an all-reduce, which is right, followed
+  by this device's slice: twice the bytes, on a backend where correctness comes first.
+  """
+  if not _gloo_reduce_scatter_broken():
+    return lax.psum_scatter(x, axis_name, tiled=True)
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  part = x.shape[0] // device_count(names)
+  return lax.dynamic_slice_in_dim(lax.psum(x, names), device_index(names) * part, part)
+
+
+@functools.cache
+def _gloo_reduce_scatter_broken() -> bool:
+  version = tuple(int(p) for p in jax.__version__.split(".")[:2])
+  return (version < (0, 12) and jax.process_count() > 1 and jax.default_backend() == "cpu")
 
 
 def device_count(axis_names: Sequence[str]) -> int:

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from sdl.errors import ConfigError, NonFiniteError, Preempted
+from sdl.parallel import distributed
 from sdl.train import run_config
 from sdl.train.checkpoint import Checkpointer
 from sdl.train.evaluate import scalars
@@ -209,14 +210,16 @@ def _train(config, log, ckpt, state, start, workdir, train_step, get_batch, eval
       raise nonfinite(f"the train state is not finite after step {step} (a NaN or infinity "
                       "in the loss, the gradients or the update)")
 
+  compiled = set()
   with _Sigterm() as sigterm:
     for step in range(start + 1, train.steps + 1):
       t0 = time.perf_counter()
       batch = get_batch(step - 1)
-      if phase_of is None:
-        state, metrics = train_step(state, batch)
-      else:
-        state, metrics = train_step(state, batch, phase_of(step - 1))
+      args = (state, batch) if phase_of is None else (state, batch, phase_of(step - 1))
+      if args[2:] not in compiled:
+        _compile_together(train_step, args, step)
+        compiled.add(args[2:])
+      state, metrics = train_step(*args)
       window.add(metrics)
       if len(window.pending) > 1:
         # At most two steps in flight: with many multi-device steps queued, XLA:CPU's
@@ -254,6 +257,16 @@ def _train(config, log, ckpt, state, start, workdir, train_step, get_batch, eval
         raise Preempted(f"SIGTERM at step {step}: saved checkpoint {step} in "
                         f"{ckpt.directory}; rerun the same command to resume")
   return state
+
+
+def _compile_together(train_step, args, step: int) -> None:
+  """In a multi-process job, compile the step for `args` ahead of its first run and wait
+  for every process to have done so. A process that compiles more slowly would otherwise
+  keep the others waiting inside the step's first collective, which gloo gives up on after
+  30 s (`sdl.parallel.distributed`). On one process, nothing: the first call compiles."""
+  if distributed.is_multiprocess():
+    train_step.lower(*args).compile()  # jit's own caches keep it for the call that follows
+    distributed.barrier(f"sdl-train-step-compiled-{step}")
 
 
 def _host_sums(window: list[dict]) -> dict:

@@ -1,0 +1,144 @@
+"""Multi-process jobs on JAX's own runtime (`jax.distributed`): which job this process is
+part of, joining it, and the CPU collectives' quirks. The one place that knows about them.
+
+A process joins a job when one of these says so, first match wins:
+
+  flags      `--coordinator HOST:PORT --num_processes N --process_id I` on an entry point,
+             or the same as `SDL_COORDINATOR`, `SDL_NUM_PROCESSES`, `SDL_PROCESS_ID` in the
+             environment (what `python -m sdl.launch` sets);
+  slurm      a step started by `srun` with more than one task (`SLURM_STEP_NUM_TASKS`);
+             JAX reads the node list, task count and rank itself;
+  openmpi    `mpirun -n N` with N > 1 (`OMPI_COMM_WORLD_SIZE`). Open MPI 4 is read by JAX
+             itself (`OMPI_MCA_orte_hnp_uri`); Open MPI 5 no longer sets that, and JAX
+             reaches it through mpi4py (`cluster_detection_method="mpi4py"`);
+  tpu        a TPU pod slice with more than one host (`TPU_WORKER_HOSTNAMES`); JAX reads
+             the rest from the TPU runtime.
+
+Anything else is one process, and nothing happens. On CPU the processes' collectives run
+over gloo (TCP); `docs/scaling.md` says how to use MPI instead on a CPU cluster.
+
+Gloo's quirk that matters here: a collective waits at most 30 s for the other processes
+(jax#40831, not configurable from JAX), so processes that drift further apart, such as one
+compiling or writing a plot longer than the others, fail with "Read timeout". `barrier`
+waits on the coordination service instead, whose timeout is ours to set; the train loop
+calls it where processes can drift (`sdl.train.loop`).
+"""
+import dataclasses
+import os
+
+import jax
+
+from sdl.errors import ConfigError
+
+ENV = {"coordinator": "SDL_COORDINATOR", "num_processes": "SDL_NUM_PROCESSES",
+       "process_id": "SDL_PROCESS_ID"}
+SOURCES = ("flags", "slurm", "openmpi", "tpu")
+# A process that stops answering is declared dead after this long; JAX's default is 100 s.
+HEARTBEAT_SECONDS = 10
+BARRIER_SECONDS = 1800  # long compiles and checkpoint writes on slow file systems
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """A multi-process job: where its description came from (`SOURCES`) and what is known of
+  it before joining. Unknown fields (None) are resolved by JAX's cluster detection."""
+  source: str
+  num_processes: int | None = None
+  process_id: int | None = None
+  coordinator: str | None = None
+  detection: str | None = None  # JAX's cluster_detection_method, where JAX needs one
+
+  def describe(self) -> str:
+    who = "" if self.process_id is None else f"process {self.process_id} "
+    of = "" if self.num_processes is None else f"of {self.num_processes} "
+    return f"{who}{of}({self.source})".strip()
+
+
+def _int(value, name: str, where: str) -> int:
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{where} {name}={value!r}: give a whole number") from None
+
+
+def detect(coordinator: str | None = None, num_processes: int | None = None,
+           process_id: int | None = None, environ=os.environ) -> Job | None:
+  """The job this process belongs to (module docstring), or None for a single process.
+  Explicit values (flags) win over `SDL_*` variables, which win over the cluster's."""
+  given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+  where = "flag"
+  if all(v is None for v in given.values()):
+    given = {k: environ.get(v) for k, v in ENV.items()}
+    where = "environment variable"
+  if any(v is not None for v in given.values()):
+    name = (lambda k: f"--{k}") if where == "flag" else (lambda k: ENV[k])
+    missing = [name(k) for k, v in given.items() if v is None]
+    if given["num_processes"] is not None and _int(given["num_processes"], name(
+        "num_processes"), where) == 1:
+      return None
+    if missing:
+      present = ", ".join(f"{name(k)}={v}" for k, v in given.items() if v is not None)
+      raise ConfigError(f"{present} starts a multi-process job, which also needs "
+                        f"{' and '.join(missing)} (every process: the same coordinator "
+                        "HOST:PORT and process count, its own process id from 0)")
+    n = _int(given["num_processes"], name("num_processes"), where)
+    i = _int(given["process_id"], name("process_id"), where)
+    if not 0 <= i < n:
+      raise ConfigError(f"{name('process_id')}={i}: give 0 to {n - 1} for a job of "
+                        f"{name('num_processes')}={n} processes")
+    if ":" not in str(given["coordinator"]):
+      raise ConfigError(f"{name('coordinator')}={given['coordinator']!r}: give HOST:PORT of "
+                        "process 0, for example localhost:12355")
+    return Job("flags", n, i, str(given["coordinator"]))
+  tasks = environ.get("SLURM_STEP_NUM_TASKS")
+  if "SLURM_JOB_ID" in environ and tasks and int(tasks) > 1:
+    return Job("slurm", int(tasks), int(environ.get("SLURM_PROCID", 0)))
+  size = environ.get("OMPI_COMM_WORLD_SIZE")
+  if size and int(size) > 1:
+    rank = int(environ.get("OMPI_COMM_WORLD_RANK", 0))
+    if "OMPI_MCA_orte_hnp_uri" in environ:  # Open MPI 4 and older
+      return Job("openmpi", int(size), rank)
+    return Job("openmpi", int(size), rank, detection="mpi4py")  # Open MPI 5 (PRRTE)
+  hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  if len(hosts) > 1:
+    return Job("tpu", len(hosts), int(environ.get("TPU_WORKER_ID", 0)))
+  return None
+
+
+def initialize(job: Job | None, cpu_devices: int | None = None) -> None:
+  """Join `job` (nothing for None), with `cpu_devices` virtual CPU devices per process.
+  Call before anything starts JAX's backend."""
+  if cpu_devices and cpu_devices > 1:
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
+  if job is None:
+    return
+  if job.detection == "mpi4py":
+    import importlib.util  # noqa: PLC0415
+    if importlib.util.find_spec("mpi4py") is None:
+      raise ConfigError(
+          f"an Open MPI 5 job ({job.num_processes} processes) is joined through mpi4py, which "
+          "is not installed: `pip install mpi4py` (built against this Open MPI), or pass "
+          "--coordinator, --num_processes and --process_id")
+  # Only the CPU backend reads it; GPUs and TPUs keep their own collectives.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  explicit = job.source == "flags"
+  jax.distributed.initialize(
+      coordinator_address=job.coordinator if explicit else None,
+      num_processes=job.num_processes if explicit else None,
+      process_id=job.process_id if explicit else None,
+      cluster_detection_method=job.detection,
+      heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+
+
+def is_multiprocess() -> bool:
+  return jax.process_count() > 1
+
+
+def barrier(name: str, timeout_seconds: int = BARRIER_SECONDS) -> None:
+  """Wait until every process reaches `barrier(name)`, for at most `timeout_seconds`; on one
+  process, return at once. Waits on the coordination service, not in a collective, so it
+  is not bound by gloo's 30 s (module docstring). Each name is used once per job."""
+  if not is_multiprocess():
+    return
+  from jax._src import distributed  # noqa: PLC0415 (the runtime's client has no public path)
+  distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_seconds * 1000)

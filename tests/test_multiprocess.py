@@ -1,0 +1,188 @@
+"""Multi-process jobs on this machine: detecting the job, the local launcher, collectives
+across processes, and CosmoFlow trained by 2 processes x 2 devices as by 1 x 4."""
+import io
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from sdl import launch
+from sdl.errors import ConfigError
+from sdl.parallel.distributed import Job, detect
+from sdl.train.metrics import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT}
+
+
+# ---- which job a process belongs to -------------------------------------------------------
+
+@pytest.mark.parametrize("environ, want", [
+    ({}, None),
+    ({"SDL_COORDINATOR": "h:1", "SDL_NUM_PROCESSES": "4", "SDL_PROCESS_ID": "3"},
+     Job("flags", 4, 3, "h:1")),
+    ({"SDL_NUM_PROCESSES": "1"}, None),
+    # srun with 8 tasks; an salloc shell (no step) or a 1-task step is one process
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5"}, Job("slurm", 8, 5)),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}, None),
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "2",
+      "OMPI_MCA_orte_hnp_uri": "x"}, Job("openmpi", 4, 2)),
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "2"},
+     Job("openmpi", 4, 2, detection="mpi4py")),  # Open MPI 5: no ORTE any more
+    ({"OMPI_COMM_WORLD_SIZE": "1"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "a,b,c,d", "TPU_WORKER_ID": "1"}, Job("tpu", 4, 1)),
+    ({"TPU_WORKER_HOSTNAMES": "a"}, None),
+])
+def test_detect_reads_the_cluster_environment(environ, want):
+  assert detect(environ=environ) == want
+
+
+def test_flags_win_over_the_environment():
+  slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5",
+           "SDL_COORDINATOR": "x:1", "SDL_NUM_PROCESSES": "3", "SDL_PROCESS_ID": "0"}
+  assert detect("h:9", 2, 1, environ=slurm) == Job("flags", 2, 1, "h:9")
+  assert detect(environ=slurm) == Job("flags", 3, 0, "x:1")
+
+
+@pytest.mark.parametrize("args, words", [
+    (("h:1", 2, None), ["--process_id"]),
+    ((None, 2, 0), ["--coordinator"]),
+    (("h:1", 2, 2), ["--process_id=2", "0 to 1"]),
+    (("h", 2, 0), ["--coordinator='h'", "HOST:PORT"]),
+])
+def test_an_incomplete_job_names_the_missing_flag(args, words):
+  with pytest.raises(ConfigError) as error:
+    detect(*args, environ={})
+  for word in words:
+    assert word in str(error.value)
+  with pytest.raises(ConfigError, match="SDL_PROCESS_ID"):
+    detect(environ={"SDL_COORDINATOR": "h:1", "SDL_NUM_PROCESSES": "2"})
+
+
+# ---- the local launcher -------------------------------------------------------------------
+
+def test_launcher_prefixes_output_writes_logs_and_stops_the_others(tmp_path):
+  code = ("import os, sys, time; i = os.environ['SDL_PROCESS_ID']; "
+          "print('hello from', i, os.environ['SDL_NUM_PROCESSES'], os.environ['JAX_NUM_CPU_DEVICES'],"
+          " flush=True); time.sleep(60 if i == '0' else 0.5); sys.exit(3)")
+  out = io.StringIO()
+  t0 = time.monotonic()
+  status = launch.run(2, [sys.executable, "-c", code], cpu_devices=2, logdir=str(tmp_path),
+                      out=out)
+  assert status == 3  # process 1's, and process 0 was stopped instead of sleeping on
+  assert time.monotonic() - t0 < 20
+  text = out.getvalue()
+  assert "[0] hello from 0 2 2" in text and "[1] hello from 1 2 2" in text
+  assert "process 1 exited with status 3" in text
+  assert (tmp_path / "process_1.log").read_text() == "hello from 1 2 2\n"
+  assert launch.exit_status(-9) == 137
+
+
+def test_launcher_needs_a_command():
+  with pytest.raises(SystemExit):
+    launch.parse(["-n", "2"])
+  args, command = launch.parse(["-n", "2", "--", "python", "-c", "pass"])
+  assert args.num_processes == 2 and command == ["python", "-c", "pass"]
+
+
+# ---- collectives across processes ---------------------------------------------------------
+
+def test_collectives_across_processes_equal_numpy_and_survive_a_late_process(tmp_path):
+  """4 MiB chunks across two processes (gloo): sums and reduce-scatters equal numpy, also
+  the hierarchical all-reduce that K-FAC's factors travel in. A process 40 s late, past
+  gloo's 30 s, is waited for at `distributed.barrier` and the next collective is right."""
+  late = 40
+  worker = os.path.join(ROOT, "tests", "collectives_worker.py")
+  result = subprocess.run(
+      [sys.executable, "-m", "sdl.launch", "-n", "2", "--cpu_devices", "2", "--logdir",
+       str(tmp_path / "logs"), "--", sys.executable, worker, str(tmp_path), str(late)],
+      env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+  got = [dict(np.load(tmp_path / f"process_{i}.npz")) for i in range(2)]
+  inputs = np.random.default_rng(0).standard_normal((2, 2, 4 << 20)).astype(np.float32)
+  total, chunk = inputs.astype(np.float64).sum((0, 1)), 1 << 20
+  # devices as (node, local) = mesh position; the mesh's `local` axis crosses processes
+  seen = set()
+  for saved in got:
+    for key, value in saved.items():
+      if "@" not in key:
+        continue
+      name, where = key.split("@")
+      node, local = (int(s) for s in where.split(",")[:2])
+      seen.add(name.split("/")[0])
+      value = value.astype(np.float64).reshape(-1)
+      if name in ("psum", "after_late"):
+        want = total
+      elif name == "reduce_scatter":  # chunk node*2 + local of the whole sum
+        k = node * 2 + local
+        want = total[k * chunk:(k + 1) * chunk]
+      elif name == "reduce_scatter_local":  # summed over `local` only
+        want = inputs[node].astype(np.float64).sum(0)[local * 2 * chunk:(local + 1) * 2 * chunk]
+      elif name.startswith("hierarchical/"):
+        want = total[:chunk] if name.endswith("/a") else total[chunk:]
+      else:  # bfloat16 in transit, summed over `node`
+        want = inputs[:, local].astype(np.float64).sum(0)
+        np.testing.assert_allclose(value, want, atol=0.05 * np.abs(want).max())
+        continue
+      assert value.size >= chunk  # every result is at least a 4 MiB chunk
+      np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
+  assert seen == {"psum", "reduce_scatter", "reduce_scatter_local", "hierarchical",
+                  "psum_node_bf16", "after_late"}
+  assert float(got[0]["barrier_wait_s"]) > late - 5  # process 0 really waited at the barrier
+
+
+# ---- training ----------------------------------------------------------------------------
+
+def restore_numpy(path: str) -> dict:
+  """A checkpoint item as numpy arrays, whatever mesh and process count wrote it."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    meta = checkpointer.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, restore_args=args)
+
+
+def test_two_processes_train_cosmoflow_like_one(tmp_path):
+  """The smoke run on 2 processes x 2 devices and on 1 process x 4, both on a 2 x 2 data x
+  spatial mesh, through the launcher: the same losses and parameters within 1e-5 (the
+  reduction order differs, so not bit for bit). Only process 0 writes metrics and plots."""
+  train = [sys.executable, "-m", "experiments.cosmoflow",
+           "--config=experiments/configs/cosmoflow.py:smoke", "--config.mesh.shape=(2, 2)"]
+  runs = {}
+  for processes, devices in ((2, 2), (1, 4)):
+    workdir = tmp_path / f"p{processes}"
+    result = subprocess.run(
+        [sys.executable, "-m", "sdl.launch", "-n", str(processes), "--logdir",
+         str(workdir / "logs"), "--", *train, f"--workdir={workdir}",
+         f"--config.mesh.cpu_devices={devices}"],
+        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "on 4 cpu devices" in result.stdout
+    runs[processes] = workdir
+  two = runs[2]
+  assert "step 2/6" in (two / "logs" / "process_0.log").read_text()
+  assert "step 2/6" not in (two / "logs" / "process_1.log").read_text()  # progress: process 0
+  assert "wrote" in (two / "logs" / "process_0.log").read_text()
+  assert "wrote" not in (two / "logs" / "process_1.log").read_text()
+  assert (two / "loss_curves.png").exists()
+  records = [read_jsonl(runs[p] / "metrics.jsonl") for p in (2, 1)]
+  assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == [2, 3, 4, 6]
+  for a, b in zip(*records):
+    for key in ("loss", "mae", "eval_loss"):
+      if key in b:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
+  final = [restore_numpy(str(runs[p] / "checkpoints" / "6" / "state")) for p in (2, 1)]
+  assert int(final[0]["step"]) == int(final[1]["step"]) == 6
+  for a, b in zip(jax.tree.leaves(final[0]["params"]), jax.tree.leaves(final[1]["params"])):
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+  start = restore_numpy(str(runs[1] / "checkpoints" / "3" / "state"))
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(final[1]["params"]),
+                                               jax.tree.leaves(start["params"]))]
+  assert min(moved) > 0  # the parameters did train between the checkpoints compared

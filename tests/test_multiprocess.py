@@ -2,6 +2,7 @@
 across processes, and CosmoFlow trained by 2 processes x 2 devices as by 1 x 4."""
 import io
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -149,40 +150,78 @@ def restore_numpy(path: str) -> dict:
     return checkpointer.restore(path, restore_args=args)
 
 
-def test_two_processes_train_cosmoflow_like_one(tmp_path):
+TRAIN = ["--config=experiments/configs/cosmoflow.py:smoke", "--config.mesh.shape=(2, 2)",
+         "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=3"]
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
   """The smoke run on 2 processes x 2 devices and on 1 process x 4, both on a 2 x 2 data x
-  spatial mesh, through the launcher: the same losses and parameters within 1e-5 (the
-  reduction order differs, so not bit for bit). Only process 0 writes metrics and plots."""
-  train = [sys.executable, "-m", "experiments.cosmoflow",
-           "--config=experiments/configs/cosmoflow.py:smoke", "--config.mesh.shape=(2, 2)"]
+  spatial mesh, each started by the launcher; checkpoints at steps 2, 4 and 6."""
   runs = {}
   for processes, devices in ((2, 2), (1, 4)):
-    workdir = tmp_path / f"p{processes}"
+    workdir = tmp_path_factory.mktemp(f"p{processes}")
     result = subprocess.run(
         [sys.executable, "-m", "sdl.launch", "-n", str(processes), "--logdir",
-         str(workdir / "logs"), "--", *train, f"--workdir={workdir}",
-         f"--config.mesh.cpu_devices={devices}"],
+         str(workdir / "logs"), "--", sys.executable, "-m", "experiments.cosmoflow", *TRAIN,
+         f"--workdir={workdir}", f"--config.mesh.cpu_devices={devices}"],
         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "on 4 cpu devices" in result.stdout
     runs[processes] = workdir
-  two = runs[2]
-  assert "step 2/6" in (two / "logs" / "process_0.log").read_text()
-  assert "step 2/6" not in (two / "logs" / "process_1.log").read_text()  # progress: process 0
-  assert "wrote" in (two / "logs" / "process_0.log").read_text()
-  assert "wrote" not in (two / "logs" / "process_1.log").read_text()
-  assert (two / "loss_curves.png").exists()
-  records = [read_jsonl(runs[p] / "metrics.jsonl") for p in (2, 1)]
+  return runs
+
+
+def assert_same_training(workdir, reference, steps=(2, 4, 6)):
+  """Every loss record and the final parameters within 1e-5 relative of `reference`."""
+  records = [read_jsonl(os.path.join(w, "metrics.jsonl")) for w in (workdir, reference)]
   assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == [2, 3, 4, 6]
   for a, b in zip(*records):
     for key in ("loss", "mae", "eval_loss"):
       if key in b:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
-  final = [restore_numpy(str(runs[p] / "checkpoints" / "6" / "state")) for p in (2, 1)]
-  assert int(final[0]["step"]) == int(final[1]["step"]) == 6
+  final = [restore_numpy(os.path.join(w, "checkpoints", str(steps[-1]), "state"))
+           for w in (workdir, reference)]
+  assert int(final[0]["step"]) == int(final[1]["step"]) == steps[-1]
   for a, b in zip(jax.tree.leaves(final[0]["params"]), jax.tree.leaves(final[1]["params"])):
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
-  start = restore_numpy(str(runs[1] / "checkpoints" / "3" / "state"))
-  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(final[1]["params"]),
+
+
+def test_two_processes_train_cosmoflow_like_one(smoke_runs):
+  """The same losses and parameters within 1e-5 (the reduction order differs, so not bit
+  for bit). Only process 0 writes metrics, plots and progress lines."""
+  two, one = smoke_runs[2], smoke_runs[1]
+  assert "step 2/6" in (two / "logs" / "process_0.log").read_text()
+  assert "step 2/6" not in (two / "logs" / "process_1.log").read_text()
+  assert "wrote" in (two / "logs" / "process_0.log").read_text()
+  assert "wrote" not in (two / "logs" / "process_1.log").read_text()
+  assert (two / "loss_curves.png").exists()
+  assert_same_training(two, one)
+  start, final = (restore_numpy(str(one / "checkpoints" / str(s) / "state")) for s in (2, 6))
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(final["params"]),
                                                jax.tree.leaves(start["params"]))]
   assert min(moved) > 0  # the parameters did train between the checkpoints compared
+
+
+def test_a_checkpoint_resumes_on_other_process_counts_and_meshes(smoke_runs, tmp_path, capsys):
+  """Saved by 2 processes x 2 devices at step 2, resumed by 1 process x 4 to step 4, then
+  in this process on 8 devices (a 4 x 2 mesh) to step 6: the records and parameters of
+  one uninterrupted 1 x 4 run, within 1e-5."""
+  from experiments.configs import cosmoflow as configs  # noqa: PLC0415
+  from experiments.trainers import cosmoflow  # noqa: PLC0415
+  workdir = tmp_path / "resharded"
+  shutil.copytree(smoke_runs[2], workdir, ignore=shutil.ignore_patterns("logs", "4", "6"))
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.cosmoflow", *TRAIN, f"--workdir={workdir}",
+       "--config.mesh.cpu_devices=4"], env={**ENV, "XLA_FLAGS": ""}, cwd=ROOT,
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+  assert "resumed from" in result.stdout and "at step 2" in result.stdout
+  shutil.rmtree(workdir / "checkpoints" / "6")
+  config = configs.get_config("smoke")
+  config.mesh.shape, config.train.checkpoint_every, config.train.keep_checkpoints = (4, 2), 2, 3
+  capsys.readouterr()
+  state = cosmoflow.run(config, str(workdir))
+  assert int(state.step) == 6 and len(jax.devices()) == 8
+  assert f"resumed from {workdir}/checkpoints at step 4" in capsys.readouterr().out
+  assert_same_training(workdir, smoke_runs[1])

@@ -2,7 +2,9 @@
 across processes, and CosmoFlow trained by 2 processes x 2 devices as by 1 x 4."""
 import io
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -225,3 +227,106 @@ def test_a_checkpoint_resumes_on_other_process_counts_and_meshes(smoke_runs, tmp
   assert int(state.step) == 6 and len(jax.devices()) == 8
   assert f"resumed from {workdir}/checkpoints at step 4" in capsys.readouterr().out
   assert_same_training(workdir, smoke_runs[1])
+
+
+# ---- failures ------------------------------------------------------------------------------
+
+FAILURE_STEPS = 400  # far more than the tests let run
+
+
+def start_job(workdir, *, worker_args=None, processes=2):
+  """The processes of one job started directly, as a cluster's launcher would (not through
+  `sdl.launch`, which would stop the others itself); stdout+stderr to workdir/p<i>.log."""
+  port = str(launch.free_port())
+  os.makedirs(workdir, exist_ok=True)
+  if worker_args is None:
+    command = [sys.executable, "-u", "-m", "experiments.cosmoflow", *TRAIN,
+               "--config.mesh.cpu_devices=2", f"--config.train.steps={FAILURE_STEPS}",
+               "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
+               "--config.train.eval_every=1000", f"--workdir={workdir}/run"]
+  else:
+    command = [sys.executable, "-u", os.path.join(ROOT, "tests", "multiprocess_worker.py"),
+               f"{workdir}/run", *map(str, worker_args)]
+  procs = []
+  for i in range(processes):
+    env = launch.environment(i, processes, int(port), None, base={**ENV, "XLA_FLAGS": ""})
+    log = open(os.path.join(workdir, f"p{i}.log"), "w")
+    procs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=log,
+                                  stderr=subprocess.STDOUT))
+  return procs
+
+
+def wait_for_line(path, text, timeout=240):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if text in open(path).read():
+      return
+    time.sleep(0.2)
+  raise AssertionError(f"no {text!r} in {path} after {timeout} s:\n{open(path).read()[-3000:]}")
+
+
+def test_a_killed_process_ends_the_survivor_with_its_name(tmp_path):
+  procs = start_job(tmp_path)
+  try:
+    wait_for_line(tmp_path / "p0.log", "step 5/")
+    procs[1].kill()
+    killed = time.monotonic()
+    status = procs[0].wait(timeout=120)
+    took = time.monotonic() - killed
+  finally:
+    for p in procs:
+      p.kill()
+  log = (tmp_path / "p0.log").read_text()
+  assert status != 0 and took < 60, (status, took, log[-3000:])
+  # ours, or JAX's coordinator's if it ended the process first: both name process 1
+  assert ("process 1 is not alive" in log
+          or "unhealthy (stopped sending heartbeats):\n1\n" in log), log[-3000:]
+
+
+def test_a_stalled_process_is_ended_by_its_watchdog_and_the_others_follow(tmp_path):
+  """Process 1 stops stepping after step 5 but stays alive; `train.stall_seconds=15`."""
+  procs = start_job(tmp_path, worker_args=(FAILURE_STEPS, 1, 5, 15))
+  try:
+    wait_for_line(tmp_path / "p1.log", "stalling after step 5")
+    stalled = time.monotonic()
+    statuses = [p.wait(timeout=120) for p in procs]
+    took = time.monotonic() - stalled
+  finally:
+    for p in procs:
+      p.kill()
+  logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+  assert statuses[1] == 75 and took < 60, (statuses, took, logs[1][-3000:])
+  assert "no training step finished on process 1 for" in logs[1]
+  assert "0: step 5, 1: step 4" in logs[1]  # process 1 fell behind: named by its step
+  assert statuses[0] != 0
+  assert ("process 1 is not alive" in logs[0]
+          or "unhealthy (stopped sending heartbeats):\n1\n" in logs[0]), logs[0][-3000:]
+
+
+def test_sigterm_saves_one_checkpoint_at_one_step_and_the_job_resumes(tmp_path):
+  """SIGTERM to the launcher reaches every process; they agree on the step (JAX's
+  preemption sync point), save it together and exit 143; the same command resumes there."""
+  command = [sys.executable, "-m", "sdl.launch", "-n", "2", "--", sys.executable, "-u", "-m",
+             "experiments.cosmoflow", *TRAIN, "--config.mesh.cpu_devices=2",
+             "--config.train.steps=30", "--config.train.log_every=1",
+             "--config.train.checkpoint_every=1000", "--config.train.eval_every=1000", f"--workdir={tmp_path}/run"]
+  out = open(tmp_path / "first.log", "w")
+  proc = subprocess.Popen(command, env={**ENV, "XLA_FLAGS": ""}, cwd=ROOT, stdout=out,
+                          stderr=subprocess.STDOUT)
+  try:
+    wait_for_line(tmp_path / "first.log", "[0] step 3/")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+  finally:
+    proc.kill()
+  text = (tmp_path / "first.log").read_text()
+  stops = sorted(set(re.findall(r"\[(\d)\] SIGTERM at step (\d+)", text)))
+  assert [who for who, _ in stops] == ["0", "1"], text[-3000:]
+  step = int(stops[0][1])
+  assert stops[1][1] == str(step) and 3 <= step < 30  # both at the same step
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+  assert saved[-1] == step and set(saved) <= {1, step}  # 1: orbax's first save of a run
+  again = subprocess.run(command, env={**ENV, "XLA_FLAGS": ""}, cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stdout[-3000:]
+  assert f"at step {step}" in again.stdout and "[0] step 30/30" in again.stdout

@@ -5,6 +5,11 @@ A user's mistake (a bad flag or override, a config that cannot run, bad data, a 
 that does not fit: `sdl.errors.UserError`) prints one line, `error: ...`, and exits with
 status 2; `--traceback` (or `SDL_TRACEBACK=1`) shows the whole traceback instead. A run
 stopped by SIGTERM saves a checkpoint and exits with status 143 (128 + SIGTERM).
+
+Part of a multi-process job (`--coordinator`, `--num_processes`, `--process_id`, or
+SLURM, Open MPI or a TPU pod: `sdl.parallel.distributed`), it joins the job first; a
+process that loses a peer in a collective prints one line naming it and exits with status
+75, and a rerun of the job resumes.
 """
 import importlib
 import os
@@ -100,21 +105,35 @@ def main(trainer: str, default_config: str, default_workdir: str) -> None:
     config = config_flag.value
     # orbax's and absl's warnings on every save and resume say nothing a user can act on
     logging.set_verbosity(logging.ERROR)
-    try:
-      # Both before JAX starts its backend.
+
+    def start():
+      # A multi-process job joined and the CPU devices set: both before JAX starts its
+      # backend, and before the jax-heavy trainer module is imported.
       job = distributed.detect(coordinator.value, num_processes.value, process_id.value)
       distributed.initialize(job, config.mesh.get("cpu_devices"))
       ensure_cpu_devices(config.mesh.get("cpu_devices"))
-      # jax-heavy: imported once the devices are set
       importlib.import_module(f"experiments.trainers.{trainer}").run(config, workdir_flag.value)
-    except Preempted as stop:
-      print(stop, file=sys.stderr, flush=True)
-      sys.exit(EXIT_PREEMPTED)
-    except UserError as error:
-      if wants_traceback():
-        raise
-      fail(str(error))
+    guarded(start)
   app.run(run, flags_parser=parse_flags)
+
+
+def guarded(run):
+  """`run()`, with the exits a user acts on: a preempted run saved and exits 143, a user's
+  mistake prints one line and exits 2, and a collective that lost a peer process prints one
+  line naming it and exits 75 (rerun to resume); anything else is a bug and raises."""
+  try:
+    return run()
+  except Preempted as stop:
+    print(stop, file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
+  except UserError as error:
+    if wants_traceback():
+      raise
+    fail(str(error))
+  except Exception as error:  # noqa: BLE001 (a collective that lost its peer, else a bug)
+    if not distributed.is_lost_peer(error) or wants_traceback():
+      raise
+    fail(distributed.lost_peer_message(error), distributed.EXIT_LOST_PEER)
 
 
 def model_directory(checkpoint: str, export_to: str | None, export) -> str | None:

@@ -25,6 +25,8 @@ calls it where processes can drift (`sdl.train.loop`).
 """
 import dataclasses
 import os
+import threading
+import time
 
 import jax
 
@@ -138,7 +140,119 @@ def barrier(name: str, timeout_seconds: int = BARRIER_SECONDS) -> None:
   """Wait until every process reaches `barrier(name)`, for at most `timeout_seconds`; on one
   process, return at once. Waits on the coordination service, not in a collective, so it
   is not bound by gloo's 30 s (module docstring). Each name is used once per job."""
-  if not is_multiprocess():
-    return
+  if is_multiprocess():
+    _client().wait_at_barrier(name, timeout_in_ms=timeout_seconds * 1000)
+
+
+# ---- failures: a lost process, a stalled one, preemption -----------------------------------
+#
+# A process that dies, or freezes whole (SIGKILL, SIGSTOP, a lost node), stops sending
+# heartbeats; after HEARTBEAT_SECONDS JAX's coordinator ends every other process with
+# "The following tasks are unhealthy (stopped sending heartbeats): <ids>". Survivors blocked
+# in a collective usually learn it sooner from the collective itself (gloo: "Connection
+# reset by peer"), and `lost_peer_message` turns that into one line. A process that stays
+# alive but stops stepping keeps its heartbeats going: `StepWatchdog` ends it, and the
+# others then fail in their next collective (gloo gives up after 30 s; on GPU each one's
+# own watchdog ends it). SIGTERM is the scheduler's preemption notice: JAX's preemption
+# service agrees on one step at which every process saves and stops (`preempted`).
+
+EXIT_LOST_PEER = 75  # EX_TEMPFAIL: rerun the job, it resumes from the last checkpoint
+STALL_SECONDS = 600  # default `train.stall_seconds`: far above any step, save or evaluation
+
+
+def _client():
   from jax._src import distributed  # noqa: PLC0415 (the runtime's client has no public path)
-  distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_seconds * 1000)
+  return distributed.global_state.client
+
+
+def lost_processes(timeout_seconds: float = HEARTBEAT_SECONDS + 5) -> list[int]:
+  """The processes the coordinator no longer counts as alive. Blocks until the live ones
+  have all asked, or a dead one is noticed (at most a heartbeat timeout)."""
+  everyone = list(range(jax.process_count()))
+  result = []
+
+  def ask():
+    result.append(_client().get_live_nodes(everyone))
+  asker = threading.Thread(target=ask, daemon=True)
+  asker.start()
+  asker.join(timeout_seconds)
+  return sorted(set(everyone) - set(result[0])) if result else []
+
+
+def is_lost_peer(error: BaseException) -> bool:
+  """Whether `error` is a collective that failed because a peer went away or stalled."""
+  text = str(error)
+  return is_multiprocess() and isinstance(error, jax.errors.JaxRuntimeError) and any(
+      s in text for s in ("Gloo", "gloo", "NCCL", "Connection reset", "Connection closed",
+                          "Read timeout", "DEADLINE_EXCEEDED", "UNAVAILABLE"))
+
+
+def lost_peer_message(error: BaseException) -> str:
+  """One line for a collective that failed on a lost or stalled peer, naming the lost
+  process once the coordinator knows it. Prints a first line at once: JAX's coordinator
+  may end this process (its own message names the lost one) while it waits."""
+  first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+  me = f"process {jax.process_index()} of {jax.process_count()}"
+  print(f"error: {me} lost another process of this job in a collective ({first}); asking "
+        "the coordinator which", flush=True)
+  lost = lost_processes()
+  who = (f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} "
+         f"{'are' if len(lost) > 1 else 'is'} not alive" if lost else
+         "none is reported dead, so one stalled (its own watchdog names it) or the network "
+         "failed")
+  return f"{me}: {who}; rerun the job to resume from its last checkpoint"
+
+
+def preempted(step: int) -> bool:
+  """Whether the job stops at `step` for a SIGTERM received by any of its processes: the
+  same answer on every process (JAX's preemption sync point). Call it at every step."""
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return multihost_utils.reached_preemption_sync_point(step)
+
+
+class StepWatchdog:
+  """Ends this process, with a line naming the process that fell behind, when no step
+  finished for `seconds`. `beat(step)` after each step (and after each evaluation or
+  save); it arms itself at the first beat, so the first compile is not timed."""
+
+  def __init__(self, seconds: float, check_every: float = 1.0):
+    self.seconds, self.check_every = seconds, check_every
+    self.last, self.step = None, None
+    self._done = threading.Event()
+    self._thread = threading.Thread(target=self._watch, daemon=True, name="sdl-step-watchdog")
+    self._thread.start()
+
+  def beat(self, step: int) -> None:
+    self.last, self.step = time.monotonic(), step
+    if is_multiprocess():  # for the others' watchdogs to name who fell behind
+      _client().key_value_set(f"sdl/step/{jax.process_index()}", str(step), allow_overwrite=True)
+
+  def close(self) -> None:
+    self._done.set()
+
+  def _watch(self) -> None:
+    while not self._done.wait(self.check_every):
+      if self.last is not None and time.monotonic() - self.last > self.seconds:
+        self._fire(time.monotonic() - self.last)
+
+  def behind(self) -> str:
+    """Where each process last reported: '0: step 7, 1: step 4'."""
+    if not is_multiprocess():
+      return ""
+    steps = {}
+    for i in range(jax.process_count()):
+      try:
+        steps[i] = _client().key_value_try_get(f"sdl/step/{i}")
+      except Exception:  # noqa: BLE001 (not reported yet, or the coordinator is gone)
+        steps[i] = "?"
+    return ", ".join(f"{i}: step {s}" for i, s in steps.items())
+
+  def _fire(self, idle: float) -> None:
+    where = self.behind()
+    me = f"process {jax.process_index()}" if is_multiprocess() else "this process"
+    print(f"error: no training step finished on {me} for {idle:.0f} s, after step "
+          f"{self.step} (train.stall_seconds={self.seconds:g})"
+          + (f"; last steps finished by each process: {where}" if where else "")
+          + ". A process stalled; the job stops. Rerun it to resume from the last checkpoint",
+          flush=True)
+    os._exit(EXIT_LOST_PEER)  # the main thread may be stuck inside a collective

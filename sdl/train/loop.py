@@ -3,7 +3,9 @@
 Every piece that depends on the experiment comes in as a function or from config, so a
 trainer for a new model family only builds its model, data and loss (see
 `experiments/trainers/cosmoflow.py`). From config it reads `train.steps`, `log_every`,
-`eval_every`, `checkpoint_every`, `keep_checkpoints`, and (optional) `log.shown` (the
+`eval_every`, `checkpoint_every`, `keep_checkpoints`, `stall_seconds` (optional: in a
+multi-process job, a process with no step finished for that long ends the job, default
+`sdl.parallel.distributed.STALL_SECONDS`), and (optional) `log.shown` (the
 metrics on the progress line) and `log.plot_train` / `log.plot_eval` (the series in the
 plot).
 
@@ -17,6 +19,7 @@ What it guarantees:
   saved with each checkpoint.
 - SIGTERM (a scheduler's preemption notice) saves a checkpoint and raises `Preempted`.
 """
+import contextlib
 import math
 import os
 import signal
@@ -83,16 +86,25 @@ class _Window:
 
 
 class _Sigterm:
-  """Notes a SIGTERM (main thread only; elsewhere the default handling stays)."""
+  """Notes a SIGTERM (main thread only; elsewhere the default handling stays). In a
+  multi-process job JAX's preemption service catches it instead, and `at(step)` is true
+  at the same step on every process, so that all save the same checkpoint."""
 
   def __init__(self):
     self.received = False
     self.previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if (threading.current_thread() is threading.main_thread()
+        and not distributed.is_multiprocess()):
       self.previous = signal.signal(signal.SIGTERM, self._note)
     return self
+
+  def at(self, step: int) -> bool:
+    """Whether to save and stop after `step`; call once per step, in order."""
+    if distributed.is_multiprocess():
+      self.received = self.received or distributed.preempted(step)
+    return self.received
 
   def _note(self, signum, frame):
     del signum, frame
@@ -155,6 +167,11 @@ def check_train_config(config) -> None:
     value = t.get(field)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ConfigError(f"train.{field}={value!r}: give a whole number of at least 1")
+  stall = t.get("stall_seconds", 1)
+  if isinstance(stall, bool) or not isinstance(stall, (int, float)) or stall <= 0:
+    raise ConfigError(f"train.stall_seconds={stall!r}: give the seconds without a finished "
+                      "step after which a multi-process job stops (default "
+                      f"{distributed.STALL_SECONDS})")
 
 
 check_workdir = run_config.check_workdir
@@ -211,7 +228,10 @@ def _train(config, log, ckpt, state, start, workdir, train_step, get_batch, eval
                       "in the loss, the gradients or the update)")
 
   compiled = set()
-  with _Sigterm() as sigterm:
+  watchdog = (distributed.StepWatchdog(train.get("stall_seconds", distributed.STALL_SECONDS))
+              if distributed.is_multiprocess() else None)
+  with _Sigterm() as sigterm, (contextlib.closing(watchdog) if watchdog else
+                                contextlib.nullcontext()):
     for step in range(start + 1, train.steps + 1):
       t0 = time.perf_counter()
       batch = get_batch(step - 1)
@@ -248,12 +268,15 @@ def _train(config, log, ckpt, state, start, workdir, train_step, get_batch, eval
           record.update({f"eval_{k}": v for k, v in evaluate(state).items()})
         writer.write(record)
         progress.line(step, record["steps_per_sec"], record)
-      if sigterm.received or ckpt.should_save(step) or step == train.steps:
+      stop = sigterm.at(step)
+      if stop or ckpt.should_save(step) or step == train.steps:
         verified(step)
         ckpt.save(step, state, meta(), force=True)
       for hook in hooks:
         hook(step, state)
-      if sigterm.received and step < train.steps:
+      if watchdog:
+        watchdog.beat(step)
+      if stop and step < train.steps:
         raise Preempted(f"SIGTERM at step {step}: saved checkpoint {step} in "
                         f"{ckpt.directory}; rerun the same command to resume")
   return state

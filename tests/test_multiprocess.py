@@ -16,6 +16,7 @@ import pytest
 
 from sdl import launch
 from sdl.errors import ConfigError
+from sdl.parallel import distributed
 from sdl.parallel.distributed import Job, detect
 from sdl.train.metrics import read_jsonl
 
@@ -44,6 +45,16 @@ ENV = {**os.environ, "PYTHONPATH": ROOT}
 ])
 def test_detect_reads_the_cluster_environment(environ, want):
   assert detect(environ=environ) == want
+
+
+def test_cpu_collectives_default_to_gloo_and_mpi_needs_its_trampoline():
+  assert distributed.cpu_collectives({}) == "gloo"
+  assert distributed.cpu_collectives({"SDL_CPU_COLLECTIVES": "mpi",
+                                      "MPITRAMPOLINE_LIB": "/x/libmpiwrapper.so"}) == "mpi"
+  with pytest.raises(ConfigError, match="MPITRAMPOLINE_LIB"):
+    distributed.cpu_collectives({"SDL_CPU_COLLECTIVES": "mpi"})
+  with pytest.raises(ConfigError, match="choose one of"):
+    distributed.cpu_collectives({"SDL_CPU_COLLECTIVES": "nccl"})
 
 
 def test_flags_win_over_the_environment():
@@ -156,17 +167,16 @@ TRAIN = ["--config=experiments/configs/cosmoflow.py:smoke", "--config.mesh.shape
          "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=3"]
 
 
-@pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory):
-  """The smoke run on 2 processes x 2 devices and on 1 process x 4, both on a 2 x 2 data x
-  spatial mesh, each started by the launcher; checkpoints at steps 2, 4 and 6."""
+def launch_pair(workdirs, extra=()):
+  """The smoke run (with `extra` flags) on 2 processes x 2 devices and on 1 process x 4,
+  both on a 2 x 2 data x spatial mesh, each started by the launcher: {processes: workdir}."""
   runs = {}
   for processes, devices in ((2, 2), (1, 4)):
-    workdir = tmp_path_factory.mktemp(f"p{processes}")
+    workdir = workdirs.mktemp(f"p{processes}")
     result = subprocess.run(
         [sys.executable, "-m", "sdl.launch", "-n", str(processes), "--logdir",
          str(workdir / "logs"), "--", sys.executable, "-m", "experiments.cosmoflow", *TRAIN,
-         f"--workdir={workdir}", f"--config.mesh.cpu_devices={devices}"],
+         *extra, f"--workdir={workdir}", f"--config.mesh.cpu_devices={devices}"],
         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "on 4 cpu devices" in result.stdout
@@ -174,11 +184,17 @@ def smoke_runs(tmp_path_factory):
   return runs
 
 
-def assert_same_training(workdir, reference, steps=(2, 4, 6)):
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+  """Checkpoints at steps 2, 4 and 6."""
+  return launch_pair(tmp_path_factory)
+
+
+def assert_same_training(workdir, reference, steps=(2, 4, 6), records=(2, 3, 4, 6)):
   """Every loss record and the final parameters within 1e-5 relative of `reference`."""
-  records = [read_jsonl(os.path.join(w, "metrics.jsonl")) for w in (workdir, reference)]
-  assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == [2, 3, 4, 6]
-  for a, b in zip(*records):
+  logs = [read_jsonl(os.path.join(w, "metrics.jsonl")) for w in (workdir, reference)]
+  assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == list(records)
+  for a, b in zip(*logs):
     for key in ("loss", "mae", "eval_loss"):
       if key in b:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
@@ -187,6 +203,7 @@ def assert_same_training(workdir, reference, steps=(2, 4, 6)):
   assert int(final[0]["step"]) == int(final[1]["step"]) == steps[-1]
   for a, b in zip(jax.tree.leaves(final[0]["params"]), jax.tree.leaves(final[1]["params"])):
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+  return final
 
 
 def test_two_processes_train_cosmoflow_like_one(smoke_runs):
@@ -203,6 +220,23 @@ def test_two_processes_train_cosmoflow_like_one(smoke_runs):
   moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(final["params"]),
                                                jax.tree.leaves(start["params"]))]
   assert min(moved) > 0  # the parameters did train between the checkpoints compared
+
+
+def test_two_processes_train_cosmoflow_with_kfac_like_one(tmp_path_factory):
+  """K-FAC over the 2 x 2 data x spatial mesh, its statistics summed and its inverses split
+  across both processes (`kfac.Layout`): the same losses, parameters and K-FAC factors as
+  on one process, within 1e-5. Every step takes statistics and inverts; layers with
+  factors over 512 wide take the fallback, which keeps the test's compile short."""
+  runs = launch_pair(tmp_path_factory, [
+      "--config.optim.name=kfac", "--config.optim.kfac.inverse_every=1",
+      "--config.optim.kfac.max_factor_dim=512", "--config.train.steps=4"])
+  final = assert_same_training(runs[2], runs[1], steps=(2, 4), records=(2, 3, 4))
+  factors = [final[i]["opt_state"][1]["factors"] for i in (0, 1)]  # after the norm clip
+  assert {"Conv3D_0", "Conv3D_1"} <= set(factors[1]), factors[1].keys()
+  for a, b in zip(jax.tree.leaves(factors[0]), jax.tree.leaves(factors[1])):
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+  assert not all(np.allclose(a, np.eye(len(a))) for a in jax.tree.leaves(factors[1])
+                 if a.ndim == 2)
 
 
 def test_a_checkpoint_resumes_on_other_process_counts_and_meshes(smoke_runs, tmp_path, capsys):

@@ -65,7 +65,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       slab_progress=False,      # a progress line per slab, inside minute-long steps
   )
   c.optim = dict(name="adam", lr=1e-3, momentum=0.9, warmup_steps=20, decay="cosine",
-                 weight_decay=0.0, clip_norm=1.0)
+                 weight_decay=0.0, clip_norm=1.0,
+                 # name="kfac": any field of sdl.optim.schedules.KFAC_DEFAULTS overrides
+                 # its default here; on a data x spatial mesh its statistics and inverses
+                 # are spread over the devices (sdl.optim.kfac.Layout)
+                 kfac=dict(damping=1e-3, stats_every=1, inverse_every=20, inversion="eigh",
+                           max_factor_dim=0, factor_dtype="float32", comm_dtype="float32"))
   c.mesh = dict(
       shape=(2, 2),             # devices per axis; one entry may be -1 (the rest)
       axes=("data", "spatial"),  # any distinct names; `rules` map logical axes onto them

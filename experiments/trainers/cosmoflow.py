@@ -22,7 +22,7 @@ from sdl.models.conv import LOWERINGS
 from sdl.models import slabs as slabs_lib
 from sdl.models.cosmoflow import (HEAD, HEAD_NORM_MOMENTUM, HEADS, VARIANTS, CosmoFlow,
                                   feature_layers, head_widths, resolve_spatial_layers)
-from sdl.optim import make_optimizer
+from sdl.optim import kfac, make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
 from sdl.parallel.mesh import check_mesh_config, resolve_mesh_shape
 from sdl.parallel.sharding import PARAM_SHARDINGS, VOLUME_AXES
@@ -228,9 +228,13 @@ def build(config, plan: Plan, mesh) -> Compiled:
   model = step_model(module)
   sample = data.sample_batch(config)
   # K-FAC's curvature products transpose the model, which sdl's direct CPU conv kernel
-  # (a custom call) cannot: that pass runs with the kernel off.
+  # (a custom call) cannot: that pass runs with the kernel off. Its statistics are summed
+  # and its inverses split by its own collectives over the mesh (`kfac.Layout`).
+  spatial = tuple(a for a in (part.mesh_axis("depth"), part.mesh_axis("height")) if a)
+  layout = kfac.Layout(mesh, (part.mesh_axis("batch"),), spatial)
   optimizer = make_optimizer(config.optim, config.train.steps, model=module,
-                             example=(sample["volume"],), transposable=direct_kernels.disabled)
+                             example=(sample["volume"],), layout=layout,
+                             transposable=direct_kernels.disabled)
   init = lambda: init_state(model, optimizer.tx, sample, config.seed)
 
   # Created directly in its shardings, never whole on one device first.

@@ -70,13 +70,17 @@ What the options do (all periodic work is a pure function of the step count):
                    kfac_profile`, docs/benchmarks.md). `gradients` tags
                    those layers (only) on steps without statistics too.
 
-Distributed: with `axis_names` (inside `shard_map`, which the train step sets up with
-`batch_axes`)
-factor statistics are summed over those mesh axes; with two axes `("node", "local")` the
-sum is hierarchical (reduce-scatter within the node, all-reduce across nodes, all-gather
-within the node), and the inverses are split across the devices layer by layer (greedy by
-cost `d³`): each layer is inverted by its owner only, which shares the result with an
-all-reduce of that layer's inverses (the other devices contribute zeros).
+Distributed, two ways into the same collectives. With `axis_names` the step runs inside
+`shard_map` (`make_train_step(batch_axes=...)`, data parallel only) and the transform sees
+each device's own statistics. With `layout` (`Layout`) the step is one GSPMD program over
+a data x spatial mesh (the hybrid trainers, on one process or many), activations split
+over the batch and depth, and the transform enters `shard_map` itself for its statistics
+and inversions. Either way factor statistics are summed over the mesh axes, hierarchically
+with a `node` axis (reduce-scatter within the node, all-reduce across nodes, all-gather
+within the node: `sdl.parallel.collectives.all_reduce_sum`), and the inverses are split
+across the devices layer by layer (greedy by cost `d³`): each layer is inverted by its
+owner only, which shares the result with an all-reduce of that layer's inverses (the other
+devices contribute zeros).
 """
 import contextlib
 import dataclasses
@@ -90,6 +94,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from sdl.ops.windows import window_patches
 from sdl.optim.gradients import Gradients, split_state
@@ -295,25 +300,88 @@ def patches(x, spec: LayerSpec):
   return p.reshape(x.shape[0], -1, p.shape[-1])
 
 
+def factor_rows(spec: LayerSpec, x, g):
+  """The rows whose outer products make the factors, as `[examples, positions, width]`:
+  the layer's inputs `a` (a conv's input patches; for the channel factor every tap of a
+  patch is a position) and its per-example output gradients `g`. Depth is the leading
+  spatial dimension, so an activation split over the batch and depth stays split over the
+  first two dimensions (`Layout`)."""
+  if spec.kind == "conv":
+    a = patches(x, spec)
+    if spec.factor == "channels":
+      a = a.reshape(a.shape[0], -1, spec.kernel_shape[-2])
+  else:
+    a = x.reshape(x.shape[0], -1, x.shape[-1])
+  return a, g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def factor_sums(spec: LayerSpec, a, g):
+  """`(Σ a aᵀ, Σ g gᵀ)` over the rows of `factor_rows`, with the bias's row and column."""
+  hi = lax.Precision.HIGHEST
+  a = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
+  g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
+  sg = jnp.matmul(g.T, g, precision=hi)
+  if spec.factor == "channels":
+    sa = jnp.matmul(a.T, a, precision=hi)
+    if spec.has_bias:  # block diagonal: the bias's entry is the mean of 1 · 1
+      sa = jnp.pad(sa, ((0, 1), (0, 1))).at[-1, -1].set(a.shape[0])
+    return sa, sg
+  if spec.has_bias:
+    a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+  return jnp.matmul(a.T, a, precision=hi), sg
+
+
 def layer_factors(spec: LayerSpec, x, g):
   """Unreduced K-FAC sums for one layer: `(Σ a aᵀ, Σ g gᵀ, N·T, N)`.
 
   x: the layer input; g: per-example gradients of the loss w.r.t. the layer output.
   """
-  hi = lax.Precision.HIGHEST
-  g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
-  sg = jnp.matmul(g.T, g, precision=hi)
-  if spec.factor == "channels":  # every tap of every patch is one sample of the channels
-    a = patches(x, spec).reshape(-1, spec.kernel_shape[-2]).astype(jnp.float32)
-    sa = jnp.matmul(a.T, a, precision=hi)
-    if spec.has_bias:  # block diagonal: the bias's entry is the mean of 1 · 1
-      sa = jnp.pad(sa, ((0, 1), (0, 1))).at[-1, -1].set(a.shape[0])
-    return sa, sg, a.shape[0], x.shape[0]
-  a = patches(x, spec) if spec.kind == "conv" else x.reshape(x.shape[0], -1, x.shape[-1])
-  a = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
-  if spec.has_bias:
-    a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
-  return jnp.matmul(a.T, a, precision=hi), sg, a.shape[0], x.shape[0]
+  a, g = factor_rows(spec, x, g)
+  return (*factor_sums(spec, a, g), a.shape[0] * a.shape[1], x.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a GSPMD train step (one SPMD program, no `shard_map` around it: the hybrid data x
+  spatial trainers) lays K-FAC's inputs over `mesh`: `batch`, the mesh axes that split the
+  batch, and `spatial`, those that split the depth of activations.
+
+  With it the transform enters `shard_map` over the mesh for its two collective parts
+  itself. Statistics: each device sums the outer products of its own rows (its examples,
+  its depth slab of positions; a layer whose depth does not divide over `spatial`, like the
+  deep layers after pooling, is held whole by the spatial shards, which then each count
+  1/size of it), then one `all_reduce_sum` over `batch + spatial`, hierarchical with a
+  `node` axis. Inverses: split over every device of the mesh. The same program runs on
+  one process or many: the mesh spans them all.
+  """
+  mesh: Any
+  batch: tuple[str, ...]
+  spatial: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    unknown = [a for a in (*self.batch, *self.spatial) if a not in self.mesh.shape]
+    if unknown or not self.batch:
+      raise ValueError(f"kfac Layout(batch={self.batch}, spatial={self.spatial}): the batch "
+                       f"needs at least one axis, and every axis must be one of the mesh's "
+                       f"{tuple(self.mesh.axis_names)}")
+
+  @property
+  def axes(self) -> tuple[str, ...]:
+    return (*self.batch, *self.spatial)
+
+  def _size(self, axes) -> int:
+    return math.prod(self.mesh.shape[a] for a in axes)
+
+  def rows_spec(self, shape) -> P:
+    """How `factor_rows`'s `[examples, positions, width]` are split: examples over `batch`,
+    positions over `spatial`, each only where it divides."""
+    split = lambda axes, n: axes if axes and n % self._size(axes) == 0 else None
+    return P(split(self.batch, shape[0]), split(self.spatial, shape[1]), None)
+
+  def copies(self, spec: P) -> int:
+    """On how many devices of `axes` each row under `spec` lives."""
+    used = {a for part in spec if part for a in ((part,) if isinstance(part, str) else part)}
+    return self._size([a for a in self.axes if a not in used])
 
 
 class LayerStats(NamedTuple):
@@ -480,7 +548,8 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
          learning_rate: float | Callable | None = None, norm_clip: float = 0.0,
          max_factor_dim: int = 0, wide_conv: str = "fallback", adaptive: bool = False,
          kl_clip_per_layer: bool = False, grad_factors: bool = True,
-         axis_names: Sequence[str] = ()) -> optax.GradientTransformationExtraArgs:
+         axis_names: Sequence[str] = (),
+         layout: Layout | None = None) -> optax.GradientTransformationExtraArgs:
   """The K-FAC preconditioner (module docstring). Chain it before momentum / lr scaling:
   `optax.chain(kfac(layers, ...), optax.sgd(schedule, momentum=0.9))`.
 
@@ -488,7 +557,14 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
   the already reduced (global) gradients, `kfac_stats` the local layer statistics (not
   needed when a static `kfac_phase` says this update takes none), `kfac_phase` a `Phase`
   fixed at trace time, which must be `phase_at(count, stats_every, inverse_every)`.
+
+  Distributed, one of: `axis_names`, the batch axes of the `shard_map` the step runs in
+  (`make_train_step(batch_axes=...)`), or `layout` (`Layout`), for a GSPMD step over a
+  mesh, whose statistics and inverses the transform distributes itself.
   """
+  if layout is not None and axis_names:
+    raise ValueError("kfac: give axis_names (a step inside shard_map) or layout (a GSPMD "
+                     "step over a mesh), not both")
   if inversion not in INVERSIONS:
     raise ValueError(f"kfac inversion={inversion!r}: choose one of {INVERSIONS}")
   if fallback not in FALLBACKS:
@@ -559,11 +635,16 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
 
   def new_factors(state, stats: LayerStats):
     grads_out = stats.output_grads()
-    sums = {}
-    for name, spec in layers.items():
-      sa, sg, nt, n = layer_factors(spec, stats.inputs[name], grads_out[name])
-      sums[name] = (sa, sg, jnp.float32(nt), jnp.float32(n))
-    sums = all_reduce_sum(sums, axis_names, comm_dtype)
+    if layout is None:
+      sums = {}
+      for name, spec in layers.items():
+        sa, sg, nt, n = layer_factors(spec, stats.inputs[name], grads_out[name])
+        sums[name] = (sa, sg, jnp.float32(nt), jnp.float32(n))
+      sums = all_reduce_sum(sums, axis_names, comm_dtype)
+    else:
+      sums = mesh_factor_sums({name: factor_rows(spec, stats.inputs[name], grads_out[name])
+                               for name, spec in layers.items()},
+                              {name: stats.inputs[name].shape[0] for name in layers})
     # A running mean until it would weigh a new estimate less than the EMA does: the
     # first estimate replaces the identity, the k-th counts 1/k, then 1 - factor_decay.
     weight = jnp.maximum(1 - factor_decay, 1 / (state.stats_updates + 1).astype(jnp.float32))
@@ -575,10 +656,37 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
                          ).astype(factor_dtype) for old, new in zip((old_a, old_g), batch))
     return out
 
+  def mesh_factor_sums(rows: dict, examples: dict):
+    """`new_factors`'s sums under `layout`: each device's own rows, then one all-reduce.
+    The counts are the global arrays' (static)."""
+    specs = {name: (layout.rows_spec(a.shape), layout.rows_spec(g.shape))
+             for name, (a, g) in rows.items()}
+
+    def local(rows):
+      out = {}
+      for name, (a, g) in rows.items():
+        sa, sg = factor_sums(layers[name], a, g)
+        out[name] = (sa / layout.copies(specs[name][0]), sg / layout.copies(specs[name][1]))
+      return all_reduce_sum(out, layout.axes, comm_dtype)
+    sums = jax.shard_map(local, mesh=layout.mesh, in_specs=(specs,), out_specs=P(),
+                         check_vma=False)(rows)
+    return {name: (sa, sg, jnp.float32(math.prod(rows[name][0].shape[:2])),
+                   jnp.float32(examples[name])) for name, (sa, sg) in sums.items()}
+
   def refresh(state, factors):
-    """Re-invert the layers whose factors moved (all of them without stale Fisher)."""
-    owner = assign_inverses(layers, device_count(axis_names))
-    me = device_index(axis_names) if axis_names else 0
+    """Re-invert the layers whose factors moved (all of them without stale Fisher); under
+    `layout`, split over every device of its mesh."""
+    if layout is None:
+      return refresh_on(axis_names, state.inverses, state.inversions, state.inverted_factors,
+                        factors)
+    axes = tuple(layout.mesh.axis_names)
+    return jax.shard_map(lambda *a: refresh_on(axes, *a), mesh=layout.mesh,
+                         in_specs=P(), out_specs=P(), check_vma=False)(
+        state.inverses, state.inversions, state.inverted_factors, factors)
+
+  def refresh_on(axes, old_inverses, old_inversions, old_inverted, factors):
+    owner = assign_inverses(layers, device_count(axes))
+    me = device_index(axes) if axes else 0
     inverses, inversions, inverted = {}, {}, {}
     for name in layers:
       a, g = factors[name]
@@ -588,25 +696,25 @@ def kfac(layers: dict[str, LayerSpec], *, damping: float = 1e-3, pi_damping: boo
         return damped_inverse(a, da, inversion), damped_inverse(g, dg, inversion)
 
       if stale_tolerance:
-        last_a, last_g = state.inverted_factors[name]
+        last_a, last_g = old_inverted[name]
         moved = jnp.logical_or(_relative_change(a, last_a) > stale_tolerance,
                                _relative_change(g, last_g) > stale_tolerance)
-        moved = jnp.logical_or(moved, state.inversions[name] == 0)
+        moved = jnp.logical_or(moved, old_inversions[name] == 0)
       else:
         moved = jnp.bool_(True)
-      if axis_names:
+      if axes:
         def shared(invert=invert, name=name):
           mine = lax.cond(me == owner[name], invert,
-                          lambda: jax.tree.map(jnp.zeros_like, state.inverses[name]))
-          return all_reduce_sum(mine, axis_names)
+                          lambda: jax.tree.map(jnp.zeros_like, old_inverses[name]))
+          return all_reduce_sum(mine, axes)
         compute = shared
       else:
         compute = invert
-      inverses[name] = lax.cond(moved, compute, lambda name=name: state.inverses[name])
-      inversions[name] = state.inversions[name] + moved.astype(jnp.int32)
+      inverses[name] = lax.cond(moved, compute, lambda name=name: old_inverses[name])
+      inversions[name] = old_inversions[name] + moved.astype(jnp.int32)
       if stale_tolerance:
         inverted[name] = jax.tree.map(lambda new, old: jnp.where(moved, new, old),
-                                      factors[name], state.inverted_factors[name])
+                                      factors[name], old_inverted[name])
     return inverses, inversions, inverted
 
   def update(grads, state: KfacState, params=None, *, kfac_stats: LayerStats | None = None,

@@ -69,11 +69,13 @@ def kfac_settings(optim) -> dict:
 
 
 def make_optimizer(optim, total_steps: int, *, model=None, example: tuple = (),
-                   axis_names=(), transposable=contextlib.nullcontext) -> Optimizer:
+                   axis_names=(), layout=None,
+                   transposable=contextlib.nullcontext) -> Optimizer:
   """The optimiser an `optim` config section describes (module docstring).
 
   K-FAC needs the Flax `model` and an `example` of its positional inputs, to find its
-  layers (`kfac.find_layers`); `axis_names` are the batch axes of a `shard_map` step;
+  layers (`kfac.find_layers`); `axis_names` are the batch axes of a `shard_map` step,
+  `layout` (`kfac.Layout`) how a GSPMD step splits the batch and depth over its mesh;
   `transposable` is the model's switch for `kfac.gradients` (its docstring).
   """
   schedule = make_schedule(optim, total_steps)
@@ -86,7 +88,8 @@ def make_optimizer(optim, total_steps: int, *, model=None, example: tuple = (),
                                 k["wide_conv"])
     options = {name: k[name] for name in KFAC_DEFAULTS if name not in ("fisher", "likelihood")}
     options.update(factor_dtype=DTYPES[k["factor_dtype"]], comm_dtype=DTYPES[k["comm_dtype"]])
-    pre = kfac.kfac(layers, learning_rate=schedule, axis_names=axis_names, **options)
+    pre = kfac.kfac(layers, learning_rate=schedule, axis_names=axis_names, layout=layout,
+                    **options)
     parts += [pre, optax.sgd(schedule, momentum=optim.momentum or None)]
     grads = kfac.gradients(layers, fisher=k["fisher"], likelihood=k["likelihood"],
                            axis_names=axis_names, grad_factors=k["grad_factors"],

@@ -13,27 +13,31 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-HIERARCHICAL = ("node", "local")  # axis names that make `all_reduce_sum` hierarchical
+NODE = "node"  # the mesh axis across nodes: with it `all_reduce_sum` is hierarchical
 
 
 def all_reduce_sum(tree, axis_names: Sequence[str], dtype=None):
   """Every leaf of `tree` summed over the mesh axes `axis_names`, travelling in `dtype`
   (default: each leaf's own) as one flat buffer.
 
-  With `("node", "local")` the sum is hierarchical: reduce-scatter within the node,
-  all-reduce across nodes, all-gather within the node, so only 1/local of the buffer
+  With `"node"` among several axes the sum is hierarchical: reduce-scatter over the other
+  axes (`("node", "local")`: the devices of a node; `("node", "local", "spatial")`: those
+  and the spatial shards, which exchange halos every layer and so sit within a node too),
+  all-reduce across nodes, all-gather back, so only 1/(devices per node) of the buffer
   crosses the slower network.
   """
   if not axis_names:
     return tree
+  axis_names = tuple(axis_names)
   leaves, treedef = jax.tree.flatten(tree)
   flat = jnp.concatenate([jnp.ravel(x).astype(dtype or x.dtype) for x in leaves])
-  if tuple(axis_names) == HIERARCHICAL:
-    local = lax.axis_size("local")
-    pad = -flat.size % local
-    part = reduce_scatter(jnp.pad(flat, (0, pad)), "local")
-    part = lax.psum(part, "node")
-    flat = lax.all_gather(part, "local", tiled=True)[:flat.size]
+  inner = tuple(a for a in axis_names if a != NODE)
+  if NODE in axis_names and inner:
+    within = device_count(inner)
+    pad = -flat.size % within
+    part = reduce_scatter(jnp.pad(flat, (0, pad)), inner if len(inner) > 1 else inner[0])
+    part = lax.psum(part, NODE)
+    flat = lax.all_gather(part, inner if len(inner) > 1 else inner[0], tiled=True)[:flat.size]
   else:
     flat = lax.psum(flat, tuple(axis_names))
   out, at = [], 0

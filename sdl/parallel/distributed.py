@@ -15,7 +15,8 @@ A process joins a job when one of these says so, first match wins:
              the rest from the TPU runtime.
 
 Anything else is one process, and nothing happens. On CPU the processes' collectives run
-over gloo (TCP); `docs/scaling.md` says how to use MPI instead on a CPU cluster.
+over gloo (TCP), or over the cluster's MPI with `SDL_CPU_COLLECTIVES=mpi`
+(`cpu_collectives`; docs/scaling.md).
 
 Gloo's quirk that matters here: a collective waits at most 30 s for the other processes
 (jax#40831, not configurable from JAX), so processes that drift further apart, such as one
@@ -122,7 +123,7 @@ def initialize(job: Job | None, cpu_devices: int | None = None) -> None:
           "is not installed: `pip install mpi4py` (built against this Open MPI), or pass "
           "--coordinator, --num_processes and --process_id")
   # Only the CPU backend reads it; GPUs and TPUs keep their own collectives.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.config.update("jax_cpu_collectives_implementation", cpu_collectives())
   explicit = job.source == "flags"
   jax.distributed.initialize(
       coordinator_address=job.coordinator if explicit else None,
@@ -130,6 +131,25 @@ def initialize(job: Job | None, cpu_devices: int | None = None) -> None:
       process_id=job.process_id if explicit else None,
       cluster_detection_method=job.detection,
       heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+
+
+CPU_COLLECTIVES = ("gloo", "mpi")
+
+
+def cpu_collectives(environ=None) -> str:
+  """What carries the CPU processes' collectives: `SDL_CPU_COLLECTIVES`, default gloo (TCP,
+  works anywhere); "mpi" uses the cluster's MPI through MPItrampoline (`MPITRAMPOLINE_LIB`
+  must name its wrapper library; docs/scaling.md)."""
+  environ = os.environ if environ is None else environ
+  chosen = environ.get("SDL_CPU_COLLECTIVES", "gloo")
+  if chosen not in CPU_COLLECTIVES:
+    raise ConfigError(f"SDL_CPU_COLLECTIVES={chosen!r}: choose one of {CPU_COLLECTIVES}")
+  if chosen == "mpi" and not environ.get("MPITRAMPOLINE_LIB"):
+    raise ConfigError("SDL_CPU_COLLECTIVES=mpi runs JAX's CPU collectives through "
+                      "MPItrampoline: set MPITRAMPOLINE_LIB to the MPIwrapper library built "
+                      "against this cluster's MPI (docs/scaling.md), or unset "
+                      "SDL_CPU_COLLECTIVES for gloo")
+  return chosen
 
 
 def is_multiprocess() -> bool:

@@ -140,6 +140,8 @@ def main(argv):
       minutes = ks.EPOCHS * ks.IMAGENET_TRAIN / (32 * p) * total / 60
       say(f"| {p} | " + " | ".join(f"{v * 1e3:.1f}" for v in parts.values())
           + f" | {total * 1e3:.1f} | {minutes:.1f} |")
+  say("\n32 images per GPU is weak scaling: 2,048 GPUs make a mini-batch of 65,536, for "
+      "which 35 epochs is an assumption, not a published result.")
   say(f"\nPublished (SP-NGD, TPAMI 2020): {ks.PUBLISHED['minutes']} min on "
       f"{ks.PUBLISHED['gpus']:,} V100s at mini-batch {ks.PUBLISHED['batch']:,}: "
       f"{published * 1e3:.0f} ms per step if it took {ks.EPOCHS} epochs.")

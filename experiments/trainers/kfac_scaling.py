@@ -152,9 +152,11 @@ def resnet50_at_scale(devices=(16, 64, 256, 1024, 2048), batch: int = 32,
   """`{label: {devices: parts}}` for ResNet-50 on V100s over ABCI's network."""
   layers = kfac_model.resnet50()
   device = kfac_model.Device(kfac_model.V100.flops, kfac_model.V100.gemm_flops, eigh)
-  settings = settings or {"every step": dict(stats_every=1, inverse_every=1),
-                          "stale (stats 10, inverses 100)": dict(stats_every=10,
-                                                                 inverse_every=100)}
+  settings = settings or {
+      "every step, fp32": dict(stats_every=1, inverse_every=1),
+      "stale (stats 10, inverses 100), fp32": dict(stats_every=10, inverse_every=100),
+      "stale, bf16 statistics and factor traffic": dict(
+          stats_every=10, inverse_every=100, factor_bytes=2, low_precision_stats=True)}
   return {label: {p: kfac_model.predict(layers, p, device, kfac_model.ABCI,
                                         kfac_model.Settings(batch=batch, **kw), efficiency)
                   for p in devices}
@@ -171,7 +173,7 @@ def plot(results: dict, path: str, published: float | None = None) -> None:
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
-  fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), sharey=True)
+  fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.5), sharey=True)
   axes = np.atleast_1d(axes)
   colors = plt.get_cmap("tab10").colors
   for ax, (label, by_devices) in zip(axes, results.items()):
@@ -187,8 +189,8 @@ def plot(results: dict, path: str, published: float | None = None) -> None:
                  label="published SP-NGD step (1,024 GPUs)")
     ax.set_xticks(x, [str(c) for c in counts])
     ax.set_xlabel("V100 GPUs (32 images each)")
-    ax.set_title(f"ResNet-50 K-FAC step, {label}")
-  axes[0].set_ylabel("ms per step (model)")
+    ax.set_title(label, fontsize=10)
+  axes[0].set_ylabel("ResNet-50 K-FAC step, ms (model)")
   axes[-1].legend(fontsize=8, loc="upper left")
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -131,7 +131,9 @@ class Settings:
   inverse_every: int = 1
   grad_bytes: int = 2        # fp16 gradients
   factor_bytes: float = 4.0  # fp32 factors (bf16: 2)
-  eigh_per_factor: bool = True
+  # statistics GEMMs in low precision, at the device's `flops` (tensor cores) instead of
+  # its fp32 `gemm_flops`
+  low_precision_stats: bool = False
 
 
 def predict(layers: Sequence[Layer], devices: int, device: Device, net: Network,
@@ -143,7 +145,9 @@ def predict(layers: Sequence[Layer], devices: int, device: Device, net: Network,
       lambda name: efficiency[name])
   fwd_bwd = sum(3 * s.batch * l.flops / (device.flops * eff(l.name)) for l in layers)
   gemm = device.gemm_flops * gemm_efficiency
-  stats = sum(2 * s.batch * l.positions * (l.d_in ** 2 + l.d_out ** 2) for l in layers) / gemm
+  stats_rate = device.flops * gemm_efficiency if s.low_precision_stats else gemm
+  stats = sum(2 * s.batch * l.positions * (l.d_in ** 2 + l.d_out ** 2)
+              for l in layers) / stats_rate
   factor_bytes = sum(l.d_in ** 2 + l.d_out ** 2 for l in layers) * s.factor_bytes
   owner = kfac.assign_inverses({l.name: _Widths(l.d_in, l.d_out) for l in layers}, devices)
   load = [0.0] * devices

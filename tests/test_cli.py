@@ -86,3 +86,25 @@ def test_a_resume_prints_no_library_warnings(tmp_path):
   noise = [line for line in again.stderr.splitlines()
            if not line.startswith("generating ")]  # the data's progress lines
   assert noise == [], noise
+
+
+def _check_often(workdir: str, times: int) -> None:
+  from sdl.train.run_config import check_workdir  # noqa: PLC0415
+  for _ in range(times):
+    check_workdir(workdir)
+
+
+def test_the_processes_of_a_job_check_one_workdir_at_once(tmp_path):
+  """Every process of a multi-process job checks the shared workdir as it starts; one's
+  write probe must not be removed under another's feet (a shared probe name failed on a
+  fresh workdir under mpirun)."""
+  import multiprocessing  # noqa: PLC0415
+  ctx = multiprocessing.get_context("spawn")
+  workers = [ctx.Process(target=_check_often, args=(str(tmp_path / "w"), 300))
+             for _ in range(4)]
+  for w in workers:
+    w.start()
+  for w in workers:
+    w.join(timeout=120)
+  assert [w.exitcode for w in workers] == [0] * 4
+  assert not list((tmp_path / "w").iterdir())  # every probe cleaned up

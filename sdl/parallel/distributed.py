@@ -131,6 +131,9 @@ def initialize(job: Job | None, cpu_devices: int | None = None) -> None:
       process_id=job.process_id if explicit else None,
       cluster_detection_method=job.detection,
       heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+  via = f", through {job.detection}" if job.detection else ""
+  print(f"joined the job as {job.describe()}{via}; collectives on CPU: {cpu_collectives()}",
+        flush=True)
 
 
 CPU_COLLECTIVES = ("gloo", "mpi")

@@ -13,6 +13,7 @@ an error naming the fields. Runtime settings (`RUNTIME`) are left out.
 import datetime
 import json
 import os
+import socket
 
 from sdl import process
 from sdl.errors import CheckpointError, ConfigError
@@ -94,7 +95,9 @@ def check_workdir(workdir: str) -> None:
     raise ConfigError(f"--workdir={workdir} is a file, not a directory; choose another path")
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, ".sdl-write-test")
+    # One probe per process: the processes of a job check the same (shared) directory at
+    # once, and one's removal must not pull another's file away.
+    probe = os.path.join(path, f".sdl-write-test-{socket.gethostname()}-{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)

@@ -33,6 +33,7 @@ def main(argv):
   from experiments.trainers import kfac_profile  # noqa: PLC0415
   from experiments.trainers import kfac_scaling as ks  # noqa: PLC0415
   from sdl.bench import kfac_model  # noqa: PLC0415
+  from sdl.bench.hlo import collective_bytes  # noqa: PLC0415
   from sdl.optim import kfac  # noqa: PLC0415
   from sdl.train.step import Model, TrainState, make_train_step  # noqa: PLC0415
 
@@ -81,7 +82,7 @@ def main(argv):
   batch = {k: jnp.asarray(v) for k, v in problem.batch(0).items()}
   hlo = jax.jit(step, static_argnums=2).lower(state, batch, kfac.Phase(True, True)).compile(
       ).as_text()
-  got = ks.hlo_collective_bytes(hlo)
+  got = collective_bytes(hlo)
   model_layers = [kfac_model.layer_of(spec, positions[name]) for name, spec in layers.items()]
   want = kfac_model.communicated_bytes(model_layers, kfac_model.Settings(
       batch=x.shape[0] // 8, grad_bytes=4, factor_bytes=4))

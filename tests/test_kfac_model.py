@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 
 from experiments.trainers import kfac_scaling
 from sdl.bench import kfac_model
+from sdl.bench.hlo import collective_bytes
 from sdl.optim import kfac
 from sdl.train.step import Model, TrainState, make_train_step
 from tests.test_kfac import Hybrid, batch_for, mse
@@ -86,7 +87,7 @@ def test_the_models_bytes_are_what_the_compiled_step_all_reduces():
                      jax.random.key_data(jax.random.key(1)))
   hlo = jax.jit(step, static_argnums=2).lower(state, batch, kfac.Phase(True, True)).compile(
       ).as_text()
-  got = kfac_scaling.hlo_collective_bytes(hlo)
+  got = collective_bytes(hlo)
   shapes = jax.eval_shape(lambda: kfac.zero_perturbations(
       kfac.module_forward(model, batch["x"]), layers, params))
   positions = {n: math.prod(s.shape[1:-1]) for n, s in kfac.by_layer(shapes).items()}
@@ -97,7 +98,7 @@ def test_the_models_bytes_are_what_the_compiled_step_all_reduces():
   assert 0 <= got - sum(want.values()) <= 64, (got, want)
   # without statistics or inverses only the gradients (and the loss) travel
   plain = jax.jit(step, static_argnums=2).lower(state, batch, kfac.Phase(False, False))
-  got = kfac_scaling.hlo_collective_bytes(plain.compile().as_text())
+  got = collective_bytes(plain.compile().as_text())
   assert 0 <= got - want["weight all-reduce"] <= 64, (got, want)
 
 
@@ -109,8 +110,8 @@ def test_hlo_collective_bytes_reads_tuples_and_async_pairs():
   %d = f32[10]{0} all-reduce-done(f32[10]{0} %c)
   %e = f32[99]{0} all-gather(f32[9]{0} %v), dimensions={0}
   """
-  assert kfac_scaling.hlo_collective_bytes(text) == 16 * 4 * 4 + 8 * 2 + 3 * 4 + 10 * 4
-  assert kfac_scaling.hlo_collective_bytes(text, "all-gather") == 99 * 4
+  assert collective_bytes(text) == 16 * 4 * 4 + 8 * 2 + 3 * 4 + 10 * 4
+  assert collective_bytes(text, "all-gather") == 99 * 4
 
 
 def test_resnet50_at_scale_and_its_plot(tmp_path):

@@ -1,0 +1,56 @@
+"""The memory and halo model of a data x spatial step against closed forms, the model's own
+parameter count, and XLA's buffer assignment and collective-permutes."""
+import jax
+import pytest
+
+from experiments import volume_model_check
+from experiments.configs.cosmoflow import get_config
+from experiments.trainers import cosmoflow
+from sdl.bench import volume_model
+from sdl.parallel.spatial import Window
+
+
+def test_halo_planes_follow_the_window():
+  assert volume_model.halo_planes(Window("conv", 3, 1, (1, 1))) == (1, 1)
+  assert volume_model.halo_planes(Window("avgpool", 3, 2, (1, 1))) == (1, 0)
+  assert volume_model.halo_planes(Window("maxpool", 2, 2, (0, 0))) == (0, 0)
+  assert volume_model.halo_planes(Window("conv5", 5, 1, (2, 2))) == (2, 2)
+
+
+def test_halo_and_activation_bytes_in_closed_form():
+  stages = [volume_model.Stage(Window("c1", 3, 1, (1, 1)), 8, 3 ** 3 * 4 * 8),
+            volume_model.Stage(Window("c2", 3, 1, (1, 1)), 16, 3 ** 3 * 8 * 16),
+            volume_model.Stage(Window("p", 2, 2, (0, 0)), 16)]
+  plan = volume_model.Plan(side=16, channels=4, batch=2, splits=4, spatial_layers=2)
+  # forward: 2 planes of c1's input (16² x 4) and of c2's (16² x 8); backward, c2 only:
+  # 2 planes of its output cotangent (16² x 16); float32, 2 examples
+  assert volume_model.halo_bytes(stages, plan) == 2 * 4 * 2 * 16 * 16 * (4 + 8 + 16)
+  # the input and c1, c2 split 4 ways, the pool's output whole
+  want = (16 ** 3 * (4 + 8 + 16) / 4 + 8 ** 3 * 16) * 2 * 4
+  assert volume_model.activation_bytes(stages, plan) == want
+  assert volume_model.halo_bytes(stages, volume_model.Plan(16, 4, 2, 1, 2)) == 0
+
+
+@pytest.mark.parametrize("variant", ["lbann", "mlperf"])
+def test_cosmoflow_stages_count_the_networks_parameters(variant):
+  config = get_config("smoke")
+  config.model.variant = variant
+  config.mesh.shape = (1, 1)
+  plan = cosmoflow.validate(config, 1)
+  module = cosmoflow.build_model(config, plan, None)
+  shapes = jax.eval_shape(lambda: module.init(
+      jax.random.key(0), jax.numpy.zeros((1, 32, 32, 32, 4)), train=False))["params"]
+  stages, head = volume_model.cosmoflow_stages(variant, 32)
+  assert sum(s.params for s in stages) + sum(head) == sum(
+      x.size for x in jax.tree.leaves(shapes))
+
+
+def test_the_model_tracks_xlas_memory_and_halo_bytes():
+  """CosmoFlow lbann at 32³ on 1 x P meshes: the model, its one parameter read at P = 1,
+  within 25 % of XLA's per-device bytes at P = 2; its halo bytes at most 25 % above what
+  the compiled step's collective-permutes send (it counts whole planes both ways)."""
+  rows = volume_model_check.check("lbann", 32, 1, [1, 2], "fsdp")
+  assert rows[0]["model"] == pytest.approx(rows[0]["xla"])
+  assert rows[0]["halo_hlo"] == rows[0]["halo_model"] == 0
+  assert 0.8 < rows[1]["model"] / rows[1]["xla"] < 1.25, rows
+  assert 1.0 <= rows[1]["halo_model"] / rows[1]["halo_hlo"] < 1.25, rows

@@ -7,11 +7,14 @@ Process STALL_PROCESS stops stepping after step STALL_AT_STEP while staying aliv
 sleeping Python thread: heartbeats go on), as a hung data reader or file system would;
 `train.stall_seconds` is STALL_SECONDS.
 """
+import faulthandler
+import signal
 import sys
 import time
 
 from sdl.parallel import distributed
 
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # as the entry point does
 workdir, steps, who, at, stall_seconds = sys.argv[1], *map(int, sys.argv[2:6])
 distributed.initialize(distributed.detect(), cpu_devices=2)
 

@@ -11,9 +11,11 @@ SLURM, Open MPI or a TPU pod: `sdl.parallel.distributed`), it joins the job firs
 process that loses a peer in a collective prints one line naming it and exits with status
 75, and a rerun of the job resumes.
 """
+import faulthandler
 import importlib
 import os
 import re
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -107,6 +109,10 @@ def main(trainer: str, default_config: str, default_workdir: str) -> None:
     logging.set_verbosity(logging.ERROR)
 
     def start():
+      # `kill -USR1 <pid>` prints where every thread of a process is: for a job that
+      # hangs, which process waits where.
+      if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
       # A multi-process job joined and the CPU devices set: both before JAX starts its
       # backend, and before the jax-heavy trainer module is imported.
       job = distributed.detect(coordinator.value, num_processes.value, process_id.value)

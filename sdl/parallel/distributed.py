@@ -255,20 +255,42 @@ class StepWatchdog:
 
   def _watch(self) -> None:
     while not self._done.wait(self.check_every):
-      if self.last is not None and time.monotonic() - self.last > self.seconds:
-        self._fire(time.monotonic() - self.last)
+      if self.last is None:
+        continue
+      idle = time.monotonic() - self.last
+      # A process waiting in a collective for a stalled one is idle as long: it leaves
+      # the stalled one's watchdog to fire first (then learns of the lost peer), waiting
+      # up to twice as long before it gives up itself.
+      if idle > self.seconds and (idle > 2 * self.seconds or not self._waiting_for_another()):
+        self._fire(idle)
 
-  def behind(self) -> str:
-    """Where each process last reported: '0: step 7, 1: step 4'."""
-    if not is_multiprocess():
-      return ""
+  def steps(self) -> dict[int, str]:
+    """Where each process last reported ('?' where unknown)."""
     steps = {}
     for i in range(jax.process_count()):
       try:
         steps[i] = _client().key_value_try_get(f"sdl/step/{i}")
       except Exception:  # noqa: BLE001 (not reported yet, or the coordinator is gone)
         steps[i] = "?"
-    return ", ".join(f"{i}: step {s}" for i, s in steps.items())
+    return steps
+
+  def _waiting_for_another(self) -> bool:
+    """Whether another process is behind this one: at an earlier step, or at the same one
+    with a higher index (ties go that way, so that process 0, the coordinator whose exit
+    takes the job's coordination down, is the last to give up)."""
+    if not is_multiprocess() or self.step is None:
+      return False
+    me = jax.process_index()
+    for i, step in self.steps().items():
+      if i != me and step.isdigit() and (int(step), -i) < (self.step, -me):
+        return True
+    return False
+
+  def behind(self) -> str:
+    """Where each process last reported: '0: step 7, 1: step 4'."""
+    if not is_multiprocess():
+      return ""
+    return ", ".join(f"{i}: step {s}" for i, s in self.steps().items())
 
   def _fire(self, idle: float) -> None:
     where = self.behind()

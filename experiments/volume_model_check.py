@@ -20,36 +20,12 @@ _SPLITS = flags.DEFINE_list("splits", ["1", "2", "4", "8"], "Depth splits P.")
 _PARAMS = flags.DEFINE_enum("params", "fsdp", ["replicated", "fsdp"], "mesh.params")
 
 
-def check(variant: str, size: int, batch: int, splits, params: str) -> list[dict]:
-  """One row per P: XLA's and the model's bytes (see the module docstring)."""
-  from experiments.trainers.memory import lowered_step  # noqa: PLC0415
-  from sdl.bench import volume_model  # noqa: PLC0415
-  from sdl.bench.hlo import collective_bytes  # noqa: PLC0415
-  from sdl.bench.memory import footprint  # noqa: PLC0415
-
-  stages, head = volume_model.cosmoflow_stages(variant, size)
-  rows, copies = [], None
-  for p in splits:
-    plan, lowered = lowered_step(variant, size, batch, p, params=params)
-    compiled = lowered.compile()
-    total = footprint(compiled).total
-    model_plan = volume_model.Plan(size, 4, batch, p, plan.spatial_layers, devices=p,
-                                   fsdp=params == "fsdp")
-    if copies is None:
-      copies = volume_model.calibrate(stages, head, model_plan, total)
-    predicted = volume_model.predict(stages, head, model_plan, copies)
-    rows.append({"splits": p, "spatial_layers": plan.spatial_layers, "xla": total,
-                 "model": predicted["total"], "copies": copies,
-                 "halo_model": predicted["halo"],
-                 "halo_hlo": collective_bytes(compiled.as_text(), "collective-permute")})
-  return rows
-
-
 def main(argv):
   del argv
   splits = [int(p) for p in _SPLITS.value]
   ensure_cpu_devices(max(splits))
-  rows = check(_VARIANT.value, _SIZE.value, _BATCH.value, splits, _PARAMS.value)
+  from experiments.trainers.memory import volume_model_rows  # noqa: PLC0415
+  rows = volume_model_rows(_VARIANT.value, _SIZE.value, _BATCH.value, splits, _PARAMS.value)
   mib = lambda b: f"{b / 2 ** 20:,.1f}"
   print(f"CosmoFlow {_VARIANT.value} {_SIZE.value}³ x 4, batch {_BATCH.value}, params "
         f"{_PARAMS.value}; the model's copies = {rows[0]['copies']:.2f} (read at P = 1)\n")

@@ -3,9 +3,9 @@ parameter count, and XLA's buffer assignment and collective-permutes."""
 import jax
 import pytest
 
-from experiments import volume_model_check
 from experiments.configs.cosmoflow import get_config
 from experiments.trainers import cosmoflow
+from experiments.trainers.memory import volume_model_rows
 from sdl.bench import volume_model
 from sdl.parallel.spatial import Window
 
@@ -49,7 +49,7 @@ def test_the_model_tracks_xlas_memory_and_halo_bytes():
   """CosmoFlow lbann at 32³ on 1 x P meshes: the model, its one parameter read at P = 1,
   within 25 % of XLA's per-device bytes at P = 2; its halo bytes at most 25 % above what
   the compiled step's collective-permutes send (it counts whole planes both ways)."""
-  rows = volume_model_check.check("lbann", 32, 1, [1, 2], "fsdp")
+  rows = volume_model_rows("lbann", 32, 1, [1, 2], "fsdp")
   assert rows[0]["model"] == pytest.approx(rows[0]["xla"])
   assert rows[0]["halo_hlo"] == rows[0]["halo_model"] == 0
   assert 0.8 < rows[1]["model"] / rows[1]["xla"] < 1.25, rows

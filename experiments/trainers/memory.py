@@ -43,3 +43,29 @@ def measure(variant: str, size: int, batch: int, splits: int, lowering: str = "a
   else:
     compiled, buffers = lowered.compile(), []
   return plan, footprint(compiled), buffers
+
+
+def volume_model_rows(variant: str, size: int, batch: int, splits, params: str) -> list[dict]:
+  """One row per P: XLA's per-device bytes and the bytes of the compiled step's
+  collective-permutes, beside `sdl.bench.volume_model`'s (its `copies` read at P = 1);
+  `experiments.volume_model_check` prints them."""
+  from sdl.bench import volume_model  # noqa: PLC0415
+  from sdl.bench.hlo import collective_bytes  # noqa: PLC0415
+  from sdl.bench.memory import footprint  # noqa: PLC0415
+
+  stages, head = volume_model.cosmoflow_stages(variant, size)
+  rows, copies = [], None
+  for p in splits:
+    plan, lowered = lowered_step(variant, size, batch, p, params=params)
+    compiled = lowered.compile()
+    total = footprint(compiled).total
+    model_plan = volume_model.Plan(size, 4, batch, p, plan.spatial_layers, devices=p,
+                                   fsdp=params == "fsdp")
+    if copies is None:
+      copies = volume_model.calibrate(stages, head, model_plan, total)
+    predicted = volume_model.predict(stages, head, model_plan, copies)
+    rows.append({"splits": p, "spatial_layers": plan.spatial_layers, "xla": total,
+                 "model": predicted["total"], "copies": copies,
+                 "halo_model": predicted["halo"],
+                 "halo_hlo": collective_bytes(compiled.as_text(), "collective-permute")})
+  return rows

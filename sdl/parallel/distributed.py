@@ -167,6 +167,19 @@ def barrier(name: str, timeout_seconds: int = BARRIER_SECONDS) -> None:
     _client().wait_at_barrier(name, timeout_in_ms=timeout_seconds * 1000)
 
 
+def from_process_zero(name: str, value: str, timeout_seconds: int = BARRIER_SECONDS) -> str:
+  """Process 0's `value` on every process (each passes its own; only process 0's counts),
+  through the coordination service; on one process, `value`. For decisions that must be
+  the same everywhere but read something that can change under a process's feet, such as
+  whether a directory that process 0 is about to create exists yet. Each name once."""
+  if not is_multiprocess():
+    return value
+  key = f"sdl/agree/{name}"
+  if jax.process_index() == 0:
+    _client().key_value_set(key, value, allow_overwrite=True)
+  return _client().blocking_key_value_get(key, timeout_seconds * 1000)
+
+
 # ---- failures: a lost process, a stalled one, preemption -----------------------------------
 #
 # A process that dies, or freezes whole (SIGKILL, SIGSTOP, a lost node), stops sending

@@ -181,7 +181,12 @@ def finished(workdir: str, config, abstract_state) -> TrainState | None:
   """The final state if `workdir` already holds a checkpoint at `train.steps` or later
   (checked as a resume would be), else None; a trainer asks before preparing its data."""
   directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  # Every process must take the same branch: opening the checkpoints syncs all processes
+  # inside orbax. Asked of each process's file system, a process that lagged could see
+  # the directory that process 0 had since created for training, open it here, and sync
+  # once more than the others: the job hung at its start.
+  if distributed.from_process_zero(f"checkpoints-exist:{os.path.abspath(directory)}",
+                                   str(os.path.isdir(directory))) != "True":
     return None
   ckpt = Checkpointer(directory, config.train.checkpoint_every, config.train.keep_checkpoints)
   try:

@@ -1,7 +1,8 @@
 """One lbann CosmoFlow training step on a large volume under each memory plan.
 
     python -m experiments.large_volume_step [--sizes=128,256] \
-        [--large=16:float32,8:float32] [--steps=2] [--out=runs/large_volume_step.jsonl]
+        [--large=16:float32,8:float32] [--steps=2] [--out=runs/large_volume_step.jsonl] \
+        [--compile_only]
 
 Sweeps, at each of `--sizes`, the stem's plan (`sdl.models.slabs`: none; the first two conv +
 pool blocks rematerialised; in 4 or 16 depth slabs) × precision (float32; bfloat16 compute;
@@ -17,6 +18,10 @@ process, so that its peak RSS is its own, and prints:
 * its FLOPs, counted (`sdl.bench.problems.cosmoflow_executed_flops`: the model's, plus the
   stem's recomputation and slab halos, which XLA's cost analysis does not see inside sdl's
   custom-call kernels), and the rate they ran at.
+
+Beside XLA's bytes, `sdl.bench.volume_model`'s prediction for the points without slabs
+or rematerialisation (which it does not price), its one parameter read from the first
+such float32 point on one device: the model extrapolated from a small volume to 512³.
 
 The input is a random Poisson volume (the step's cost does not depend on the counts). Rows
 are appended to `--out` as they finish; a rerun skips the points already there.
@@ -36,6 +41,8 @@ _LARGE = flags.DEFINE_list("large", ["16:float32", "8:float32", "16:bf16-saved"]
                            "'' for none).")
 _STEPS = flags.DEFINE_integer("steps", 2, "Timed steps per point below 512³.")
 _OUT = flags.DEFINE_string("out", "runs/large_volume_step.jsonl", "Results, one JSON per point.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
+                                  "Compile every point, run none: the memory columns only.")
 _POINT = flags.DEFINE_string("point", "", "Internal: run this one point (JSON) and print it.")
 
 GiB = 2 ** 30
@@ -112,7 +119,7 @@ def run_point(point: dict) -> dict:
   compiled = c.train_step.lower(c.abstract_state, cosmoflow.abstract_batch(
       config, c.batch_sharding), None).compile()
   fp = footprint(compiled)
-  out = {**point, "xla_gib": fp.total / GiB, "compile_s": time.perf_counter() - start,
+  out = {**point, "xla_gib": fp.total / GiB, "spatial_layers": plan.spatial_layers, "compile_s": time.perf_counter() - start,
          "flops": cosmoflow_executed_flops("lbann", size, 1, point["slab_layers"],
                                            point["slabs"], point["remat"])}
   if not point.get("compile_only"):
@@ -133,6 +140,28 @@ def run_point(point: dict) -> dict:
   return out
 
 
+def volume_model_gib(row: dict, calibration: dict | None) -> tuple[float | None, dict | None]:
+  """(the volume model's GiB per device for `row`, or None where it does not apply; the
+  calibration row, `row` itself if it is the first plain float32 point on one device)."""
+  from sdl.bench import volume_model  # noqa: PLC0415
+  if row["slab_layers"] or row["precision"] not in ("float32", "bfloat16"):
+    return None, calibration
+  if calibration is None and row["split"] == 1 and row["precision"] == "float32":
+    calibration = row
+  if calibration is None:
+    return None, calibration
+
+  def plan(r):
+    return volume_model.Plan(r["size"], 4, 1, r["split"], r.get("spatial_layers", 0),
+                             devices=r["split"], state_copies=3,  # SGD with momentum
+                             dtype_bytes=4 if r["precision"] == "float32" else 2)
+  stages, head = volume_model.cosmoflow_stages("lbann", row["size"])
+  cal_stages, cal_head = volume_model.cosmoflow_stages("lbann", calibration["size"])
+  copies = volume_model.calibrate(cal_stages, cal_head, plan(calibration),
+                                  calibration["xla_gib"] * GiB)
+  return volume_model.predict(stages, head, plan(row), copies)["total"] / GiB, calibration
+
+
 def describe(p: dict) -> str:
   stem = ("none" if not p["slab_layers"] else
           f"{p['slabs']} slabs" if p["slabs"] > 1 else "remat, whole")
@@ -150,8 +179,12 @@ def main(argv):
       done = {key(r): r for r in map(json.loads, f)}
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   points = sweep_points([int(s) for s in _SIZES.value if s], _LARGE.value)
-  print("| size | stem | precision | spatial split | XLA GiB/device | peak RSS GiB | s/step | "
-        "TFLOP/step | GFLOP/s |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+  if _COMPILE_ONLY.value:
+    points = [{**p, "compile_only": True} for p in points]
+  print("| size | stem | precision | spatial split | XLA GiB/device | volume model GiB | "
+        "peak RSS GiB | s/step | TFLOP/step | GFLOP/s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|", flush=True)
+  calibration = None
   for i, point in enumerate(points, 1):
     row = done.get(key(point))
     if row is None:
@@ -169,7 +202,10 @@ def main(argv):
         f.write(json.dumps(row) + "\n")
     step = (f"{row['step_s']:.2f}" if "step_s" in row else "compiled only")
     rate = f"{row['gflops_per_s']:.0f}" if "gflops_per_s" in row else "—"
-    print(f"{describe(row)} {row['xla_gib']:.2f} | {row['peak_rss_gib']:.2f} | {step} | "
+    model, calibration = volume_model_gib(row, calibration)
+    model = "—" if model is None else f"{model:.2f}" + (" (read)" if row is calibration else "")
+    print(f"{describe(row)} {row['xla_gib']:.2f} | {model} | {row['peak_rss_gib']:.2f} | "
+          f"{step} | "
           f"{row['flops'] / 1e12:.3f} | {rate} |", flush=True)
 
 

@@ -54,3 +54,30 @@ def test_the_model_tracks_xlas_memory_and_halo_bytes():
   assert rows[0]["halo_hlo"] == rows[0]["halo_model"] == 0
   assert 0.8 < rows[1]["model"] / rows[1]["xla"] < 1.25, rows
   assert 1.0 <= rows[1]["halo_model"] / rows[1]["halo_hlo"] < 1.25, rows
+
+
+def test_unet_stages_in_closed_form_and_the_networks_parameters():
+  """One level (down (2,), bottom (4,)), 8³ x 1 channel, 3 classes, the down and bottom
+  blocks depth-split 2 ways and the up block whole: every output and halo plane by hand;
+  and LBANN's unet3d's stages hold exactly the built network's parameters."""
+  stages, splits = volume_model.unet3d_stages(((2,),), (4,), 1, 3, ("depth", "depth", "data"),
+                                              splits=2)
+  # conv, pool; the bottom conv; deconv, concat, the up block's two convs; the 1³ classifier
+  assert splits == (2, 2, 2, 1, 1, 1, 1, 1)
+  plan = volume_model.Plan(8, 1, 1, 2, 0, stage_splits=splits)
+  assert volume_model.sides(stages, 8) == [8, 4, 4, 8, 8, 8, 8, 8]
+  assert [s.features for s in stages] == [2, 2, 4, 4, 6, 2, 2, 3]
+  want = (8 ** 3 * 1 / 2 + 8 ** 3 * 2 / 2 + 4 ** 3 * 2 / 2 + 4 ** 3 * 4 / 2
+          + 8 ** 3 * (4 + 6 + 2 + 2 + 3)) * 4
+  assert volume_model.activation_bytes(stages, plan) == want
+  # down1's conv reads 2 planes of its 8² x 1 input (no gradient to the volume); the bottom
+  # conv 2 planes of its 4² x 2 input forward and of its 4² x 4 cotangent backward; the
+  # pool, the deconv (stride = kernel) and the whole up block send nothing
+  assert volume_model.halo_bytes(stages, plan) == (2 * 64 * 1 + 2 * 16 * 2 + 2 * 16 * 4) * 4
+
+  from sdl.models.unet3d import LBANN_WIDTHS, UNet3D  # noqa: PLC0415
+  module = UNet3D(classes=3)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0),
+                                              jax.numpy.zeros((1, 16, 16, 16, 1))))["params"]
+  stages, _ = volume_model.unet3d_stages(*LBANN_WIDTHS, 1, 3)
+  assert sum(s.params for s in stages) == sum(x.size for x in jax.tree.leaves(shapes))

@@ -2,8 +2,10 @@
 a mesh: per-device bytes and halo traffic for a network, a volume, a batch and a mesh.
 
 The network is a list of `Stage`s: conv/pool layers with a window along each axis
-(`sdl.parallel.spatial.Window`) and output channels. The first `spatial_layers` of them
-run depth-split over `P` devices; the rest, and the dense head, run data-parallel.
+(`sdl.parallel.spatial.Window`) and output channels, or upsampling layers (a transposed
+convolution) and concatenations. The first `spatial_layers` of them run depth-split over
+`P` devices and the rest, and the dense head, data-parallel; or each stage has its own
+split (`Plan.stage_splits`: a U-Net's layouts, `unet3d_stages`).
 
 Per device:
   state        parameters, their gradient and the optimiser's moments (`state_copies`
@@ -29,6 +31,10 @@ class Stage:
   window: Window
   features: int       # output channels (a pool keeps its input's)
   params: int = 0     # weights of this layer
+  upsample: int = 1   # > 1: a transposed convolution, output side = input side x this
+
+  def out_size(self, side: int) -> int:
+    return side * self.upsample if self.upsample > 1 else self.window.out_size(side)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +50,15 @@ class Plan:
   fsdp: bool = False
   dtype_bytes: int = 4
   state_copies: int = 4  # params, gradient, two Adam moments
+  # devices each stage's output is split over along depth (one per stage), instead of
+  # `splits` for the first `spatial_layers` stages and 1 after
+  stage_splits: tuple[int, ...] = ()
+
+  def split(self, i: int) -> int:
+    """Into how many pieces stage `i`'s output is split on this plan."""
+    if self.stage_splits:
+      return self.stage_splits[i]
+    return self.splits if i < self.spatial_layers else 1
 
 
 def cosmoflow_stages(variant: str, input_size: int) -> tuple[list[Stage], list[int]]:
@@ -63,11 +78,44 @@ def cosmoflow_stages(variant: str, input_size: int) -> tuple[list[Stage], list[i
   return stages, head
 
 
+def unet3d_stages(down: Sequence[Sequence[int]], bottom: Sequence[int], channels: int,
+                  classes: int, layouts: Sequence[str] | None = None,
+                  splits: int = 1) -> tuple[list[Stage], tuple[int, ...]]:
+  """(the stages of `sdl.models.unet3d.UNet3D`, each stage's depth split) for a `1 x
+  splits` data x spatial mesh and the model's per-block `layouts` ("data": whole; a split
+  layout: `splits` ways). A down block: its convolutions (each standing for conv, norm and
+  ReLU) and its pool; an up block: its transposed convolution, the concatenation with the
+  skip, its convolutions; then the 1³ classifier."""
+  from sdl.models.unet3d import CONV, POOL, blocks  # noqa: PLC0415
+  identity = Window("concat", 1, 1, (0, 0))
+  stages, split_of, skips = [], [], []
+  all_blocks = blocks(down, bottom)
+  layouts = layouts or ("data",) * len(all_blocks)
+
+  def add(stage, layout):
+    stages.append(stage)
+    split_of.append(1 if layout == "data" else splits)
+  for block, layout in zip(all_blocks, layouts):
+    if block.path == "up":
+      add(Stage(Window("deconv k2 s2", 2, 2, (0, 0)), channels, 8 * channels ** 2,
+                upsample=2), layout)
+      channels += skips.pop()
+      add(Stage(identity, channels), layout)
+    for width in block.widths:
+      add(Stage(CONV, width, 27 * channels * width + 2 * width), layout)  # + norm scale, bias
+      channels = width
+    if block.path == "down":
+      skips.append(channels)
+      add(Stage(POOL, channels), layout)
+  add(Stage(identity, classes, channels * classes), layouts[-1])
+  return stages, tuple(split_of)
+
+
 def sides(stages: Sequence[Stage], side: int) -> list[int]:
   """The side of each stage's output."""
   out = []
   for s in stages:
-    side = s.window.out_size(side)
+    side = s.out_size(side)
     out.append(side)
   return out
 
@@ -82,10 +130,9 @@ def state_bytes(stages: Sequence[Stage], head_params: Sequence[int], plan: Plan)
 
 def activation_bytes(stages: Sequence[Stage], plan: Plan) -> float:
   """One float copy of every layer's output (and the input volume) on one device."""
-  split = lambda i: plan.splits if i < plan.spatial_layers else 1
-  total = plan.side ** 3 * plan.channels / plan.splits
+  total = plan.side ** 3 * plan.channels / plan.split(0)
   for i, (s, n) in enumerate(zip(stages, sides(stages, plan.side))):
-    total += n ** 3 * s.features / split(i)
+    total += n ** 3 * s.features / plan.split(i)
   return total * plan.batch * plan.dtype_bytes
 
 
@@ -100,12 +147,10 @@ def halo_bytes(stages: Sequence[Stage], plan: Plan) -> float:
   """Bytes one interior device sends per step for the depth-split layers' halos: forward,
   the input planes its neighbours read; backward (all but the first layer, whose input
   needs no gradient), the output cotangent planes whose windows reach across."""
-  if plan.splits == 1:
-    return 0.0
   total, side, channels = 0.0, plan.side, plan.channels
   for i, s in enumerate(stages):
-    out = s.window.out_size(side)
-    if i < plan.spatial_layers:
+    out = s.out_size(side)
+    if plan.split(i) > 1 and s.upsample == 1:
       planes = sum(halo_planes(s.window))
       total += planes * side * side * channels
       if i > 0:

@@ -21,23 +21,96 @@ _DEVICES = flags.DEFINE_list("devices", ["16", "64", "256", "1024", "2048"],
                              "V100 counts to predict")
 
 
+_COMPUTE = flags.DEFINE_string("compute", "", "Internal: measure this machine's compute in "
+                                "a one-device process and write it to this JSON file.")
+
+
+def autoencoder():
+  """(config, problem, K-FAC layers, batch input) of the parts check."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from experiments.configs import kfac as kfac_configs  # noqa: PLC0415
+  from experiments.trainers import kfac_profile  # noqa: PLC0415
+  from sdl.optim import kfac  # noqa: PLC0415
+  config = kfac_configs.get_config("digits_autoencoder")
+  # the model prices eigendecompositions (the general inversion; the config's own choice,
+  # Cholesky, is cheaper for its well-conditioned factors)
+  config.kfac.inversion = "eigh"
+  problem = kfac_profile.make_problem(config)
+  x = jnp.asarray(problem.batch(0)["x"])
+  layers = kfac.select_layers(kfac.find_layers(problem.model, x[:1]), config.kfac.max_factor_dim,
+                              config.kfac.wide_conv)
+  return config, problem, layers, x
+
+
+def positions_of(problem, layers, x) -> dict[str, int]:
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from sdl.optim import kfac  # noqa: PLC0415
+  forward = kfac.module_forward(problem.model, x)
+  params = problem.model.init(jax.random.key(0), x[:1])["params"]
+  shapes = jax.eval_shape(lambda: kfac.zero_perturbations(forward, layers, params))
+  return {name: int(np.prod(s.shape[1:-1])) for name, s in kfac.by_layer(shapes).items()}
+
+
+def measure_compute(path: str) -> None:
+  """This machine's rates and the autoencoder's K-FAC parts, on one device: a backend
+  split into 8 virtual devices runs XLA:CPU's small GEMMs slower (the autoencoder's
+  statistics took 7.0 ms there against 4.9 ms), and the model prices one device's work."""
+  import dataclasses  # noqa: PLC0415
+  import json  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  from experiments.trainers import kfac_profile  # noqa: PLC0415
+  from experiments.trainers import kfac_scaling as ks  # noqa: PLC0415
+  from sdl.bench import kfac_model  # noqa: PLC0415
+
+  log = lambda text: print(text, file=sys.stderr, flush=True)
+  gemm = ks.gemm_rate()
+  eighs = ks.eigh_rate()
+  config, problem, layers, x = autoencoder()
+  measured = kfac_profile.step_parts(config, problem, runs=5)
+  positions = positions_of(problem, layers, x)
+  model_layers = [kfac_model.layer_of(spec, positions[name]) for name, spec in layers.items()]
+  rows = {x.shape[0] * l.positions for l in model_layers}
+  assert len(rows) == 1, rows  # one curve serves every layer (dense: rows = the batch)
+  curve = ks.gemm_curve(gemm, rows.pop())
+  relative = ks.layer_efficiency(kfac_model.resnet50(), gemm, batch=_BATCH.value, progress=log)
+  with open(path, "w") as f:
+    json.dump({"gemm": gemm, "eighs": eighs, "parts": measured["parts"], "batch": x.shape[0],
+               "layers": [dataclasses.asdict(l) for l in model_layers],
+               "curve": curve, "relative": relative}, f)
+
+
 def main(argv):
   del argv
+  if _COMPUTE.value:
+    measure_compute(_COMPUTE.value)
+    return
+  import json  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  os.makedirs(_OUT.value, exist_ok=True)
+  compute_json = os.path.join(_OUT.value, "compute.json")
+  print("measuring this machine's compute (one device) ...", flush=True)
+  subprocess.run([sys.executable, "-m", "experiments.kfac_scaling", f"--compute={compute_json}",
+                  f"--calibration_batch={_BATCH.value}"], check=True)
+  with open(compute_json) as f:
+    compute = json.load(f)
+
   ensure_cpu_devices(8)
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   import optax  # noqa: PLC0415
 
-  from experiments.configs import kfac as kfac_configs  # noqa: PLC0415
-  from experiments.trainers import kfac_profile  # noqa: PLC0415
   from experiments.trainers import kfac_scaling as ks  # noqa: PLC0415
   from sdl.bench import kfac_model  # noqa: PLC0415
   from sdl.bench.hlo import collective_bytes  # noqa: PLC0415
   from sdl.optim import kfac  # noqa: PLC0415
   from sdl.train.step import Model, TrainState, make_train_step  # noqa: PLC0415
 
-  os.makedirs(_OUT.value, exist_ok=True)
   lines = []
 
   def say(text=""):
@@ -46,29 +119,30 @@ def main(argv):
 
   say(f"# K-FAC performance model: {platform.processor() or platform.machine()}, "
       f"{os.cpu_count()} cores, jax {jax.__version__}")
-  gemm = ks.gemm_rate()
-  eighs = ks.eigh_rate()
+  gemm, eighs = compute["gemm"], {int(n): r for n, r in compute["eighs"].items()}
   eigh = eighs[max(eighs)]
-  say(f"\nThis machine: fp32 GEMM {gemm / 1e9:.1f} GFLOP/s; eigh "
+  curve = {int(w): e for w, e in compute["curve"].items()}
+  say(f"\nThis machine (one device): fp32 GEMM {gemm / 1e9:.1f} GFLOP/s; eigh "
       + ", ".join(f"n={n}: {r:.3g} n³/s" for n, r in eighs.items()))
+  say(f"\n`x.T @ x` for `x` of {compute['batch']:,} rows, efficiency against that rate by "
+      "width: " + ", ".join(f"{w}: {e:.2f}" for w, e in curve.items()))
 
   # ---- the parts measured here against the model --------------------------------------
-  config = kfac_configs.get_config("digits_autoencoder")
-  problem = kfac_profile.make_problem(config)
-  measured = kfac_profile.step_parts(config, problem, runs=5)
-  layers = measured["layers"]
-  x = jnp.asarray(problem.batch(0)["x"])
-  forward = kfac.module_forward(problem.model, x)
-  params = problem.model.init(jax.random.key(0), x[:1])["params"]
-  shapes = jax.eval_shape(lambda: kfac.zero_perturbations(forward, layers, params))
-  positions = {name: int(np.prod(s.shape[1:-1])) for name, s in kfac.by_layer(shapes).items()}
+  config, problem, layers, x = autoencoder()
+  positions = positions_of(problem, layers, x)
+  model_layers = [kfac_model.Layer(**l) for l in compute["layers"]]
   say(f"\n## Parts on this machine: {config.experiment}, batch {x.shape[0]}, "
-      f"{len(layers)} K-FAC layers\n")
-  say("| part | model (s) | measured (s) | model / measured |")
-  say("|---|---|---|---|")
-  for part, predicted, got in ks.check_parts(measured["parts"], layers, positions,
-                                             x.shape[0], gemm, eigh):
-    say(f"| {part} | {predicted:.2e} | {got:.2e} | {predicted / got:.2f} |")
+      f"{len(layers)} K-FAC layers, one device\n")
+  say("| part | model at the large-GEMM and eigh rates (s) | model, rates by width (s) | "
+      "measured (s) | model / measured: large rates, by width |")
+  say("|---|---|---|---|---|")
+  flat = ks.check_parts(compute["parts"], model_layers, x.shape[0], gemm, eigh)
+  by_width = ks.check_parts(compute["parts"], model_layers, x.shape[0], gemm,
+                            ks.width_efficiency(eighs), ks.width_efficiency(curve))
+  for (part, predicted, got), (_, shaped, _) in zip(flat, by_width):
+    say(f"| {part} | {predicted:.2e} | {shaped:.2e} | {got:.2e} | {predicted / got:.2f}, "
+        f"{shaped / got:.2f} |")
+  params = problem.model.init(jax.random.key(0), x[:1])["params"]
 
   # ---- bytes: the compiled data-parallel step's all-reduces against the model ----------
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("data",))
@@ -119,7 +193,12 @@ def main(argv):
   resnet = kfac_model.resnet50()
   say(f"\n## ResNet-50 on V100s (ABCI nodes: 4 GPUs, NVLink 2, 2 x EDR)\n\nLayer by layer "
       f"here, batch {_BATCH.value} per layer:")
-  relative = ks.layer_efficiency(resnet, gemm, batch=_BATCH.value, progress=say)
+  relative = compute["relative"]
+  seen = set()
+  for name, e in relative.items():  # one line per distinct layer shape (the same rate)
+    if e not in seen:
+      seen.add(e)
+      say(f"  {name:<28} {e:.2f} of the GEMM rate")
   efficiency = ks.v100_efficiency(resnet, relative)
   v100_eigh = eigh / gemm * kfac_model.V100.gemm_flops
   flops = sum(l.flops for l in resnet)

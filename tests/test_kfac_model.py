@@ -69,6 +69,27 @@ def test_predict_amortises_and_splits_inverses_like_kfac():
   stats = sum(2 * 8 * l.positions * (l.d_in ** 2 + l.d_out ** 2) for l in layers) / 0.7e12
   assert every["statistics"] == pytest.approx(stats)
 
+  # Rates by width: each factor's statistics GEMM at its width's efficiency, each layer's
+  # preconditioning at its smaller width's, each eigendecomposition at its width's rate.
+  eff = lambda w: w / 1000
+  by_width = kfac_model.predict(layers, 1, kfac_model.Device(1e12, 1e12, lambda n: 1e6 * n),
+                                net, kfac_model.Settings(batch=8), gemm_efficiency=eff)
+  assert by_width["statistics"] == pytest.approx(sum(
+      2 * 8 * l.positions * (l.d_in ** 2 / eff(l.d_in) + l.d_out ** 2 / eff(l.d_out))
+      for l in layers) / 1e12)
+  assert by_width["preconditioning"] == pytest.approx(sum(
+      2 * (l.d_in ** 2 * l.d_out + l.d_in * l.d_out ** 2) / eff(min(l.d_in, l.d_out))
+      for l in layers) / 1e12)
+  assert by_width["inverses"] == pytest.approx(sum(
+      (l.d_in ** 2 + l.d_out ** 2) / 1e6 for l in layers))
+
+
+def test_width_efficiency_interpolates_in_log_width_and_holds_its_ends():
+  curve = kfac_scaling.width_efficiency({64: 0.2, 256: 0.6, 1024: 0.8})
+  assert curve(64) == pytest.approx(0.2) and curve(256) == pytest.approx(0.6)
+  assert curve(128) == pytest.approx(0.4)  # halfway in log2 between 64 and 256
+  assert curve(16) == pytest.approx(0.2) and curve(4096) == pytest.approx(0.8)
+
 
 def test_the_models_bytes_are_what_the_compiled_step_all_reduces():
   """K-FAC data parallel over 8 devices, a step with statistics and inverses: the compiled

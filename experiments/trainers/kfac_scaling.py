@@ -1,7 +1,8 @@
 """Distributed K-FAC at scale, on paper: `sdl.bench.kfac_model` calibrated here, checked
 here, and asked about ResNet-50 on up to 2,048 V100s.
 
-  calibrate          this machine's fp32 GEMM rate, its eigh rate (n³ per second), and
+  calibrate          this machine's fp32 GEMM rate, its eigh rate (n³ per second), the
+                     efficiency of `x.T @ x` against the factor width (`gemm_curve`), and
                      each distinct ResNet-50 layer's forward/backward time, one layer at a
                      time: its efficiency relative to the GEMM rate;
   check_parts        the model's statistics, inversion and preconditioning times for a
@@ -45,7 +46,7 @@ def gemm_rate(n: int = 1536, runs: int = 5) -> float:
   return 2 * n ** 3 / t
 
 
-def eigh_rate(widths=(256, 512, 1024), runs: int = 3) -> dict[int, float]:
+def eigh_rate(widths=(64, 128, 256, 512, 1024), runs: int = 3) -> dict[int, float]:
   """n³ / seconds of `jnp.linalg.eigh` for each width (the rate `Device.eigh_rate` takes)."""
   out = {}
   for n in widths:
@@ -53,6 +54,26 @@ def eigh_rate(widths=(256, 512, 1024), runs: int = 3) -> dict[int, float]:
     m = jnp.asarray(x.T @ x / (2 * n))
     out[n] = n ** 3 / measure(jax.jit(jnp.linalg.eigh), m, runs=runs).median_s
   return out
+
+
+def gemm_curve(gemm_flops: float, rows: int, widths=(16, 32, 64, 128, 256, 512, 1024),
+               runs: int = 5) -> dict[int, float]:
+  """`{width: efficiency}` of a factor's statistics GEMM, `x.T @ x` for `x` of `rows x
+  width`, relative to `gemm_flops`."""
+  out = {}
+  for d in widths:
+    x = jnp.asarray(np.random.default_rng(d).normal(size=(rows, d)), jnp.float32)
+    seconds = measure(jax.jit(lambda x: x.T @ x), x, runs=runs).median_s
+    out[d] = 2 * rows * d * d / seconds / gemm_flops
+  return out
+
+
+def width_efficiency(curve: dict[int, float]):
+  """The efficiency (or eigh rate) at any width: `curve` interpolated in log2(width), held
+  at its ends."""
+  widths = np.log2(sorted(curve))
+  values = np.array([curve[w] for w in sorted(curve)])
+  return lambda width: float(np.interp(np.log2(max(width, 1)), widths, values))
 
 
 def _conv_fwd_bwd(c_in, c_out, k, stride, in_hw, batch):
@@ -115,15 +136,16 @@ def v100_efficiency(layers, relative: dict[str, float]) -> dict[str, float]:
   return {name: e * scale for name, e in relative.items()}
 
 
-def check_parts(measured: dict, layers: dict, positions: dict[str, int], batch: int,
-                gemm_flops: float, eigh: float) -> list[tuple[str, float, float]]:
+def check_parts(measured: dict, model_layers, batch: int, gemm_flops: float, eigh,
+                gemm_efficiency=1.0) -> list[tuple[str, float, float]]:
   """(part, predicted s, measured s) for the parts the model derives from GEMM and eigh
-  rates alone: statistics, inversion, preconditioning (from the gradient)."""
-  model_layers = [kfac_model.layer_of(spec, positions[name]) for name, spec in layers.items()]
+  rates alone: statistics, inversion, preconditioning (from the gradient); the GEMMs at
+  `gemm_efficiency` (one number, or `width_efficiency`) of `gemm_flops`, eigh at `eigh`
+  n³/s (one number, or a function of n)."""
   device = kfac_model.Device(flops=gemm_flops, gemm_flops=gemm_flops, eigh_rate=eigh)
   net = kfac_model.Network(1, 0, 0, 0, 0)
   p = kfac_model.predict(model_layers, 1, device, net, kfac_model.Settings(batch=batch),
-                         efficiency=1.0, gemm_efficiency=1.0)
+                         efficiency=1.0, gemm_efficiency=gemm_efficiency)
   return [("statistics", p["statistics"], measured["statistics"]),
           ("inversion", p["inverses"], measured["inversion"]),
           ("preconditioning", p["preconditioning"], measured["preconditioning"])]

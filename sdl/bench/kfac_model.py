@@ -25,12 +25,14 @@ tree's latency term `2 log2(p) α` (as NCCL's double binary tree has both).
 
 Compute runs at the device's peak times an efficiency. `efficiency` is per layer for the
 forward/backward pass (calibrated from one layer at a time on a machine where both can be
-measured, `experiments.kfac_scaling`) and one number for the large GEMMs of the statistics
-and preconditioning.
+measured, `experiments.kfac_scaling`). `gemm_efficiency`, for the statistics and
+preconditioning GEMMs, is one number or a function of the GEMM's smallest side (a factor's
+width for the statistics, the layer's smaller width for the preconditioning): small
+layers' GEMMs run far below the peak (calibrated here from `x.T @ x` at each width).
 """
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from sdl.optim import kfac
 
@@ -101,7 +103,9 @@ class Network:
 class Device:
   flops: float        # peak flop/s for the forward/backward pass's precision
   gemm_flops: float   # peak flop/s for the fp32 statistics and preconditioning
-  eigh_rate: float    # n³ per second for one symmetric eigendecomposition of width n
+  # n³ per second for one symmetric eigendecomposition of width n: one number, or a
+  # function of n (small eigendecompositions run far below the large ones' rate)
+  eigh_rate: float | Callable[[int], float]
 
 
 def _tree_latency(p: int, alpha: float) -> float:
@@ -138,24 +142,27 @@ class Settings:
 
 def predict(layers: Sequence[Layer], devices: int, device: Device, net: Network,
             s: Settings, efficiency: Mapping[str, float] | float = 0.5,
-            gemm_efficiency: float = 0.7) -> dict[str, float]:
+            gemm_efficiency: float | Callable[[int], float] = 0.7) -> dict[str, float]:
   """Seconds per step of each part in `PARTS`, amortised over `stats_every` and
   `inverse_every`."""
   eff = (lambda name: efficiency) if isinstance(efficiency, (int, float)) else (
       lambda name: efficiency[name])
+  g_eff = gemm_efficiency if callable(gemm_efficiency) else (lambda width: gemm_efficiency)
   fwd_bwd = sum(3 * s.batch * l.flops / (device.flops * eff(l.name)) for l in layers)
-  gemm = device.gemm_flops * gemm_efficiency
-  stats_rate = device.flops * gemm_efficiency if s.low_precision_stats else gemm
-  stats = sum(2 * s.batch * l.positions * (l.d_in ** 2 + l.d_out ** 2)
-              for l in layers) / stats_rate
+  stats_peak = device.flops if s.low_precision_stats else device.gemm_flops
+  stats = sum(2 * s.batch * l.positions * (l.d_in ** 2 / g_eff(l.d_in)
+                                           + l.d_out ** 2 / g_eff(l.d_out))
+              for l in layers) / stats_peak
   factor_bytes = sum(l.d_in ** 2 + l.d_out ** 2 for l in layers) * s.factor_bytes
   owner = kfac.assign_inverses({l.name: _Widths(l.d_in, l.d_out) for l in layers}, devices)
   load = [0.0] * devices
+  eigh = device.eigh_rate if callable(device.eigh_rate) else (lambda n: device.eigh_rate)
   for l in layers:
-    load[owner[l.name]] += (l.d_in ** 3 + l.d_out ** 3) / device.eigh_rate
+    load[owner[l.name]] += l.d_in ** 3 / eigh(l.d_in) + l.d_out ** 3 / eigh(l.d_out)
   share = sum(all_reduce_seconds(4 * (l.d_in ** 2 + l.d_out ** 2), devices, net)
               for l in layers)
-  precondition = sum(2 * (l.d_in ** 2 * l.d_out + l.d_in * l.d_out ** 2) for l in layers) / gemm
+  precondition = sum(2 * (l.d_in ** 2 * l.d_out + l.d_in * l.d_out ** 2)
+                     / g_eff(min(l.d_in, l.d_out)) for l in layers) / device.gemm_flops
   weights = all_reduce_seconds(sum(l.params for l in layers) * s.grad_bytes, devices, net)
   return {"forward/backward": fwd_bwd,
           "statistics": stats / s.stats_every,

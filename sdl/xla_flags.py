@@ -1,4 +1,5 @@
-"""The one place that sets XLA compiler flags for sdl: XLA:CPU's kernel library and scheduler.
+"""The one place that sets XLA compiler flags for sdl: XLA:CPU's kernel library, scheduler and
+collective timeout.
 
 XLA reads `XLA_FLAGS` once, when JAX starts its first backend, so `sdl.process.configure()`
 applies these defaults before then (`apply_defaults`), before any computation. A flag the user already
@@ -23,7 +24,15 @@ put in `XLA_FLAGS` is left as it is: that is also the way to opt out.
   list scheduler, none in 9 runs of that setting (jax 0.10.2 and 0.12). The reordering that
   scheduler does for concurrency is what breaks collectives here, so sdl does without it.
 
-Unknown flags abort XLA at start-up, and the first one is marked experimental, so both are only
+* `--xla_cpu_collective_call_terminate_timeout_seconds=1800`. XLA:CPU aborts the process
+  when a device has waited 40 s in an in-process collective for the others. K-FAC inverts
+  each layer on one device while the rest wait for its inverse in an all-reduce; lbann's
+  widest factor (6,913) takes about 70 s to decompose on 2 cores, so every CosmoFlow K-FAC
+  inverse step on virtual devices aborted without all layers capped by
+  `optim.kfac.max_factor_dim` (jax 0.10.2, a 2 x 2 x 2 mesh). A real hang still warns after
+  XLA's 20 s, and multi-process runs have the step watchdog (`train.stall_seconds`).
+
+Unknown flags abort XLA at start-up, and the first one is marked experimental, so all are only
 set for the jaxlib versions they were measured with (`CPU_FLAGS_JAXLIB`); a newer jaxlib
 runs with its own defaults until someone measures again.
 """
@@ -32,7 +41,8 @@ import re
 from importlib import metadata
 
 CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "individual_dot",
-             "xla_cpu_enable_concurrency_optimized_scheduler": "false"}
+             "xla_cpu_enable_concurrency_optimized_scheduler": "false",
+             "xla_cpu_collective_call_terminate_timeout_seconds": "1800"}
 CPU_FLAGS_JAXLIB = ((0, 10), (0, 13))  # [first, past-the-end) (major, minor) known to work
 
 

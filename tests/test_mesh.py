@@ -109,3 +109,34 @@ def test_fsdp_splits_state_over_every_device_else_over_data():
   kernel = spatial_only.state_shardings(tree, "fsdp")["kernel"]
   assert tuple(kernel.spec) == (None, None, None, None, "spatial")
   assert all(s.is_fully_replicated for s in part.state_shardings(tree).values())
+
+
+def test_a_rule_may_split_the_batch_over_several_mesh_axes():
+  """("batch", ("node", "local")): the batch over both, as one split of 4; a mesh that has
+  only one of them gets that one; sizes, specs, FSDP's fallback and errors follow."""
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+  from sdl.parallel.sharding import describe_rule, logical_size, mesh_rules  # noqa: PLC0415
+  rules = mesh_rules([["batch", ["node", "local"]], ["depth", "spatial"]])
+  assert rules == (("batch", ("node", "local")), ("depth", "spatial"))
+  part = Partitioner.create(make_mesh((2, 2, 2), ("node", "local", "spatial")), dict(rules))
+  assert part.mesh_axis("batch") == ("node", "local") and part.axis_size("batch") == 4
+  assert part.spec(VOLUME_AXES) == P(("node", "local"), "spatial", None, None, None)
+  one = Partitioner.create(make_mesh((4, 2), ("local", "spatial")), dict(rules))
+  assert one.mesh_axis("batch") == "local" and one.mesh_axes("batch") == ("local",)
+  assert logical_size(rules, ("node", "local", "spatial"), (3, 2, 2), "batch") == 6
+  assert logical_size(rules, ("local", "spatial"), (4, 2), "batch") == 4
+  assert describe_rule(("node", "local")) == "the ('node', 'local') mesh axes"
+  assert describe_rule("data") == "the 'data' mesh axis"
+  # FSDP: over all 8 devices where a dimension divides by 8, else over node x local
+  fsdp = Partitioner.create(part.mesh, dict(rules), "fsdp")
+  assert fsdp.fsdp_spec((64, 128)) == P(None, ("node", "local", "spatial"))
+  assert fsdp.fsdp_spec((12, 1030)) == P(("node", "local"), None)
+  config = cosmoflow_configs.get_config("smoke")
+  config.mesh.update(shape=(2, 2, 2), axes=("node", "local", "spatial"), rules=rules)
+  config.train.batch_size = 6
+  with pytest.raises(ConfigError, match=r"train.batch_size=6 is not divisible by the "
+                     r"\('node', 'local'\) mesh axes \(4 devices\)"):
+    validate(config, 8)
+  config.train.batch_size = 4
+  assert validate(config, 8).data_shards == 4

@@ -229,13 +229,16 @@ def test_precise_batch_stats_are_the_population_statistics_of_the_training_batch
 
 def kfac_smoke(config, mesh_shape, mesh_axes):
   """The smoke run's trainer with K-FAC (the config's damping, statistics every 2 updates,
-  inverses every 3) on the first devices, as one mesh."""
+  inverses every 3) on the first devices, as one mesh; the batch over `node` and `local`
+  where the mesh has them."""
   c = config.copy_and_resolve_references()
   c.model.dropout = "0"
   c.optim.update(name="kfac", warmup_steps=0)
   c.optim.kfac.update(stats_every=2, inverse_every=3, max_factor_dim=512)
   c.train.steps = 100  # the cosine schedule stays well above 0
   c.mesh.update(shape=mesh_shape, axes=mesh_axes)
+  if "node" in mesh_axes:
+    c.mesh.rules = (("batch", ("node", "local")), ("depth", "spatial"))
   n = math.prod(mesh_shape)
   plan = cosmoflow.validate(c, n)
   return cosmoflow.build(c, plan, make_mesh(plan.mesh_shape, mesh_axes, jax.devices()[:n]))
@@ -271,12 +274,15 @@ def kfac_trajectory(smoke):
 
 
 @pytest.mark.parametrize("shape,axes", [((2, 2), ("data", "spatial")),
-                                        ((2, 2, 2), ("data", "spatial", "spatial_h"))])
+                                        ((2, 2, 2), ("data", "spatial", "spatial_h")),
+                                        ((2, 2, 2), ("node", "local", "spatial"))])
 def test_kfac_on_a_data_x_spatial_mesh_updates_like_one_device(smoke, kfac_trajectory, shape,
                                                                axes):
-  """CosmoFlow (the smoke lbann net) with K-FAC on the demo's 2 x 2 data x depth mesh and on
-  a 2 x 2 x 2 data x depth x height mesh, one compiled step each (no phases: the transform
-  decides each update's work from its counter). From every state of one device's
+  """CosmoFlow (the smoke lbann net) with K-FAC on the demo's 2 x 2 data x depth mesh, on a
+  2 x 2 x 2 data x depth x height mesh, and on a 2 x 2 x 2 node x local x depth mesh with
+  the batch over node x local (the statistics summed hierarchically: a reduce-scatter
+  within the node, asserted on the compiled step), one compiled step each (no phases: the
+  transform decides each update's work from its counter). From every state of one device's
   trajectory, the mesh's step is compared with one device's, leaf by leaf, within 1e-5
   relative: the factors after statistics steps (2, 4, 6), the inverses after an inverse
   step from stored factors (3: bit-equal in fact), and the update of every step that does
@@ -291,6 +297,10 @@ def test_kfac_on_a_data_x_spatial_mesh_updates_like_one_device(smoke, kfac_traje
   the input). Those steps assert the factors within 1e-5 and the inverses within 1e-4."""
   batches, states = kfac_trajectory
   mesh = kfac_smoke(smoke[0], shape, axes)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh.batch_sharding[k])
+           for k, v in batches[0].items()}
+  hlo = mesh.train_step.lower(mesh.abstract_state, batch).as_text()
+  assert ("reduce_scatter" in hlo) == ("node" in axes)
   rel = lambda a, b: np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
 
   def check(name, got, want, bound):

@@ -7,7 +7,8 @@ import sys
 from sdl import xla_flags
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
-SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+SCHEDULER = ("--xla_cpu_enable_concurrency_optimized_scheduler=false "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=1800")
 
 
 def test_defaults_only_for_measured_jaxlib_versions():
@@ -21,6 +22,9 @@ def test_defaults_only_for_measured_jaxlib_versions():
 def test_the_users_setting_wins():
   for own in (f"{YNN}=", f"{YNN}=individual_dot,individual_convolution", f"--x=1 {YNN} --y"):
     assert xla_flags.with_defaults(own, (0, 10)) == f"{own} {SCHEDULER}"
+  own = "--xla_cpu_collective_call_terminate_timeout_seconds=60"
+  assert xla_flags.with_defaults(own, (0, 10)) == (
+      f"{own} {YNN}=individual_dot --xla_cpu_enable_concurrency_optimized_scheduler=false")
   # another flag that merely starts with the same name is not the same flag
   longer = f"{YNN}_other=1"
   assert xla_flags.with_defaults(longer, (0, 10)) == f"{longer} {YNN}=individual_dot {SCHEDULER}"

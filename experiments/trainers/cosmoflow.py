@@ -25,7 +25,8 @@ from sdl.models.cosmoflow import (HEAD, HEAD_NORM_MOMENTUM, HEADS, VARIANTS, Cos
 from sdl.optim import kfac, make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
 from sdl.parallel.mesh import check_mesh_config, resolve_mesh_shape
-from sdl.parallel.sharding import PARAM_SHARDINGS, VOLUME_AXES
+from sdl.parallel.sharding import (PARAM_SHARDINGS, VOLUME_AXES, describe_rule, logical_size,
+                                   mesh_rules, rule_targets)
 from sdl.train import loop
 from sdl.train.checkpoint import abstract_like
 from sdl.train.evaluate import evaluate
@@ -40,7 +41,7 @@ class Plan:
   """What a validated config resolves to; the rest of the trainer reads only this."""
   mesh_shape: tuple[int, ...]
   mesh_axes: tuple[str, ...]
-  rules: tuple[tuple[str, str], ...]
+  rules: tuple[tuple[str, str | tuple[str, ...]], ...]
   data_shards: int
   depth_shards: int
   spatial_layers: int
@@ -74,21 +75,24 @@ def validate(config, num_devices: int) -> Plan:
   check_mesh_config(config.mesh.shape, config.mesh.axes, num_devices)
   shape = resolve_mesh_shape(config.mesh.shape, num_devices)
   axes = tuple(config.mesh.axes)
-  rules = tuple((str(logical), str(mesh_axis)) for logical, mesh_axis in config.mesh.rules)
+  rules = mesh_rules(config.mesh.rules)
   # A rule whose mesh axis this mesh lacks leaves that logical axis unsplit (the default
   # rules name spatial_h, which a data x spatial mesh does not have).
-  if not any(logical == "batch" and mesh_axis in axes for logical, mesh_axis in rules):
+  if not any(logical == "batch" and set(rule_targets(mesh_axis)) & set(axes)
+             for logical, mesh_axis in rules):
     raise ConfigError(f"mesh.rules {rules} map 'batch' onto none of mesh.axes {axes}: add a "
-                      "rule ('batch', AXIS) for the data-parallel axis")
+                      "rule ('batch', AXIS) for the data-parallel axis, or ('batch', "
+                      "(AXIS, ...)) for several (node and local)")
   if config.mesh.params not in PARAM_SHARDINGS:
     raise ConfigError(f"mesh.params={config.mesh.params!r}: choose one of {PARAM_SHARDINGS}")
-  sizes, mapped = dict(zip(axes, shape)), dict(rules)
-  size_of = lambda logical: sizes.get(mapped.get(logical), 1)
+  mapped = dict(rules)
+  size_of = lambda logical: logical_size(rules, axes, shape, logical)
   data_shards, depth, height = size_of("batch"), size_of("depth"), size_of("height")
   if t.batch_size % data_shards:
     raise ConfigError(
-        f"train.batch_size={t.batch_size} is not divisible by the '{mapped.get('batch')}' "
-        f"mesh axis ({data_shards} devices); use a multiple of {data_shards} or change "
+        f"train.batch_size={t.batch_size} is not divisible by "
+        f"{describe_rule(mapped.get('batch'))} ({data_shards} devices); use a multiple of "
+        f"{data_shards} or change "
         "mesh.shape")
   loop.check_train_config(config)
   if not head_widths(m.variant, d.input_size):
@@ -230,8 +234,8 @@ def build(config, plan: Plan, mesh) -> Compiled:
   # K-FAC's curvature products transpose the model, which sdl's direct CPU conv kernel
   # (a custom call) cannot: that pass runs with the kernel off. Its statistics are summed
   # and its inverses split by its own collectives over the mesh (`kfac.Layout`).
-  spatial = tuple(a for a in (part.mesh_axis("depth"), part.mesh_axis("height")) if a)
-  layout = kfac.Layout(mesh, (part.mesh_axis("batch"),), spatial)
+  spatial = part.mesh_axes("depth") + part.mesh_axes("height")
+  layout = kfac.Layout(mesh, part.mesh_axes("batch"), spatial)
   optimizer = make_optimizer(config.optim, config.train.steps, model=module,
                              example=(sample["volume"],), layout=layout,
                              transposable=direct_kernels.disabled)

@@ -24,7 +24,7 @@ from sdl.models.unet3d import NORMS, UNet3D, blocks, resolve_layouts
 from sdl.optim import make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
 from sdl.parallel.mesh import check_mesh_config, resolve_mesh_shape
-from sdl.parallel.sharding import PARAM_SHARDINGS
+from sdl.parallel.sharding import PARAM_SHARDINGS, describe_rule, logical_size, mesh_rules
 from sdl.train import export as export_lib
 from sdl.train import loop
 from sdl.train.segment import sliding_window
@@ -41,7 +41,7 @@ SOURCES = ("generate", "disk", "memory")
 class Plan:
   mesh_shape: tuple[int, ...]
   mesh_axes: tuple[str, ...]
-  rules: tuple[tuple[str, str], ...]
+  rules: tuple[tuple[str, str | tuple[str, ...]], ...]
   layouts: tuple[str, ...]
 
 
@@ -75,12 +75,12 @@ def validate(config, num_devices: int) -> Plan:
   check_mesh_config(config.mesh.shape, config.mesh.axes, num_devices)
   shape = resolve_mesh_shape(config.mesh.shape, num_devices)
   axes = tuple(config.mesh.axes)
-  rules = tuple((str(a), str(b)) for a, b in config.mesh.rules)
-  sizes, mapped = dict(zip(axes, shape)), dict(rules)
-  size_of = lambda logical: sizes.get(mapped.get(logical), 1)
+  rules = mesh_rules(config.mesh.rules)
+  size_of = lambda logical: logical_size(rules, axes, shape, logical)
   if t.batch_size % size_of("batch"):
-    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the "
-                      f"'{mapped.get('batch')}' mesh axis ({size_of('batch')} devices)")
+    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
+                      f"{describe_rule(dict(rules).get('batch'))} ({size_of('batch')} "
+                      "devices)")
   loop.check_train_config(config)
   for name, count in (("train_volumes", d.train_volumes), ("val_volumes", d.val_volumes)):
     if count < t.batch_size:

@@ -50,10 +50,12 @@ def exchange_plan(indices: np.ndarray, rows_per_owner: int, ranks: int):
   return send, place
 
 
-def data_ranks(sharding) -> tuple[str | None, int]:
-  """The mesh axis a batch's samples are split over (None if unsplit), and its size."""
+def data_ranks(sharding) -> tuple[str | tuple[str, ...] | None, int]:
+  """The mesh axis (or axes) a batch's samples are split over (None if unsplit), and the
+  number of shards."""
   axis = sharding.spec[0] if len(sharding.spec) else None
-  return axis, sharding.mesh.shape[axis] if axis else 1
+  names = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+  return axis, math.prod(sharding.mesh.shape[a] for a in names)
 
 
 class DistributedStore:

@@ -35,11 +35,37 @@ PARAM_SHARDINGS = ("replicated", "fsdp")
 FSDP_MIN_SIZE = 2 ** 12  # smaller leaves (biases, scalars) stay replicated
 
 
+def mesh_rules(rules) -> tuple[tuple[str, str | tuple[str, ...]], ...]:
+  """`config.mesh.rules` as plain strings: each logical axis onto one mesh axis, or onto a
+  tuple of them (the batch over `("node", "local")`)."""
+  name = lambda target: str(target) if isinstance(target, str) else tuple(map(str, target))
+  return tuple((str(logical), name(target)) for logical, target in rules)
+
+
+def rule_targets(target: str | Sequence[str] | None) -> tuple[str, ...]:
+  """A rule's mesh axes as a tuple."""
+  return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def describe_rule(target: str | Sequence[str] | None) -> str:
+  """"the 'data' mesh axis" or "the ('node', 'local') mesh axes", for error messages."""
+  targets = rule_targets(target)
+  return (f"the '{targets[0]}' mesh axis" if len(targets) == 1
+          else f"the {targets} mesh axes")
+
+
+def logical_size(rules, axes: Sequence[str], shape: Sequence[int], logical: str) -> int:
+  """Devices that `rules` split `logical` over on a mesh of `axes` and `shape` (a rule's
+  axes that this mesh lacks count 1)."""
+  sizes = dict(zip(axes, shape))
+  return math.prod(sizes.get(a, 1) for a in rule_targets(dict(rules).get(logical)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Partitioner:
   """Maps logical axes to a mesh; hashable so it can be a Flax module field."""
   mesh: jax.sharding.Mesh
-  rules: tuple[tuple[str, str], ...] = DEFAULT_RULES
+  rules: tuple[tuple[str, str | tuple[str, ...]], ...] = DEFAULT_RULES
   params: str = "replicated"  # how parameters are laid out: PARAM_SHARDINGS
 
   @classmethod
@@ -50,14 +76,23 @@ class Partitioner:
     rules = tuple(dict(rules).items()) if rules is not None else DEFAULT_RULES
     return cls(mesh, rules, params)
 
-  def mesh_axis(self, logical: str | None) -> str | None:
-    """Mesh axis for a logical axis, or None when unmapped or absent from this mesh."""
+  def mesh_axis(self, logical: str | None) -> str | tuple[str, ...] | None:
+    """Mesh axis for a logical axis, or None when unmapped or absent from this mesh. A rule
+    may name several mesh axes (`("batch", ("node", "local"))`: the batch over nodes and
+    the devices within each); those this mesh has come back as a tuple, or one name."""
     target = dict(self.rules).get(logical)
+    if isinstance(target, (tuple, list)):
+      present = tuple(a for a in target if a in self.mesh.axis_names)
+      return present if len(present) > 1 else (present[0] if present else None)
     return target if target in self.mesh.axis_names else None
 
-  def axis_size(self, logical: str) -> int:
+  def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
+    """`mesh_axis` as a tuple: () when unmapped."""
     axis = self.mesh_axis(logical)
-    return 1 if axis is None else self.mesh.shape[axis]
+    return () if axis is None else (axis,) if isinstance(axis, str) else axis
+
+  def axis_size(self, logical: str) -> int:
+    return math.prod(self.mesh.shape[a] for a in self.mesh_axes(logical))
 
   def spec(self, logical: LogicalAxes) -> PartitionSpec:
     return PartitionSpec(*(self.mesh_axis(name) for name in logical))
@@ -93,8 +128,8 @@ class Partitioner:
     axes = tuple(a for a in self.mesh.axis_names if self.mesh.shape[a] > 1)
     if not axes or math.prod(shape) < FSDP_MIN_SIZE:
       return PartitionSpec()
-    batch = self.mesh_axis("batch")
-    for over in [axes] + ([(batch,)] if batch in axes and len(axes) > 1 else []):
+    batch = self.mesh_axes("batch")
+    for over in [axes] + ([batch] if batch and set(batch) < set(axes) else []):
       shards = math.prod(self.mesh.shape[a] for a in over)
       dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d])
               if shape[d] % shards == 0]

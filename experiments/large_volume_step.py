@@ -5,7 +5,8 @@
         [--compile_only]
 
 Sweeps, at each of `--sizes`, the stem's plan (`sdl.models.slabs`: none; the first two conv +
-pool blocks rematerialised; in 4 or 16 depth slabs) × precision (float32; bfloat16 compute;
+pool blocks rematerialised as one; in 4 or 16 depth slabs; or, per layer, `model.remat`
+blocks under their policies, `REMAT_BLOCKS`) × precision (float32; bfloat16 compute;
 float32 compute with the convolutions' inputs kept in bfloat16 for the backward pass) ×
 spatial split (1, 2 virtual devices), and at 512³ the `--large` points (slabs:precision),
 plus the plain step at 512³ compiled only (it does not fit). Each point runs in its own
@@ -49,6 +50,10 @@ GiB = 2 ** 30
 STEM = 4  # lbann's first two conv + avg-pool blocks: the layers at full and half resolution
 # compute in float32, keep the convolutions' inputs for the backward pass in bfloat16
 SAVED_BF16 = "float32, bf16 saved"
+# Rematerialised blocks of the stem's layers (`model.remat`), without slabs: each conv +
+# pool its own block, recomputed whole; or the four as one block keeping the conv outputs.
+REMAT_BLOCKS = {"per block, full": (("conv1", "avgpool1", "full"), ("conv2", "avgpool2", "full")),
+                "save_convs": (("conv1", "avgpool2", "save_convs"),)}
 
 
 def sweep_points(sizes, large) -> list[dict]:
@@ -57,6 +62,7 @@ def sweep_points(sizes, large) -> list[dict]:
     base = dict(size=size, slabs=1, slab_layers=0, remat=False, precision="float32", split=1)
     points += [base,
                {**base, "slab_layers": STEM, "remat": True},
+               *({**base, "remat_blocks": name} for name in REMAT_BLOCKS),
                {**base, "slab_layers": STEM, "slabs": 4},
                {**base, "slab_layers": STEM, "slabs": 16},
                {**base, "precision": "bfloat16"},
@@ -76,7 +82,8 @@ def sweep_points(sizes, large) -> list[dict]:
 
 def key(point: dict) -> str:
   return json.dumps({k: point[k] for k in sorted(point) if k in (
-      "size", "slabs", "slab_layers", "remat", "precision", "split", "compile_only")})
+      "size", "slabs", "slab_layers", "remat", "remat_blocks", "precision", "split",
+      "compile_only")})
 
 
 def random_volume(size: int, seed: int = 0):
@@ -106,6 +113,7 @@ def run_point(point: dict) -> dict:
   config.data.update(input_size=size, universe_size=size)
   config.model.update(slab_layers=point["slab_layers"], slabs=point["slabs"],
                       stem_remat=point["remat"] and point["slabs"] == 1,
+                      remat=REMAT_BLOCKS.get(point.get("remat_blocks"), ()),
                       slab_progress=False)
   if point["precision"] == SAVED_BF16:
     config.model.update(compute_dtype="float32", save_dtype="bfloat16")
@@ -121,7 +129,8 @@ def run_point(point: dict) -> dict:
   fp = footprint(compiled)
   out = {**point, "xla_gib": fp.total / GiB, "spatial_layers": plan.spatial_layers, "compile_s": time.perf_counter() - start,
          "flops": cosmoflow_executed_flops("lbann", size, 1, point["slab_layers"],
-                                           point["slabs"], point["remat"])}
+                                           point["slabs"], point["remat"],
+                                           config.model.remat)}
   if not point.get("compile_only"):
     state = c.init_state()
     batch = {"volume": jax.device_put(random_volume(size), c.batch_sharding["volume"]),
@@ -144,7 +153,8 @@ def volume_model_gib(row: dict, calibration: dict | None) -> tuple[float | None,
   """(the volume model's GiB per device for `row`, or None where it does not apply; the
   calibration row, `row` itself if it is the first plain float32 point on one device)."""
   from sdl.bench import volume_model  # noqa: PLC0415
-  if row["slab_layers"] or row["precision"] not in ("float32", "bfloat16"):
+  if (row["slab_layers"] or row.get("remat_blocks")
+      or row["precision"] not in ("float32", "bfloat16")):
     return None, calibration
   if calibration is None and row["split"] == 1 and row["precision"] == "float32":
     calibration = row
@@ -163,7 +173,8 @@ def volume_model_gib(row: dict, calibration: dict | None) -> tuple[float | None,
 
 
 def describe(p: dict) -> str:
-  stem = ("none" if not p["slab_layers"] else
+  stem = (f"remat {p['remat_blocks']}" if p.get("remat_blocks") else
+          "none" if not p["slab_layers"] else
           f"{p['slabs']} slabs" if p["slabs"] > 1 else "remat, whole")
   return f"| {p['size']}³ | {stem} | {p['precision']} | {p['split']} |"
 

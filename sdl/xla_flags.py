@@ -1,5 +1,5 @@
 """The one place that sets XLA compiler flags for sdl: XLA:CPU's kernel library, scheduler and
-collective timeout.
+collective timeout, and the compile options that keep rematerialisation on CPU.
 
 XLA reads `XLA_FLAGS` once, when JAX starts its first backend, so `sdl.process.configure()`
 applies these defaults before then (`apply_defaults`), before any computation. A flag the user already
@@ -32,6 +32,16 @@ put in `XLA_FLAGS` is left as it is: that is also the way to opt out.
   `optim.kfac.max_factor_dim` (jax 0.10.2, a 2 x 2 x 2 mesh). A real hang still warns after
   XLA's 20 s, and multi-process runs have the step watchdog (`train.stall_seconds`).
 
+Rematerialisation (`jax.checkpoint`, flax's `nn.remat`) on XLA:CPU: JAX guards the
+recomputed forward pass with an optimization barrier so that common-subexpression
+elimination cannot merge it with the original, but XLA:CPU expands the barriers away
+("cse_barrier_expander") before its last CSE pass, which then does merge them. The lbann
+CosmoFlow step with a block of two convolutions rematerialised compiled to the same 20
+convolutions as without (22 before optimisation), and the backward pass kept the
+activations remat was meant to drop. `remat_compiler_options` gives the per-jit option
+that skips that one pass; sdl's trainers pass it to the steps whose model rematerialises,
+so nothing else compiles differently. `tests/test_cosmoflow_model.py` checks the count.
+
 Unknown flags abort XLA at start-up, and the first one is marked experimental, so all are only
 set for the jaxlib versions they were measured with (`CPU_FLAGS_JAXLIB`); a newer jaxlib
 runs with its own defaults until someone measures again.
@@ -44,6 +54,17 @@ CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "individual_dot",
              "xla_cpu_enable_concurrency_optimized_scheduler": "false",
              "xla_cpu_collective_call_terminate_timeout_seconds": "1800"}
 CPU_FLAGS_JAXLIB = ((0, 10), (0, 13))  # [first, past-the-end) (major, minor) known to work
+
+
+# Per-jit compile options (`jax.jit(..., compiler_options=...)`) under which XLA:CPU keeps
+# a rematerialised forward pass apart from the original (see the module docstring).
+CPU_REMAT_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
+def remat_compiler_options(platform: str) -> dict[str, str]:
+  """The compile options of a jitted step whose model rematerialises, on `platform`
+  ("cpu", "gpu", "tpu"): XLA:CPU's, and none elsewhere."""
+  return dict(CPU_REMAT_OPTIONS) if platform == "cpu" else {}
 
 
 def _jaxlib_version() -> tuple[int, int] | None:

@@ -86,17 +86,21 @@ def test_folded_network_equals_native(variant):
                                             ((2, 4), "folded"), ((4, 2), "folded"),
                                             ((8, 1), "folded"), ((2, 2, 2), "folded")])
 def test_sharded_equals_single_device(variant, shape, lowering):
-  """Against the same lowering and kernels on one device; (2, 2, 2) also splits height."""
+  """Against the same lowering and kernels on one device; (2, 2, 2) also splits height and
+  recomputes conv2..conv3 in the backward pass (a `remat` block, kept apart on CPU)."""
+  from sdl import xla_flags  # noqa: PLC0415
   x, y, params, ref_out, ref_grads = reference(variant, lowering)
   mesh = make_mesh(shape, ("data", "spatial", "spatial_h")[:len(shape)])
   part = Partitioner.create(mesh)
   layers = resolve_spatial_layers(variant, SIZE, shape[1], part.axis_size("height"))
+  remat = (("conv2", "conv3", "full"),) if len(shape) == 3 else ()
   model = CosmoFlow(variant, SIZE, spatial_layers=layers, partitioner=part,
-                    conv_lowering=lowering)
+                    conv_lowering=lowering, remat=remat)
   xs = jax.device_put(x, part.sharding(VOLUME_AXES))
   ys = jax.device_put(y, part.sharding(("batch", None)))
   ps = jax.device_put(params, part.replicated())
-  step = jax.jit(functools.partial(forward_and_grads, model))
+  step = jax.jit(functools.partial(forward_and_grads, model),
+                 compiler_options=xla_flags.remat_compiler_options("cpu") if remat else None)
   out, grads = step(ps, xs, ys)
   assert rel_err(out, ref_out) < 1e-5
   for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
@@ -119,6 +123,38 @@ def test_sharded_equals_single_device(variant, shape, lowering):
   if variant == "lbann" and shape[1] == 2:
     # The strided conv4 (layer 7) runs depth-split on this mesh.
     assert feature_layers(variant, SIZE)[6].window.stride == 2 and layers >= 7
+
+
+def test_remat_blocks_keep_parameters_and_gradients_and_recompute_on_cpu():
+  """`remat` blocks change no parameter name, output or gradient; XLA:CPU keeps their
+  recomputation (one more forward convolution per conv in a "full" block, none for
+  "save_convs") only under `remat_compiler_options`, which XLA's own FLOP count and
+  `cosmoflow_executed_flops` both see."""
+  from sdl import xla_flags  # noqa: PLC0415
+  from sdl.bench import problems  # noqa: PLC0415
+  x, y, params, ref_out, ref_grads = reference("lbann")
+  remat = (("conv2", "avgpool3", "full"), ("conv4", "avgpool4", "save_convs"))
+  model = CosmoFlow("lbann", SIZE, conv_lowering="native", remat=remat)
+  assert jax.tree.structure(model.init(jax.random.key(1), x[:1])) == jax.tree.structure(params)
+  lowered = jax.jit(functools.partial(forward_and_grads, model)).lower(params, x, y)
+  merged, kept = lowered.compile(), lowered.compile(xla_flags.remat_compiler_options("cpu"))
+  out, grads = kept(params, x, y)
+  assert rel_err(out, ref_out) < 1e-6
+  for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
+                              jax.tree.leaves(ref_grads)):
+    assert rel_err(g, g_ref) < 1e-6, jax.tree_util.keystr(path)
+
+  # The plain step: 7 forward convolutions, 7 weight and 6 input gradients (none for the
+  # input volume). XLA:CPU's CSE merges the recomputation back into the forward pass
+  # unless told not to; kept, conv2 and conv3 run forward once more.
+  convs = lambda compiled: compiled.as_text().count(" convolution(")
+  assert (convs(merged), convs(kept)) == (20, 22)
+  counted = (problems.cosmoflow_executed_flops("lbann", SIZE, BATCH, remat=remat)
+             - problems.cosmoflow_step_flops("lbann", SIZE, BATCH))
+  conv2, conv3 = [c.valid_flops() for c in problems.cosmoflow_convs("lbann", SIZE, BATCH)[1:3]]
+  assert counted == conv2 + conv3
+  xla_flops = lambda compiled: compiled.cost_analysis()["flops"]
+  np.testing.assert_allclose(xla_flops(kept) - xla_flops(merged), counted, rtol=0.02)
 
 
 def test_fsdp_state_over_data_and_spatial_equals_single_device():

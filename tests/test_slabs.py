@@ -127,7 +127,7 @@ def test_slab_progress_tells_the_passes_apart(capsys):
 
 def test_executed_flops_count_the_recompute_and_the_halos():
   """lbann 512³, stem of conv1, pool1, conv2, pool2. Recomputing the whole stem adds one
-  forward of conv1 and conv2; 16 slabs compute 39 of conv1's 512 output planes and 17 of
+  forward of conv1 and conv2 (and a `remat` block, of its convolutions); 16 slabs compute 39 of conv1's 512 output planes and 17 of
   conv2's 256 per slab (test_slab_plan_covers_the_output_once), in the forward, the recompute and the
   backward (weight gradient for conv1; weight and input gradients for conv2)."""
   from sdl.bench import problems  # noqa: PLC0415
@@ -136,6 +136,12 @@ def test_executed_flops_count_the_recompute_and_the_halos():
   executed = lambda **kw: problems.cosmoflow_executed_flops("lbann", 512, 1, **kw)
   assert executed() == model
   np.testing.assert_allclose(executed(slab_layers=4, stem_remat=True), model + conv1 + conv2)
+  # `remat` blocks after the stem: a "full" block runs its convolutions forward once more,
+  # a "save_convs" block none
+  conv3, conv4 = [c.valid_flops() for c in problems.cosmoflow_convs("lbann", 512, 1)[2:4]]
+  np.testing.assert_allclose(executed(slab_layers=4, stem_remat=True, remat=(
+      ("conv3", "avgpool4", "full"),)), model + conv1 + conv2 + conv3 + conv4)
+  assert executed(remat=(("conv1", "avgpool4", "save_convs"),)) == model
   want = model + conv1 * (3 * 16 * 39 / 512 - 2) + conv2 * (4 * 16 * 17 / 256 - 3)
   np.testing.assert_allclose(executed(slab_layers=4, slabs=16), want)
   p = slabs.plan([l.window for l in feature_layers("lbann", 512)[:4]], 512, 16)

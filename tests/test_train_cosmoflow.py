@@ -93,6 +93,19 @@ def test_head_and_augment_configs_name_the_fix(smoke):
   config.data.update(augment=True, source="disk", path="/tmp")
   with pytest.raises(ConfigError, match="data.augment=True.*data.source='generate'"):
     cosmoflow.validate(config, 8)
+  config.data.update(augment=False, source="generate")
+  for remat, fix in (((("conv1", "conv9", "full"),), r"no layer 'conv9'; the layers are "
+                      r"conv1, avgpool1, conv2"),
+                     ((("conv2", "conv1", "full"),), "conv1 comes before conv2"),
+                     ((("conv1", "conv2", "all"),), r"the policy one of \['full', 'save_convs'\]"),
+                     ((("conv2", "conv3", "full"), ("conv1", "avgpool1", "full")),
+                      "list the blocks in layer order, apart")):
+    config.model.remat = remat
+    with pytest.raises(ConfigError, match=rf"model.remat=.*: block .*{fix}"):
+      cosmoflow.validate(config, 8)
+  config.model.update(remat=(("conv1", "avgpool1", "full"),), slab_layers=2, head="flatten")
+  with pytest.raises(ConfigError, match=r"conv1 is in the stem \(the first 2 layers"):
+    cosmoflow.validate(config, 8)
 
 
 def test_nan_loss_stops_with_the_step(smoke, tmp_path):

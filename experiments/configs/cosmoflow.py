@@ -62,6 +62,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       slab_layers=0,
       slabs=1,
       stem_remat=False,         # recompute the stem in the backward pass (always, with slabs)
+      # Blocks of the later layers recomputed in the backward pass, each with its policy:
+      # (first layer, last layer, "full" | "save_convs") in layer order, e.g.
+      # (("conv3", "avgpool4", "full"),); sdl.models.cosmoflow.REMAT_POLICIES says what each keeps
+      remat=(),
       slab_progress=False,      # a progress line per slab, inside minute-long steps
   )
   c.optim = dict(name="adam", lr=1e-3, momentum=0.9, warmup_steps=20, decay="cosine",

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdl import xla_flags
 from sdl.data import cosmoflow as data
 from sdl.data import augment, loader
 from sdl.data.sampler import EpochSampler
@@ -21,7 +22,8 @@ from sdl.kernels import conv3d as direct_kernels
 from sdl.models.conv import LOWERINGS
 from sdl.models import slabs as slabs_lib
 from sdl.models.cosmoflow import (HEAD, HEAD_NORM_MOMENTUM, HEADS, VARIANTS, CosmoFlow,
-                                  feature_layers, head_widths, resolve_spatial_layers)
+                                  feature_layers, head_widths, remat_blocks,
+                                  resolve_spatial_layers)
 from sdl.optim import kfac, make_optimizer
 from sdl.parallel import ConfigError, Partitioner, make_mesh
 from sdl.parallel.mesh import check_mesh_config, resolve_mesh_shape
@@ -144,6 +146,11 @@ def check_slabs(config, spatial_devices: int) -> None:
                       "model.slabs=1 with a spatial split, or a mesh without one")
   if count:
     slabs_lib.plan([l.window for l in layers[:count]], config.data.input_size, slabs)
+  remat = m.get("remat", ())
+  try:
+    remat_blocks(layers, remat, count)
+  except ValueError as e:
+    raise ConfigError(f"model.remat={tuple(remat)!r}: block {e}") from None
 
 
 def build_model(config, plan: Plan, partitioner: Partitioner | None) -> CosmoFlow:
@@ -153,7 +160,9 @@ def build_model(config, plan: Plan, partitioner: Partitioner | None) -> CosmoFlo
                    dtype=DTYPES[m.compute_dtype], conv_lowering=m.conv_lowering,
                    dropout=dropout_of(config), slab_layers=m.get("slab_layers", 0),
                    slabs=m.get("slabs", 1), slab_progress=m.get("slab_progress", False),
-                   stem_remat=m.get("stem_remat", False), head=m.get("head", "flatten"),
+                   stem_remat=m.get("stem_remat", False), remat=tuple(
+                       tuple(block) for block in m.get("remat", ())),
+                   head=m.get("head", "flatten"),
                    save_dtype=(None if m.get("save_dtype", "auto") in ("auto", m.compute_dtype)
                                else DTYPES[m.save_dtype]))
 
@@ -247,9 +256,13 @@ def build(config, plan: Plan, mesh) -> Compiled:
   batch_sharding = {"volume": part.sharding(VOLUME_AXES), "label": part.sharding(("batch", None))}
   step = make_train_step(model, loss_fn, optimizer.tx, gradients=optimizer.gradients,
                          skip_nonfinite=config.train.skip_nonfinite)
+  # a rematerialising model needs its recomputation kept apart on CPU (sdl.xla_flags)
+  remats = (module.stem_remat and module.slabs == 1) or any(policy for *_, policy in remat_blocks(
+      feature_layers(module.variant, module.input_size), module.remat, module.slab_layers))
+  options = xla_flags.remat_compiler_options(mesh.devices.flat[0].platform) if remats else {}
   train_step = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, part.replicated()), donate_argnums=0,
-                       static_argnums=2)  # the phase
+                       static_argnums=2, compiler_options=options or None)  # 2: the phase
   eval_step = jax.jit(make_eval_step(model, loss_fn),
                       in_shardings=(state_sharding.params, state_sharding.model_state,
                                     batch_sharding),

@@ -264,28 +264,35 @@ def cosmoflow_step_flops(variant: str, size: int = 128, batch: int = 2) -> float
 
 
 def cosmoflow_executed_flops(variant: str, size: int, batch: int = 1, slab_layers: int = 0,
-                             slabs: int = 1, stem_remat: bool = False) -> float:
+                             slabs: int = 1, stem_remat: bool = False, remat=()) -> float:
   """The FLOPs a CosmoFlow training step executes under a memory plan: the model FLOPs
-  (`cosmoflow_step_flops`) plus what the stem (`sdl.models.slabs`) adds, which XLA's cost
-  analysis cannot see inside sdl's custom-call kernels: the stem's convolutions run again
-  forward in the backward pass when rematerialised (always with slabs > 1), and each slab
-  also computes its halo planes (forward, recompute and backward alike)."""
+  (`cosmoflow_step_flops`) plus what rematerialisation adds, which XLA's cost analysis
+  cannot see inside sdl's custom-call kernels: the stem's convolutions (`sdl.models.slabs`)
+  run again forward in the backward pass when rematerialised (always with slabs > 1), and
+  each slab also computes its halo planes (forward, recompute and backward alike); the
+  convolutions of a `remat` block under the "full" policy run forward once more
+  (`sdl.models.cosmoflow.remat_blocks`; "save_convs" recomputes none)."""
   from sdl.models import slabs as slabs_lib  # noqa: PLC0415
-  from sdl.models.cosmoflow import feature_layers  # noqa: PLC0415
+  from sdl.models.cosmoflow import feature_layers, remat_blocks  # noqa: PLC0415
   total = cosmoflow_step_flops(variant, size, batch)
+  layers = feature_layers(variant, size)
+  conv_fwd = [c.valid_flops() for c in cosmoflow_convs(variant, size, batch)]
+  conv_of = {i: k for k, i in enumerate(i for i, l in enumerate(layers) if l.kind == "conv")}
+  for first, stop, policy in remat_blocks(layers, remat, slab_layers):
+    if policy == "full":
+      total += sum(conv_fwd[conv_of[i]] for i in range(first, stop) if i in conv_of)
   if not slab_layers:
     return total
-  layers = feature_layers(variant, size)[:slab_layers]
-  plan = slabs_lib.plan([l.window for l in layers], size, slabs)
-  conv_fwd = [c.valid_flops() for c in cosmoflow_convs(variant, size, batch)]
+  plan = slabs_lib.plan([l.window for l in layers[:slab_layers]], size, slabs)
   recompute = stem_remat or slabs > 1
-  conv_layers = [i for i, layer in enumerate(layers) if layer.kind == "conv"]
-  for conv, i in zip(conv_fwd, conv_layers):
+  for i in range(slab_layers):
+    if i not in conv_of:
+      continue
     # planes computed / needed: each slab's halo (and edge planes later zeroed); a whole
     # stem computes its layers' own planes
     overlap = slabs * plan.lengths[i + 1] / plan.sizes[i + 1] if slabs > 1 else 1.0
     passes = 2 if i else 1  # forward and weight gradient (+ input gradient but for the first)
-    total += conv * (overlap * (passes + 1 + recompute) - (passes + 1))
+    total += conv_fwd[conv_of[i]] * (overlap * (passes + 1 + recompute) - (passes + 1))
   return total
 
 

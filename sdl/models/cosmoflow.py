@@ -26,6 +26,11 @@ constrained to `(batch, depth, height, width, channels)` logical axes (depth spl
 the `spatial` mesh axis); after them, to `(batch, -, -, -, -)`: purely data parallel.
 Without a `partitioner` the module places no constraints (single device).
 
+Rematerialisation is chosen per layer (`remat`): consecutive conv/pool layers after the
+stem form blocks, each recomputed in the backward pass under its own policy
+(`REMAT_POLICIES`). A block keeps only what its policy saves; the parameters are named as
+without it, so a run may change its blocks when it resumes.
+
 Convolutions lower per backend (`sdl.models.conv`): natively on GPU/TPU, folded onto 2D
 convolutions on CPU, where that runs several times faster. `conv_lowering` also picks the
 pooling lowerings (`sdl.models.pooling`: on CPU a reshaped maximum, and average pooling
@@ -37,6 +42,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from sdl import console
@@ -52,6 +58,12 @@ DATA_PARALLEL = ("batch", None, None, None, None)
 VARIANTS = ("mlperf", "lbann")
 HEADS = ("flatten", "pooled")
 HEAD_NORM_MOMENTUM = 0.9  # of the pooled head's batch norm
+# What a rematerialised block keeps for the backward pass (`CosmoFlow.remat`): "full", only
+# its input (every layer recomputed: the convolutions run forward once more); "save_convs",
+# its convolutions' outputs too (only activations and pooling recomputed: no extra
+# convolution FLOPs, and the pooled and activated copies are not kept).
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "save_convs": jax.checkpoint_policies.save_only_these_names("conv_output")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +82,45 @@ def _conv(i, features, stride=1, use_bias=True):
 # The dense head after the conv/pool layers: hidden widths and their dropout rate.
 HEAD = {"mlperf": ((128, 64), 0.5), "lbann": ((2048, 256), 0.2)}
 LEAKY_SLOPE = {"mlperf": 0.3, "lbann": 0.01}  # of every leaky ReLU, convolutions and head
+
+
+def layer_name(layer: Layer) -> str:
+  """The short name of a conv/pool layer ("conv3", "avgpool2"), as `remat` spells it."""
+  return layer.window.name.split()[0]
+
+
+def remat_blocks(layers: Sequence[Layer], remat, start: int = 0
+                 ) -> list[tuple[int, int, str | None]]:
+  """`layers[start:]` as consecutive blocks `(first, stop, policy)`: the `remat` blocks,
+  given as `(first layer name, last layer name, policy)` triples, and plain runs between
+  them (policy None). Raises ValueError naming the block at fault."""
+  names = [layer_name(layer) for layer in layers]
+  blocks, at = [], start
+  for entry in remat or ():
+    if len(entry) != 3 or entry[2] not in REMAT_POLICIES:
+      raise ValueError(f"{tuple(entry)!r}: give (first layer, last layer, policy), the policy "
+                       f"one of {sorted(REMAT_POLICIES)}")
+    first, last, policy = entry
+    for name in (first, last):
+      if name not in names:
+        raise ValueError(f"{tuple(entry)!r}: no layer {name!r}; the layers are "
+                         f"{', '.join(names)}")
+    i, j = names.index(first), names.index(last)
+    if i < start:
+      raise ValueError(f"{tuple(entry)!r}: {first} is in the stem (the first {start} layers, "
+                       "model.slab_layers), which model.stem_remat rematerialises")
+    if j < i:
+      raise ValueError(f"{tuple(entry)!r}: {last} comes before {first}")
+    if i < at:
+      raise ValueError(f"{tuple(entry)!r}: overlaps the block before it, or comes before it; "
+                       "list the blocks in layer order, apart")
+    if i > at:
+      blocks.append((at, i, None))
+    blocks.append((i, j + 1, policy))
+    at = j + 1
+  if at < len(layers):
+    blocks.append((at, len(layers), None))
+  return blocks
 
 
 def feature_layers(variant: str, input_size: int) -> tuple[Layer, ...]:
@@ -129,6 +180,7 @@ def apply_layer(x, layers: Sequence[Layer], i: int, *, slope: float, dtype, lowe
     x = Conv3D(layer.features, (w.kernel,) * 3, strides=(w.stride,) * 3, padding=padding,
                use_bias=layer.use_bias, dtype=dtype, lowering=lowering,
                partitioner=partitioner, logical=logical, save_dtype=save_dtype)(x)
+    x = checkpoint_name(x, "conv_output")  # what the "save_convs" remat policy keeps
     # max pooling keeps its input for its gradient; the leaky ReLU can share it
     pooled_by_max = i + 1 < len(layers) and layers[i + 1].kind == "maxpool"
     return leaky_relu(x, slope, keep="output" if pooled_by_max else "signs")
@@ -215,6 +267,10 @@ class CosmoFlow(nn.Module):
   # Recompute the stem in the backward pass instead of keeping its activations (always so
   # with slabs > 1: that is what makes one slab's activations the most that exist).
   stem_remat: bool = False
+  # Blocks of the layers after the stem recomputed in the backward pass, each under its own
+  # policy: `(first layer name, last layer name, policy)` triples in layer order, e.g.
+  # (("conv1", "avgpool2", "full"),); see `remat_blocks` and `REMAT_POLICIES`.
+  remat: tuple = ()
   # Keep each convolution's input for the backward pass in this dtype (bf16: half the
   # bytes) while computing in `dtype`; None: as computed (`sdl.models.conv.saved_as`).
   save_dtype: Any = None
@@ -227,6 +283,21 @@ class CosmoFlow(nn.Module):
 
   def _constrain(self, x, logical):
     return x if self.partitioner is None else self.partitioner.constrain(x, logical)
+
+  def _layers(self, x, layers, first, stop, n_split, slope, pool_lowering):
+    """Layers `first..stop-1` of `layers` on `x`: the output, and each convolution's spatial mean
+    (for the pooled head; empty for the flatten one)."""
+    means = []
+    for i in range(first, stop):
+      logical = VOLUME_AXES if i < n_split else DATA_PARALLEL
+      x = self._constrain(x, logical)
+      x = apply_layer(x, layers, i, slope=slope, dtype=self.dtype, lowering=self.conv_lowering,
+                      pool_lowering=pool_lowering, partitioner=self.partitioner, logical=logical,
+                      save_dtype=self.save_dtype)
+      if self.head == "pooled" and layers[i].kind == "conv":
+        means.append(self._constrain(jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)),
+                                     ("batch", None)))
+    return x, means
 
   @nn.compact
   def __call__(self, counts, *, train: bool = False):
@@ -262,15 +333,13 @@ class CosmoFlow(nn.Module):
     if self.head == "pooled" and self.slab_layers:
       raise ValueError("the pooled head needs every convolution's activation: slab_layers=0")
     pooled = []
-    for i in range(self.slab_layers, len(layers)):
-      logical = VOLUME_AXES if i < n_split else DATA_PARALLEL
-      x = self._constrain(x, logical)
-      x = apply_layer(x, layers, i, slope=slope, dtype=self.dtype, lowering=self.conv_lowering,
-                      pool_lowering=pool_lowering, partitioner=self.partitioner, logical=logical,
-                      save_dtype=self.save_dtype)
-      if self.head == "pooled" and layers[i].kind == "conv":
-        pooled.append(self._constrain(jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3)),
-                                      ("batch", None)))
+    for first, stop, policy in remat_blocks(layers, self.remat, self.slab_layers):
+      def block(module, x, first=first, stop=stop):
+        return module._layers(x, layers, first, stop, n_split, slope, pool_lowering)
+      if policy and not self.is_initializing():
+        block = nn.remat(block, policy=REMAT_POLICIES[policy])
+      x, means = block(self, x)
+      pooled += means
     if self.head == "pooled":
       # Two-pass variance: the features differ across samples by as little as 1e-3 of
       # their size, where E[x²] - E[x]² in float32 cancels to noise.

@@ -35,8 +35,11 @@ def test_exact_labels_equal_networkx(directed):
     g = nx.convert_node_labels_to_integers(g)
     g.remove_edges_from(nx.selfloop_edges(g))
     expected = nx.betweenness_centrality(g, normalized=False)
-    got = graphs.exact_betweenness(graph_of(g))
-    np.testing.assert_allclose(got, [expected[i] for i in range(len(g))], rtol=1e-9, atol=1e-9)
+    want = [expected[i] for i in range(len(g))]
+    np.testing.assert_allclose(graphs.exact_betweenness(graph_of(g)), want, rtol=1e-9, atol=1e-9)
+    # sources shared among worker processes: the shares add up to the whole
+    got = graphs.exact_betweenness(graph_of(g), workers=2)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("directed", [False, True], ids=["undirected", "directed"])

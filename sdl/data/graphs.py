@@ -14,6 +14,10 @@ reference in the tests. igraph is needed only to make labels (`pip install -e
 '.[betweenness]'`); ranking a graph with a trained model needs none of it.
 """
 import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -73,17 +77,57 @@ def from_edges(num_nodes: int, edges: np.ndarray, directed: bool) -> tuple[Graph
   return graph, Cleaned(int(loops.sum()), int(duplicates))
 
 
-def exact_betweenness(graph: Graph) -> np.ndarray:
+# Below this many nodes one process labels a graph faster than starting workers does.
+PARALLEL_LABELS_FROM = 20_000
+
+
+def exact_betweenness(graph: Graph, workers: int | None = None) -> np.ndarray:
   """Unnormalised betweenness of every node (float64), by igraph's Brandes algorithm:
   for a directed graph over ordered pairs (s, t), for an undirected one over unordered
-  pairs, as `networkx.betweenness_centrality(normalized=False)`."""
+  pairs, as `networkx.betweenness_centrality(normalized=False)`.
+
+  Brandes' sum runs over source nodes, so `workers` processes (default: one per CPU this
+  process may use, from `PARALLEL_LABELS_FROM` nodes) each sum the pairs from their share
+  of the sources (igraph's subset betweenness) and the shares add up to the whole. igraph
+  runs one thread, so on 2 cores this halves the time of a 100k-node graph."""
   try:
     import igraph  # noqa: PLC0415
   except ImportError as error:
     raise ImportError("exact betweenness labels need igraph: pip install -e "
                       "'.[betweenness]'") from error
-  g = igraph.Graph(n=graph.num_nodes, edges=graph.edges().tolist(), directed=graph.directed)
-  return np.asarray(g.betweenness(directed=graph.directed), np.float64)
+  if workers is None:
+    workers = len(os.sched_getaffinity(0)) if graph.num_nodes >= PARALLEL_LABELS_FROM else 1
+  workers = max(1, min(workers, graph.num_nodes))
+  if workers == 1:
+    g = igraph.Graph(n=graph.num_nodes, edges=graph.edges().tolist(), directed=graph.directed)
+    return np.asarray(g.betweenness(directed=graph.directed), np.float64)
+  # Worker processes started afresh (not forked from a process that may run JAX's
+  # threads, and not re-importing the caller's main module as multiprocessing's spawn
+  # does), handed the arcs and their sources through files.
+  bounds = np.linspace(0, graph.num_nodes, workers + 1).astype(int)
+  with tempfile.TemporaryDirectory(prefix="sdl-betweenness-") as tmp:
+    np.save(f"{tmp}/edges.npy", graph.edges())
+    procs = [subprocess.Popen([sys.executable, "-c", "import sys; from sdl.data.graphs import "
+                               "_betweenness_share as f; f(*sys.argv[1:])", tmp,
+                               str(graph.num_nodes), str(int(graph.directed)), str(lo), str(hi)])
+             for lo, hi in zip(bounds[:-1], bounds[1:])]
+    codes = [proc.wait() for proc in procs]
+    if any(codes):
+      raise RuntimeError(f"exact betweenness: a worker failed (exit codes {codes}); its error "
+                         "is above")
+    return np.sum([np.load(f"{tmp}/share-{lo}.npy") for lo in bounds[:-1]], axis=0,
+                  dtype=np.float64)
+
+
+def _betweenness_share(tmp: str, num_nodes: str, directed: str, lo: str, hi: str) -> None:
+  """A worker of `exact_betweenness`: the part of every node's betweenness from shortest
+  paths that start at sources lo..hi-1, written to `tmp`/share-lo.npy."""
+  import igraph  # noqa: PLC0415
+  directed = bool(int(directed))
+  g = igraph.Graph(n=int(num_nodes), edges=np.load(f"{tmp}/edges.npy").tolist(),
+                   directed=directed)
+  share = g.betweenness(directed=directed, sources=range(int(lo), int(hi)))
+  np.save(f"{tmp}/share-{lo}.npy", np.asarray(share, np.float64))
 
 
 def _has_arcs(graph: Graph, u: np.ndarray, v: np.ndarray) -> np.ndarray:

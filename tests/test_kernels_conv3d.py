@@ -1,5 +1,7 @@
 """sdl.kernels.conv3d: the direct convolution for few input channels, against float64
 numpy sums, against XLA's native op inside a layer, and under spatial sharding."""
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +72,50 @@ def test_forward_and_kernel_gradient_match_float64_numpy(x_shape, taps, features
   want_dk = reference_kernel_grad(x, dy, kernel.shape)
   np.testing.assert_allclose(np.asarray(dk), want_dk, rtol=1e-5,
                              atol=1e-5 * np.abs(want_dk).max())
+
+
+@pytest.fixture(autouse=True)
+def kernel_on(monkeypatch):
+  """The kernel is tested on every CPU, also those `use_direct` leaves on XLA."""
+  monkeypatch.setenv("SDL_DIRECT_CONV", "on")
+
+
+def test_wide_vectors_read_from_the_cpu_flags(monkeypatch):
+  """AVX-512 (x86) or 512-bit SVE (A64FX) is wide; AVX2 is not, and then "auto" keeps
+  every layer on XLA while "on" still takes the kernel."""
+  import builtins  # noqa: PLC0415
+  real_open = builtins.open
+
+  def fake(cpuinfo, sve_bytes=None):
+    def opener(path, *args, **kwargs):
+      if path == "/proc/cpuinfo":
+        return io.StringIO(cpuinfo)
+      if path == "/proc/sys/abi/sve_default_vector_length" and sve_bytes is not None:
+        return io.StringIO(f"{sve_bytes}\n")
+      return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", opener)
+    direct_kernels.wide_vectors.cache_clear()
+    return direct_kernels.wide_vectors()
+
+  try:
+    assert fake("flags\t\t: fpu sse2 avx2 fma avx512f avx512bw\n")
+    assert not fake("flags\t\t: fpu sse2 avx2 fma\n")
+    assert fake("Features\t: fp asimd sve\n", 64)  # A64FX: 512 bits
+    assert not fake("Features\t: fp asimd sve\n", 16)  # 128-bit SVE
+    assert not fake("Features\t: fp asimd\n")  # NEON only
+    f32, s1 = jnp.float32, (1, 1, 1)
+    fake("flags\t\t: avx2 fma\n")
+    assert direct_kernels.use_direct((3, 3, 3, 4, 32), s1, 128, f32, "cpu")  # "on"
+    monkeypatch.setenv("SDL_DIRECT_CONV", "auto")
+    assert not direct_kernels.use_direct((3, 3, 3, 4, 32), s1, 128, f32, "cpu")
+    fake("flags\t\t: avx2 avx512f\n")
+    assert direct_kernels.use_direct((3, 3, 3, 4, 32), s1, 128, f32, "cpu")
+    monkeypatch.setenv("SDL_DIRECT_CONV", "maybe")
+    with pytest.raises(ValueError, match="SDL_DIRECT_CONV='maybe': give off, on or auto"):
+      direct_kernels.available()
+  finally:
+    monkeypatch.setattr(builtins, "open", real_open)
+    direct_kernels.wide_vectors.cache_clear()
 
 
 def test_use_direct_policy(monkeypatch):

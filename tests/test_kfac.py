@@ -388,12 +388,13 @@ def test_adaptive_step_minimises_the_exact_quadratic_model():
   assert len(coef) == 2 and abs(coef[1]) > 1e-3  # the second step did use momentum
 
 
-def test_adaptive_step_with_sdls_direct_conv_kernel_equals_the_xla_path():
+def test_adaptive_step_with_sdls_direct_conv_kernel_equals_the_xla_path(monkeypatch):
   """The Gauss-Newton products transpose the model's pullback. sdl's direct CPU
   convolution (a custom call, no transpose rule) takes a first layer of 4 channels: the
   adaptive step must trace (`kfac` keeps that pass on XLA's ops) and match the same steps
   traced with the kernel off everywhere."""
   from sdl.kernels import conv3d as direct_kernels
+  monkeypatch.setenv("SDL_DIRECT_CONV", "on")  # also on a CPU that `use_direct` skips
   model = Net(Conv3D(16, (3, 3, 3)))
   # 5 x 5 output planes: above `GEMM_MAX_PLANE`, so the layer takes the direct kernel
   batches = [batch_for((8, 3, 5, 5, 4)), batch_for((8, 3, 5, 5, 4), seed=1)]

@@ -16,6 +16,7 @@ own: `sdl.models.conv.direct` puts them together with the input gradient. `use_d
 is the one place that decides which layers take them.
 """
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -71,11 +72,45 @@ def disabled():
     _local.depth -= 1
 
 
+@functools.cache
+def wide_vectors() -> bool:
+  """Whether this CPU has 512-bit vector registers (x86 AVX-512, Arm SVE at 512 bits as
+  on A64FX), where `conv3d.cc`'s vectors of 16 floats are one register. On AVX2 each is
+  two, and the kernel ran 3-8 x slower than XLA's folded convolution (AMD EPYC without
+  AVX-512, 2 cores: lbann CosmoFlow at 128³, batch 2, 7.5 s a step against 1.8 s with the
+  kernel off, PyTorch 1.8 s; `experiments.cosmoflow_step_bench --lowerings=folded,folded-xla`),
+  so `use_direct` leaves such CPUs on XLA. Where /proc/cpuinfo cannot be read, assumes
+  they are wide (the kernels were tuned on such hosts)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return True
+  flags = set(info.replace(":", " ").split())
+  if "avx512f" in flags:
+    return True
+  if "sve" in flags:
+    try:
+      with open("/proc/sys/abi/sve_default_vector_length") as f:
+        return int(f.read().split()[0]) >= 64  # bytes
+    except (OSError, ValueError, IndexError):
+      return False
+  return False
+
+
+def mode() -> str:
+  """`SDL_DIRECT_CONV`: "off" (never), "on" (wherever `use_direct`'s shape rules allow,
+  even on a CPU without 512-bit vectors: to test the kernel there) or "auto" (default)."""
+  value = os.environ.get("SDL_DIRECT_CONV", "").strip().lower() or "auto"
+  if value not in ("off", "on", "auto"):
+    raise ValueError(f"SDL_DIRECT_CONV={value!r}: give off, on or auto")
+  return value
+
+
 def available() -> bool:
   """Whether the kernels could be built here (and are not switched off: `SDL_DIRECT_CONV=off`
   in the environment, or inside `disabled()`)."""
-  if (os.environ.get("SDL_DIRECT_CONV", "").strip().lower() == "off"
-      or getattr(_local, "depth", 0)):
+  if mode() == "off" or getattr(_local, "depth", 0):
     return False
   return build.ffi_available("conv3d.cc", _TARGETS, "convolutions stay on XLA")
 
@@ -85,7 +120,7 @@ def use_direct(kernel_shape, strides, out_width: int, dtype,
   """The one place that decides: does a 3D convolution layer go to `conv3d.cc`?
 
   fp32 on the CPU backend, stride 1, output channels a multiple of 16, the kernel built,
-  and either at most `MAX_CHANNELS` input channels or output rows of at least `MIN_WIDTH`
+  a CPU with 512-bit vectors (`wide_vectors`; or `SDL_DIRECT_CONV=on`), and either at most `MAX_CHANNELS` input channels or output rows of at least `MIN_WIDTH`
   positions with a kernel (`[kd, kh, kw, C, O]`) of at most `MAX_KERNEL_BYTES`. GPUs and
   TPUs keep XLA's convolution. Under a partitioner each device runs it on its own slab,
   after the halo exchange (`sdl.models.conv.conv3d_folded`).
@@ -95,7 +130,8 @@ def use_direct(kernel_shape, strides, out_width: int, dtype,
       out_width >= MIN_WIDTH and 4 * math.prod(kernel_shape) <= MAX_KERNEL_BYTES)
   return ((backend or jax.default_backend()) == "cpu"
           and jnp.dtype(dtype) == jnp.float32 and tuple(strides) == (1, 1, 1)
-          and features % LANES == 0 and small and available())
+          and features % LANES == 0 and small and available()
+          and (wide_vectors() or mode() == "on"))
 
 
 def input_grad_direct(channels: int) -> bool:

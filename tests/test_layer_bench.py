@@ -193,7 +193,10 @@ def test_roofline_times_take_each_layers_fastest_jax_path():
   assert suite.roofline_times([row("c1", "torch", 1.0)], [host]) == []
 
 
-def test_smoke_suite_writes_csv_markdown_and_roofline(tmp_path):
+def test_smoke_suite_writes_csv_markdown_and_roofline(tmp_path, monkeypatch):
+  # sdl's direct kernel on any CPU (`use_direct` skips it without 512-bit vectors), so that
+  # the rows it runs are checked too
+  monkeypatch.setenv("SDL_DIRECT_CONV", "on")
   config = configs.get_config("smoke")
   config.impls = ("xla", "xla-folded", "xla-blas", "numpy")
   config.precisions = ("highest",)  # bf16 cells are covered by the command, not the test

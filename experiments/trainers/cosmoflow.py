@@ -256,10 +256,8 @@ def build(config, plan: Plan, mesh) -> Compiled:
   batch_sharding = {"volume": part.sharding(VOLUME_AXES), "label": part.sharding(("batch", None))}
   step = make_train_step(model, loss_fn, optimizer.tx, gradients=optimizer.gradients,
                          skip_nonfinite=config.train.skip_nonfinite)
-  # a rematerialising model needs its recomputation kept apart on CPU (sdl.xla_flags)
-  remats = (module.stem_remat and module.slabs == 1) or any(policy for *_, policy in remat_blocks(
-      feature_layers(module.variant, module.input_size), module.remat, module.slab_layers))
-  options = xla_flags.remat_compiler_options(mesh.devices.flat[0].platform) if remats else {}
+  options = (xla_flags.remat_compiler_options(mesh.devices.flat[0].platform)
+             if module.rematerialises else {})
   train_step = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, part.replicated()), donate_argnums=0,
                        static_argnums=2, compiler_options=options or None)  # 2: the phase

@@ -89,7 +89,7 @@ def exact_betweenness(graph: Graph, workers: int | None = None) -> np.ndarray:
   Brandes' sum runs over source nodes, so `workers` processes (default: one per CPU this
   process may use, from `PARALLEL_LABELS_FROM` nodes) each sum the pairs from their share
   of the sources (igraph's subset betweenness) and the shares add up to the whole. igraph
-  runs one thread, so on 2 cores this halves the time of a 100k-node graph."""
+  runs one thread, so the workers are what use a many-core node's other cores."""
   try:
     import igraph  # noqa: PLC0415
   except ImportError as error:

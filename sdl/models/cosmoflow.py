@@ -281,6 +281,16 @@ class CosmoFlow(nn.Module):
   # differences of the pooled features into unit-scale inputs that small data can fit.
   head: str = "flatten"
 
+  @property
+  def rematerialises(self) -> bool:
+    """Whether the backward pass recomputes any layer through `jax.checkpoint` (a `remat`
+    block, or the whole stem with `stem_remat`), which XLA:CPU needs told to keep apart
+    (`sdl.xla_flags.remat_compiler_options`). Slabs recompute inside a scan, which it
+    keeps anyway."""
+    return (self.stem_remat and self.slabs == 1) or any(
+        policy for *_, policy in remat_blocks(
+            feature_layers(self.variant, self.input_size), self.remat, self.slab_layers))
+
   def _constrain(self, x, logical):
     return x if self.partitioner is None else self.partitioner.constrain(x, logical)
 

@@ -2,6 +2,9 @@
 CPU-process settings applied first, as the entry points do (`sdl.process.configure`)."""
 import os
 
+# The tests compile far more than they compute (tiny shapes, few steps): LLVM at -O1
+# (`sdl.xla_flags`, SDL_FAST_COMPILE). Subprocess tests inherit it through the environment.
+os.environ.setdefault("SDL_FAST_COMPILE", "1")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 

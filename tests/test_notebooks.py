@@ -9,6 +9,8 @@ import os
 import nbformat
 import pytest
 
+from sdl import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("notebook_runner",
                                                os.path.join(ROOT, "notebooks", "run.py"))
@@ -52,9 +54,11 @@ def test_committed_notebook_is_valid_stripped_and_set_up_first(name):
 
 @pytest.mark.parametrize("name", runner.NOTEBOOKS)
 def test_notebook_runs_top_to_bottom(name, tmp_path):
-  # The kernel gets the suite's compilation cache, not its virtual-device flags: the
-  # notebook asks for its own devices, as it does on a user's machine.
+  # The kernel gets the suite's compilation cache and compile level (SDL_FAST_COMPILE, also
+  # for notebooks that start JAX before sdl.process.configure could), not its virtual-device
+  # flags: the notebook asks for its own devices, as it does on a user's machine.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = xla_flags.with_defaults("", None, xla_flags.fast_compile_requested())
   nb, _ = runner.execute(runner.path_of(name), runner.TINY[name],
                          out=str(tmp_path / f"{name}.ipynb"), env=env)
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

@@ -121,8 +121,9 @@ def use_direct(kernel_shape, strides, out_width: int, dtype,
 
   fp32 on the CPU backend, stride 1, output channels a multiple of 16, the kernel built,
   a CPU with 512-bit vectors (`wide_vectors`; or `SDL_DIRECT_CONV=on`), and either at
-  most `MAX_CHANNELS` input channels or output rows of at least `MIN_WIDTH` positions with a kernel (`[kd, kh, kw, C, O]`) of at most `MAX_KERNEL_BYTES`. GPUs and
-  TPUs keep XLA's convolution. Under a partitioner each device runs it on its own slab,
+  most `MAX_CHANNELS` input channels or output rows of at least `MIN_WIDTH` positions
+  with a kernel (`[kd, kh, kw, C, O]`) of at most `MAX_KERNEL_BYTES`. GPUs and TPUs keep
+  XLA's convolution. Under a partitioner each device runs it on its own slab,
   after the halo exchange (`sdl.models.conv.conv3d_folded`).
   """
   *_, channels, features = kernel_shape
